@@ -1,0 +1,74 @@
+"""The one exception hierarchy of Baton.
+
+Every error Baton raises on purpose is a ``BatonError``. Errors of client
+libraries (sqlite3, hvac, botocore, kubernetes, psycopg) are mapped at the
+boundary of the module that imports them, with ``raise ... from e``. A message
+never carries a secret value or a response body that might hold one.
+
+    BatonError
+    ├── ConfigError              bad config: exit status 2, names the field path
+    ├── StoreError               a secret store failed
+    │   ├── StoreUnavailable     down, timed out, 5xx: retry with backoff
+    │   ├── StoreAuthError       401/403 or bad credentials
+    │   ├── StoreNotFound        no such key or version
+    │   └── StoreConflict        check-and-set or precondition lost
+    ├── PayloadError             a secret payload is rejected (size, encoding, template)
+    ├── WriteError               the writer refused or failed (symlink, owner, name)
+    ├── ProviderError            a credential provider failed a step
+    ├── ReloadError              a consumer could not be reloaded or failed its health check
+    └── RotationError            a rotation step failed (wraps the cause)
+"""
+
+from __future__ import annotations
+
+
+class BatonError(Exception):
+    """Root of every error Baton raises on purpose."""
+
+
+class ConfigError(BatonError):
+    """The configuration is invalid. ``problems`` holds one line per error."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+class StoreError(BatonError):
+    """A secret store operation failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The store is down, slow or answered 5xx; the caller retries with backoff."""
+
+
+class StoreAuthError(StoreError):
+    """The store refused our credentials."""
+
+
+class StoreNotFound(StoreError):
+    """No such key or version."""
+
+
+class StoreConflict(StoreError):
+    """A check-and-set or precondition failed: someone else wrote first."""
+
+
+class PayloadError(BatonError):
+    """A secret payload was rejected; the last good version stays."""
+
+
+class WriteError(BatonError):
+    """The writer refused to write or failed; the last good version stays."""
+
+
+class ProviderError(BatonError):
+    """A credential provider failed a step."""
+
+
+class ReloadError(BatonError):
+    """A consumer could not be reloaded, or failed its health check."""
+
+
+class RotationError(BatonError):
+    """A rotation step failed; the current credential is untouched."""

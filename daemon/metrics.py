@@ -1,0 +1,72 @@
+"""Every Prometheus metric object of Baton, in one place.
+
+Labels carry names and version ids only, never a secret value. Metrics live in
+a private registry so tests and several in-process agents do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+credential_version_info = Gauge(
+    "baton_credential_version_info",
+    "1 for the version currently written for a credential.",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+writes_total = Counter("baton_writes_total", "Versions written to disk.", ["credential", "result"], registry=REGISTRY)
+store_errors_total = Counter(
+    "baton_store_errors_total", "Failed store operations.", ["store", "operation"], registry=REGISTRY
+)
+last_change_timestamp_seconds = Gauge(
+    "baton_last_change_timestamp_seconds",
+    "Unix time of the last version swap for a credential.",
+    ["credential"],
+    registry=REGISTRY,
+)
+versions_in_use = Gauge(
+    "baton_versions_in_use",
+    "Holders of a credential version on this node.",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+reloads_total = Counter("baton_reloads_total", "Consumer reloads by result.", ["consumer", "result"], registry=REGISTRY)
+rotations_total = Counter("baton_rotations_total", "Rotations by result.", ["credential", "result"], registry=REGISTRY)
+rotation_failures_total = Counter(
+    "baton_rotation_failures_total",
+    "Rotation steps that failed.",
+    ["credential", "step"],
+    registry=REGISTRY,
+)
+pending_retirements = Gauge(
+    "baton_pending_retirements",
+    "Superseded versions waiting for retirement.",
+    ["credential"],
+    registry=REGISTRY,
+)
+oldest_pending_seconds = Gauge(
+    "baton_oldest_pending_retirement_seconds",
+    "Age of the oldest version waiting for retirement.",
+    ["credential"],
+    registry=REGISTRY,
+)
+drain_seconds = Histogram(
+    "baton_drain_seconds",
+    "Time from a version being superseded to it being retired.",
+    buckets=(1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+propagation_seconds = Histogram(
+    "baton_propagation_seconds",
+    "Time from a store change to every consumer reloaded.",
+    buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+report_publishes_total = Counter("baton_report_publishes_total", "Node reports written.", ["result"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    """The Prometheus text exposition of every Baton metric."""
+    return generate_latest(REGISTRY)

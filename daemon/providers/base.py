@@ -1,0 +1,47 @@
+"""The ``Provider`` Protocol: how a credential is minted, applied, tested, retired.
+
+Every step is idempotent: the rotator may run a step again after a crash, with
+the same arguments, and the provider must converge to the same state.
+``previous`` is the payload of the version being superseded (None on the first
+rotation); providers with slots (alternating users) use it to pick the other one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from daemon.model import Secret
+
+
+@dataclass(frozen=True)
+class Session:
+    """A provider-side user of a credential (for example a database session)."""
+
+    principal: str  # e.g. the role name; never a secret
+    client: str  # address or application name
+    count: int = 1
+
+
+class Provider(Protocol):
+    async def create(self, *, current: Secret | None) -> Secret:
+        """Mint a new payload. Nothing outside the store knows it yet."""
+        ...
+
+    async def apply(self, new: Secret, *, current: Secret | None) -> None:
+        """Make ``new`` valid in the target system (``current`` stays valid)."""
+        ...
+
+    async def test(self, new: Secret) -> None:
+        """Raise ``ProviderError`` unless ``new`` works."""
+        ...
+
+    async def retire(self, old: Secret) -> None:
+        """Make ``old`` unusable (NOLOGIN, DROP ROLE, revoke). Idempotent."""
+        ...
+
+    async def sessions(self, old: Secret) -> list[Session]:
+        """Who still uses ``old`` on the provider's side; empty when unknown-free."""
+        ...
+
+    async def aclose(self) -> None: ...

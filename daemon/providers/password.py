@@ -1,0 +1,53 @@
+"""The ``password`` generator: a random value; nothing to apply or retire."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+
+from daemon.config import GeneratorConfig
+from daemon.model import Secret
+from daemon.providers.base import Session
+
+_ALPHABETS = {
+    "alnum": string.ascii_letters + string.digits,
+    "ascii": string.ascii_letters + string.digits + "!#%+,-.:=?@^_~",
+    "hex": "0123456789abcdef",
+}
+
+
+class PasswordProvider:
+    def __init__(self, config: GeneratorConfig) -> None:
+        self.config = config
+
+    async def create(self, *, current: Secret | None) -> Secret:
+        alphabet = _ALPHABETS[self.config.alphabet]
+        value = "".join(secrets.choice(alphabet) for _ in range(self.config.length))
+        if self.config.field is None:
+            return Secret(value)
+        fields: dict[str, object] = {}
+        if current is not None:
+            try:
+                loaded = json.loads(current.reveal())
+            except ValueError:
+                loaded = None
+            if isinstance(loaded, dict):
+                fields = loaded
+        fields[self.config.field] = value
+        return Secret(json.dumps(fields))
+
+    async def apply(self, new: Secret, *, current: Secret | None) -> None:
+        return None
+
+    async def test(self, new: Secret) -> None:
+        return None
+
+    async def retire(self, old: Secret) -> None:
+        return None
+
+    async def sessions(self, old: Secret) -> list[Session]:
+        return []
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,1 @@
+"""Where node reports go: store metadata (default), a status path, pod annotations."""

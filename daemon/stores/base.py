@@ -1,0 +1,74 @@
+"""The ``SecretStore`` Protocol every store implements, and nothing else.
+
+Semantics every store keeps:
+
+- ``read`` returns a payload; ``versions``/``watch`` never do.
+- ``watch`` yields the current version's ``VersionInfo`` at once, then on every
+  change of the current version id. A metadata-only change yields nothing.
+- ``create`` adds a version staged ``pending``; ``promote`` makes it ``current``
+  and the old current ``previous``; ``retire`` marks a version retired (and
+  removes its payload where the store can). Each is idempotent.
+- ``merge_metadata`` merges entries server-side, so two nodes writing their own
+  keys never overwrite each other; a ``None`` value deletes the entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Protocol, runtime_checkable
+
+from daemon.model import Secret, SecretVersion, VersionId, VersionInfo
+
+MAX_PAYLOAD = 1024 * 1024
+
+
+@runtime_checkable
+class SecretStore(Protocol):
+    async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
+        """The current version of ``key`` (or the given one), with its payload."""
+        ...
+
+    async def versions(self, key: str) -> list[VersionInfo]:
+        """Every version the store still knows of, oldest first, without payloads."""
+        ...
+
+    def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+        """Yield the current version now and whenever the current version changes."""
+        ...
+
+    async def create(self, key: str, payload: Secret) -> VersionInfo:
+        """Add a version staged ``pending``."""
+        ...
+
+    async def promote(self, key: str, version: VersionId) -> None:
+        """Make ``version`` current; the old current becomes previous."""
+        ...
+
+    async def retire(self, key: str, version: VersionId) -> None:
+        """Mark ``version`` retired: no node may use it any more."""
+        ...
+
+    async def merge_metadata(self, key: str, entries: Mapping[str, str | None]) -> None:
+        """Merge entries into the key's metadata server-side; ``None`` deletes."""
+        ...
+
+    async def read_metadata(self, key: str) -> dict[str, str]:
+        """The key's metadata."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def check_payload(raw: bytes | str) -> str:
+    """Validate a payload: non-empty, UTF-8, at most 1 MiB. Returns it as text."""
+    from daemon.errors import PayloadError
+
+    data = raw.encode() if isinstance(raw, str) else raw
+    if not data:
+        raise PayloadError("payload is empty")
+    if len(data) > MAX_PAYLOAD:
+        raise PayloadError(f"payload is {len(data)} bytes, over the 1 MiB limit")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PayloadError("payload is not valid UTF-8") from None

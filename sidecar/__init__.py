@@ -1,0 +1,1 @@
+"""The Kubernetes side of the agent: pod identity, pod annotations, container and rollout restarts."""
