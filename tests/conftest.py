@@ -1,0 +1,10 @@
+"""Shared test setup. Server fixtures live in tests/fixtures/, one module per server."""
+
+from __future__ import annotations
+
+pytest_plugins = [
+    "tests.fixtures.moto",
+    "tests.fixtures.postgres",
+    "tests.fixtures.vault",
+    "tests.fixtures.kube",
+]
