@@ -275,6 +275,13 @@ class ProviderConfig(Model):
             raise ValueError("expected a lower-case SQL identifier")
         return v
 
+    @model_validator(mode="after")
+    def _grant_role_for_versions(self) -> ProviderConfig:
+        # A role minted per version owns nothing; without a group role it could do nothing.
+        if self.strategy == "role-per-version" and not self.grant_role:
+            raise ValueError("strategy role-per-version needs grant_role")
+        return self
+
 
 class RotationConfig(Model):
     every: Duration = Field(description="Rotate this often.")
