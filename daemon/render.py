@@ -1,0 +1,63 @@
+"""Render a secret payload into file contents through the configured templates.
+
+Jinja2 in a sandbox with StrictUndefined: a template naming a field the payload
+lacks is an error for that version (the last good version stays), never an
+empty file. Error messages name the file and the missing field, never a value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from daemon.errors import PayloadError
+from daemon.model import Secret
+
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def fields_of(payload: Secret) -> dict[str, Any]:
+    """A JSON object payload exposes its fields; anything else is ``value``."""
+    text = payload.reveal()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {"value": text}
+    if isinstance(data, dict):
+        return data
+    return {"value": text}
+
+
+def check_templates(templates: Mapping[str, str]) -> list[str]:
+    """Syntax errors of templates, one line each (used by config checks)."""
+    problems = []
+    for name, source in templates.items():
+        try:
+            _ENV.parse(source)
+        except jinja2.TemplateSyntaxError as e:
+            problems.append(f"{name}: template syntax error on line {e.lineno}: {e.message}")
+    return problems
+
+
+def render(templates: Mapping[str, str], payload: Secret) -> dict[str, bytes]:
+    """Render every template against the payload. Raises ``PayloadError``."""
+    fields = fields_of(payload)
+    out: dict[str, bytes] = {}
+    for name, source in templates.items():
+        try:
+            text = _ENV.from_string(source).render(fields)
+        except jinja2.UndefinedError as e:
+            raise PayloadError(f"template for {name!r}: {e.message}") from None
+        except jinja2.TemplateSyntaxError as e:
+            raise PayloadError(f"template for {name!r}: syntax error on line {e.lineno}: {e.message}") from None
+        except Exception as e:
+            # Other template errors may quote a value in their message: say only the kind.
+            raise PayloadError(f"template for {name!r} failed: {type(e).__name__}") from None
+        if not text:
+            raise PayloadError(f"template for {name!r} rendered an empty file")
+        out[name] = text.encode()
+    return out

@@ -1,0 +1,353 @@
+"""The embedded store: SQLite in WAL mode, one file, many readers and writers.
+
+Owns the schema and every SQL statement on it. Change detection never reads a
+payload: a watch on the database file (watchfiles, inotify) wakes watchers,
+which then read only the id of the current version. Metadata entries are
+merged in one transaction per call, so two nodes writing their own report
+keys can never overwrite each other. A retired version's payload is erased.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from daemon.errors import StoreError, StoreNotFound, StoreUnavailable
+from daemon.model import CURRENT, PENDING, Secret, SecretVersion, VersionId, VersionInfo
+from daemon.stores.base import check_payload
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    key      TEXT    NOT NULL,
+    id       INTEGER NOT NULL,
+    payload  TEXT,
+    digest   TEXT    NOT NULL,
+    stage    TEXT,
+    created  REAL    NOT NULL,
+    retired  REAL,
+    PRIMARY KEY (key, id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_stage_per_key ON versions (key, stage) WHERE stage IS NOT NULL;
+CREATE TABLE IF NOT EXISTS metadata (
+    key   TEXT NOT NULL,
+    name  TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (key, name)
+);
+"""
+
+# Re-check even without a file event: covers file systems without inotify.
+_FALLBACK_RECHECK = 5.0
+
+
+class LocalStore:
+    """SQLite-backed ``SecretStore``. Safe to share between tasks of one loop."""
+
+    def __init__(self, path: str | Path, *, watch_files: bool = True) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._watch_files = watch_files
+        # A wake-up generation: watchers note it before they look, and wait
+        # for the next one only if nothing changed while they were looking.
+        self._gen = 0
+        self._wake: asyncio.Event | None = None
+        self._stop_watch: asyncio.Event | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config) -> LocalStore:
+        assert config.store.kind == "local"
+        return cls(config.store.path)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.executescript(_SCHEMA)
+            with contextlib.suppress(OSError):
+                self.path.chmod(0o600)
+            self._conn = conn
+        return self._conn
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._lock:
+            try:
+                return fn(self._connect())
+            except sqlite3.OperationalError as e:
+                raise StoreUnavailable(f"local store {self.path}: {e}") from e
+            except sqlite3.DatabaseError as e:
+                raise StoreError(f"local store {self.path}: {e}") from e
+
+    def _bump(self) -> None:
+        self._gen += 1
+        if self._wake is not None:
+            wake, self._wake = self._wake, asyncio.Event()
+            wake.set()
+
+    async def _write(self, fn: Callable[[], T]) -> T:
+        result = await asyncio.to_thread(fn)
+        self._bump()  # our own writes wake our own watchers at once
+        return result
+
+    @staticmethod
+    def _info(row: tuple[Any, ...]) -> VersionInfo:
+        vid, digest, stage, created, retired = row
+        return VersionInfo(
+            id=VersionId(str(vid)),
+            stages=frozenset([stage]) if stage else frozenset(),
+            created=created,
+            retired=retired is not None,
+            digest=digest,
+        )
+
+    # ------------------------------------------------------------ reads
+
+    def read_sync(self, key: str, version: VersionId | None = None) -> SecretVersion:
+        def q(c: sqlite3.Connection) -> tuple[Any, ...] | None:
+            cols = "id, digest, stage, created, retired, payload"
+            if version is None:
+                sql = f"SELECT {cols} FROM versions WHERE key=? AND stage='current'"  # noqa: S608
+                row: tuple[Any, ...] | None = c.execute(sql, (key,)).fetchone()
+            else:
+                sql = f"SELECT {cols} FROM versions WHERE key=? AND id=?"  # noqa: S608
+                row = c.execute(sql, (key, _int_id(version))).fetchone()
+            return row
+
+        row = self._run(q)
+        if row is None:
+            what = f"version {version} of {key!r}" if version else f"a current version of {key!r}"
+            raise StoreNotFound(f"no {what}")
+        if row[5] is None:
+            raise StoreNotFound(f"version {row[0]} of {key!r} is retired")
+        return SecretVersion(self._info(row[:5]), Secret(row[5]))
+
+    async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
+        return await asyncio.to_thread(self.read_sync, key, version)
+
+    def versions_sync(self, key: str) -> list[VersionInfo]:
+        def q(c: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            sql = "SELECT id, digest, stage, created, retired FROM versions WHERE key=? ORDER BY id"
+            return c.execute(sql, (key,)).fetchall()
+
+        return [self._info(r) for r in self._run(q)]
+
+    async def versions(self, key: str) -> list[VersionInfo]:
+        return await asyncio.to_thread(self.versions_sync, key)
+
+    def keys_sync(self) -> list[str]:
+        return [r[0] for r in self._run(lambda c: c.execute("SELECT DISTINCT key FROM versions").fetchall())]
+
+    def _current_id(self, key: str) -> VersionInfo | None:
+        def q(c: sqlite3.Connection) -> tuple[Any, ...] | None:
+            sql = "SELECT id, digest, stage, created, retired FROM versions WHERE key=? AND stage='current'"
+            row: tuple[Any, ...] | None = c.execute(sql, (key,)).fetchone()
+            return row
+
+        row = self._run(q)
+        return self._info(row) if row else None
+
+    # ------------------------------------------------------------ writes
+
+    def create_sync(self, key: str, payload: Secret) -> VersionInfo:
+        text = check_payload(payload.reveal())
+        digest = hashlib.sha256(text.encode()).hexdigest()
+
+        def tx(c: sqlite3.Connection) -> tuple[Any, ...]:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                # Idempotent: a retried create of the same pending payload returns it.
+                same = c.execute(
+                    "SELECT id, digest, stage, created, retired FROM versions "
+                    "WHERE key=? AND stage='pending' AND digest=?",
+                    (key, digest),
+                ).fetchone()
+                if same:
+                    c.execute("COMMIT")
+                    return tuple(same)
+                c.execute("UPDATE versions SET stage=NULL WHERE key=? AND stage='pending'", (key,))
+                (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM versions WHERE key=?", (key,)).fetchone()
+                now = time.time()
+                c.execute(
+                    "INSERT INTO versions (key, id, payload, digest, stage, created) VALUES (?,?,?,?,?,?)",
+                    (key, top + 1, text, digest, PENDING, now),
+                )
+                c.execute("COMMIT")
+                return (top + 1, digest, PENDING, now, None)
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        return self._info(self._run(tx))
+
+    async def create(self, key: str, payload: Secret) -> VersionInfo:
+        return await self._write(lambda: self.create_sync(key, payload))
+
+    def promote_sync(self, key: str, version: VersionId) -> None:
+        vid = _int_id(version)
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                row = c.execute("SELECT stage, retired FROM versions WHERE key=? AND id=?", (key, vid)).fetchone()
+                if row is None:
+                    raise StoreNotFound(f"no version {vid} of {key!r}")
+                if row[1] is not None:
+                    raise StoreError(f"version {vid} of {key!r} is retired and cannot be promoted")
+                if row[0] != CURRENT:
+                    c.execute("UPDATE versions SET stage=NULL WHERE key=? AND stage='previous'", (key,))
+                    c.execute("UPDATE versions SET stage='previous' WHERE key=? AND stage='current'", (key,))
+                    c.execute("UPDATE versions SET stage='current' WHERE key=? AND id=?", (key, vid))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        self._run(tx)
+
+    async def promote(self, key: str, version: VersionId) -> None:
+        await self._write(lambda: self.promote_sync(key, version))
+
+    def put_sync(self, key: str, payload: Secret) -> VersionInfo:
+        """Operator put: create and promote at once."""
+        info = self.create_sync(key, payload)
+        self.promote_sync(key, info.id)
+        return VersionInfo(id=info.id, stages=frozenset([CURRENT]), created=info.created, digest=info.digest)
+
+    async def put(self, key: str, payload: Secret) -> VersionInfo:
+        return await self._write(lambda: self.put_sync(key, payload))
+
+    def retire_sync(self, key: str, version: VersionId) -> None:
+        vid = _int_id(version)
+
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                row = c.execute("SELECT stage FROM versions WHERE key=? AND id=?", (key, vid)).fetchone()
+                if row is None:
+                    raise StoreNotFound(f"no version {vid} of {key!r}")
+                if row[0] == CURRENT:
+                    raise StoreError(f"version {vid} of {key!r} is current and cannot be retired")
+                c.execute(
+                    "UPDATE versions SET retired=COALESCE(retired, ?), payload=NULL, stage=NULL WHERE key=? AND id=?",
+                    (time.time(), key, vid),
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        self._run(tx)
+
+    async def retire(self, key: str, version: VersionId) -> None:
+        await self._write(lambda: self.retire_sync(key, version))
+
+    def merge_metadata_sync(self, key: str, entries: Mapping[str, str | None]) -> None:
+        def tx(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for name, value in entries.items():
+                    if value is None:
+                        c.execute("DELETE FROM metadata WHERE key=? AND name=?", (key, name))
+                    else:
+                        c.execute(
+                            "INSERT INTO metadata (key, name, value) VALUES (?,?,?) "
+                            "ON CONFLICT (key, name) DO UPDATE SET value=excluded.value",
+                            (key, name, value),
+                        )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        self._run(tx)
+
+    async def merge_metadata(self, key: str, entries: Mapping[str, str | None]) -> None:
+        await asyncio.to_thread(self.merge_metadata_sync, key, entries)
+
+    def read_metadata_sync(self, key: str) -> dict[str, str]:
+        rows = self._run(lambda c: c.execute("SELECT name, value FROM metadata WHERE key=?", (key,)).fetchall())
+        return {name: value for name, value in rows}
+
+    async def read_metadata(self, key: str) -> dict[str, str]:
+        return await asyncio.to_thread(self.read_metadata_sync, key)
+
+    # ------------------------------------------------------------ watch
+
+    async def _watch_file(self, stop: asyncio.Event) -> None:
+        import watchfiles
+
+        names = {self.path.name, self.path.name + "-wal"}
+
+        def interesting(_change: Any, path: str) -> bool:
+            return Path(path).name in names
+
+        # step=20 ms keeps put -> notice latency low; inotify costs nothing idle.
+        async for _ in watchfiles.awatch(
+            self.path.resolve().parent, watch_filter=interesting, debounce=100, step=20, stop_event=stop
+        ):
+            self._bump()
+
+    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            await asyncio.to_thread(self._run, lambda c: None)  # the file must exist to be watched
+            if self._watch_files:
+                self._stop_watch = asyncio.Event()
+                self._watcher = asyncio.create_task(self._watch_file(self._stop_watch), name="local-store-watch")
+        last: VersionInfo | None = None
+        while True:
+            seen = self._gen
+            current = await asyncio.to_thread(self._current_id, key)
+            if current is not None and (last is None or current.id != last.id):
+                last = current
+                yield current
+            if self._gen == seen and self._wake is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _FALLBACK_RECHECK)
+
+    async def aclose(self) -> None:
+        if self._watcher is not None and self._stop_watch is not None:
+            self._stop_watch.set()
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        self._wake = None
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def close(self) -> None:
+        """Synchronous close for CLI use (no watcher running)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
+def _int_id(version: VersionId | str) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        raise StoreNotFound(f"no version {version!r} (local versions are numbers)") from None
