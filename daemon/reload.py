@@ -1,0 +1,824 @@
+"""Consumer reloads: the ``ReloadAction`` plug-ins, the health checks, and the ``Reloader``.
+
+Owns: how a consumer's processes learn about a new credential version (signal,
+exec, restart, systemd, none; container_restart and rollout live in ``sidecar``),
+whether they came back healthy, and the pacing of it all (debounce, batching per
+consumer, one process at a time behind a health gate, a minimum interval between
+restarts). Must never: pass Baton's own environment (store tokens) to a command
+it runs, log a command's output (it may print secrets), signal pid 0 or a pid
+that was recycled since it was found, or block the event loop (/proc reads and
+pidfile polls run in threads; process exits are awaited on a pidfd).
+
+An action is chosen by name from ``ACTIONS`` ("module:Class", imported lazily)
+and constructed as ``Cls(consumer: ConsumerConfig)``. Actions whose class
+attribute ``per_consumer`` is true (systemd, and any that acts on a whole
+workload) are called once per roll with the consumer's first pid. When no
+process is found the roll is skipped, unless the action sets ``needs_process =
+False`` (a rollout of a remote workload): it is then called with pid 0, which it
+must never treat as a process. ``replaces = True`` says the action stops the
+process and something else starts the replacement (the health check looks for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import aiohttp
+import psutil
+from yarl import URL
+
+from daemon import metrics
+from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
+from daemon.errors import ReloadError
+from daemon.logs import event
+from daemon.usage.consumers import find_processes, unit_of
+
+log = logging.getLogger(__name__)
+
+# Only these variables of Baton's own environment reach a command Baton runs:
+# Baton may hold store credentials (VAULT_TOKEN, AWS_*) in its environment.
+SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
+
+# systemctl waits for the job; systemd's own default stop timeout is 90 s.
+SYSTEMCTL_TIMEOUT = 120.0
+_POLL = 0.05  # interval for the few things that cannot be awaited (pidfile, /proc)
+
+
+def safe_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a command Baton runs: a few harmless variables, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
+    env.setdefault("PATH", os.defpath)
+    env.update(extra or {})
+    return env
+
+
+# ---------------------------------------------------------------- processes
+
+
+def is_alive(pid: int) -> bool:
+    """Running and not a zombie (a zombie has exited; it only waits to be reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    except psutil.Error:  # pragma: no cover - /proc unreadable: assume alive, the kill says more
+        return True
+
+
+def _start_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+async def wait_exit(pid: int, within: float) -> bool:
+    """True when ``pid`` exits within ``within`` seconds (or is gone already).
+
+    Awaits the process's pidfd, which becomes readable on exit, so nothing
+    polls; kernels or sandboxes without pidfd_open fall back to a slow poll.
+    """
+    if not is_alive(pid):
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return await _poll_exit(pid, within)
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+
+    def _ready() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, _ready)
+    try:
+        # The pidfd became readable, or the pid was a zombie already.
+        await asyncio.wait_for(exited, within)
+        return True
+    except TimeoutError:
+        return not is_alive(pid)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+async def _poll_exit(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    delay = _POLL
+    while is_alive(pid):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, 0.5)
+    return True
+
+
+async def first_exit(pids: Iterable[int], within: float) -> int | None:
+    """The first of ``pids`` to exit within ``within`` seconds, or None when all stay alive."""
+    tasks = {asyncio.ensure_future(wait_exit(p, within)): p for p in pids}
+    try:
+        waiting = set(tasks)
+        while waiting:
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t.result():
+                    return tasks[t]
+        return None
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _kill(pid: int, sig: signal.Signals) -> bool:
+    """Send ``sig``; False when the process is gone. Refuses pid <= 0 (groups)."""
+    if pid <= 0:
+        raise ReloadError(f"refusing to signal pid {pid}")
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError as e:
+        raise ReloadError(f"not allowed to send {sig.name} to pid {pid}") from e
+    return True
+
+
+async def stop_process(pid: int, *, stop_signal: signal.Signals, grace: float) -> None:
+    """``stop_signal``, then SIGKILL when the process is still there after ``grace`` seconds."""
+    if not _kill(pid, stop_signal):
+        return
+    if await wait_exit(pid, grace):
+        return
+    log.warning("pid %d ignored %s for %.1fs; sending SIGKILL", pid, stop_signal.name, grace)
+    _kill(pid, signal.SIGKILL)
+    if not await wait_exit(pid, 10.0):
+        raise ReloadError(f"pid {pid} survived SIGKILL")
+
+
+async def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None = None) -> int:
+    """Start ``argv`` in a new session, not as our child; return its pid.
+
+    A tiny ``sh`` starts it in the background and exits, so the process is
+    reparented (to init or the nearest subreaper) and outlives Baton like a
+    service would. Its stdout and stderr go to Baton's stderr (the journal).
+    """
+    if shutil.which(argv[0], path=env.get("PATH")) is None:
+        raise ReloadError(f"restart command not found: {argv[0]}")
+    proc = await asyncio.create_subprocess_exec(
+        "/bin/sh",
+        "-c",
+        '"$@" </dev/null >&2 & echo $!',
+        "baton-restart",
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+    out, _ = await proc.communicate()
+    try:
+        return int(out.split()[0])
+    except (ValueError, IndexError):
+        raise ReloadError(f"could not start {argv[0]} (sh exit {proc.returncode})") from None
+
+
+async def run_command(argv: Sequence[str], *, env: Mapping[str, str], limit: float) -> None:
+    """Run ``argv`` to completion; ReloadError when it runs longer than ``limit`` seconds or a non-zero exit.
+
+    The output is read and dropped: it may hold secrets, so it is never logged.
+    """
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=dict(env),
+        )
+    except OSError as e:
+        raise ReloadError(f"cannot run {argv[0]}: {e.strerror}") from e
+    try:
+        await asyncio.wait_for(proc.communicate(), limit)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        raise ReloadError(f"{argv[0]} did not finish within {limit:.1f}s") from None
+    if proc.returncode != 0:
+        raise ReloadError(f"{argv[0]} exited with status {proc.returncode}")
+
+
+# ---------------------------------------------------------------- actions
+
+
+@runtime_checkable
+class ReloadAction(Protocol):
+    async def reload(self, pid: int) -> int | None:
+        """Make ``pid`` use the new version; the new pid if the action started a replacement itself."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class SignalAction:
+    """Send the configured signal to each process (``nginx`` SIGHUP, ...)."""
+
+    per_consumer: ClassVar[bool] = False
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        assert consumer.reload.signal is not None
+        self.signal = signal.Signals[consumer.reload.signal]
+
+    async def reload(self, pid: int) -> int | None:
+        if not _kill(pid, self.signal):
+            raise ReloadError(f"pid {pid} is gone")
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ExecAction:
+    """Run an argv. ``{pid}`` in an argument makes it run once per process, else once per consumer.
+
+    The command gets a scrubbed environment plus ``BATON_CONSUMER`` and
+    ``BATON_PID``; it must finish within the consumer's ``health.timeout``.
+    """
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        assert consumer.reload.exec is not None
+        self.argv = list(consumer.reload.exec)
+        self.consumer = consumer.name
+        self.timeout = consumer.health.timeout
+        self.per_consumer = not any("{pid}" in a for a in self.argv)
+
+    async def reload(self, pid: int) -> int | None:
+        argv = [a.replace("{pid}", str(pid)) for a in self.argv]
+        env = safe_env({"BATON_CONSUMER": self.consumer, "BATON_PID": str(pid)})
+        await run_command(argv, env=env, limit=self.timeout)
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RestartAction:
+    """Stop each process (stop_signal, SIGKILL after timeout); start it again when ``command`` is set.
+
+    Without a command, something else (systemd, a supervisor, the kubelet)
+    starts the replacement, and the health check looks for it. With a command,
+    this is a supervised restart: the new process runs detached with a scrubbed
+    environment in the old process's working directory, and its pid is returned.
+    """
+
+    per_consumer: ClassVar[bool] = False
+    replaces: ClassVar[bool] = True
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        cfg = consumer.reload.restart
+        assert cfg is not None
+        self.stop_signal = signal.Signals[cfg.stop_signal]
+        self.timeout = cfg.timeout
+        self.command = list(cfg.command) if cfg.command else None
+        self.consumer = consumer.name
+
+    async def reload(self, pid: int) -> int | None:
+        env = safe_env({"BATON_CONSUMER": self.consumer})
+        if self.command and shutil.which(self.command[0], path=env["PATH"]) is None:
+            # Checked before stopping anything: a typo must not take a service down.
+            raise ReloadError(f"restart command not found: {self.command[0]}")
+        cwd = await asyncio.to_thread(_cwd_of, pid)
+        await stop_process(pid, stop_signal=self.stop_signal, grace=self.timeout)
+        if self.command is None:
+            return None
+        return await spawn_detached(self.command, env=env, cwd=cwd)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _cwd_of(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).cwd()
+    except psutil.Error:
+        return None
+
+
+class SystemdAction:
+    """``systemctl try-restart|reload UNIT``, once per consumer.
+
+    The unit is ``match.systemd_unit``, else the unit whose cgroup holds the
+    first process found.
+    """
+
+    per_consumer: ClassVar[bool] = True
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        assert consumer.reload.systemd is not None
+        self.verb = "try-restart" if consumer.reload.systemd == "restart" else "reload"
+        self.unit = consumer.match.systemd_unit
+        self.timeout = SYSTEMCTL_TIMEOUT
+
+    @property
+    def replaces(self) -> bool:
+        return self.verb == "try-restart"
+
+    async def reload(self, pid: int) -> int | None:
+        unit = self.unit
+        if unit is None and pid > 0:
+            unit = await asyncio.to_thread(unit_of, pid)
+        if unit is None:
+            raise ReloadError(f"no systemd unit found for pid {pid}")
+        await run_command(["systemctl", self.verb, unit], env=safe_env(), limit=self.timeout)
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+class NoneAction:
+    """Do nothing: the consumer re-reads its files by itself."""
+
+    per_consumer: ClassVar[bool] = True
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        pass
+
+    async def reload(self, pid: int) -> int | None:
+        return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+# name -> "module:Class"; each class is constructed as Cls(consumer: ConsumerConfig).
+ACTIONS: dict[str, str] = {
+    "signal": "daemon.reload:SignalAction",
+    "exec": "daemon.reload:ExecAction",
+    "restart": "daemon.reload:RestartAction",
+    "systemd": "daemon.reload:SystemdAction",
+    "none": "daemon.reload:NoneAction",
+    "container_restart": "sidecar.restart:ContainerRestartAction",
+    "rollout": "sidecar.rollout:RolloutAction",
+}
+
+
+def make_action(consumer: ConsumerConfig) -> ReloadAction:
+    """Construct the consumer's action from ``ACTIONS``, importing its module only now."""
+    name = consumer.reload.action
+    target = ACTIONS.get(name)
+    if target is None:
+        raise ReloadError(f"unknown reload action {name!r}")
+    module, _, cls_name = target.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ReloadError(f"reload action {name!r} is not available ({target})") from e
+    action: ReloadAction = cls(consumer)
+    return action
+
+
+# ---------------------------------------------------------------- health
+
+
+async def check_http(url: str, *, within: float) -> None:
+    """GET ``url`` until it answers 2xx; ReloadError after ``within`` seconds.
+
+    Only the status is looked at; the body and the URL's userinfo never reach
+    a message.
+    """
+    shown = str(URL(url).with_user(None))
+    deadline = time.monotonic() + within
+    last = "no answer"
+    delay = _POLL
+    async with aiohttp.ClientSession() as session:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ReloadError(f"health check {shown} failed: {last}")
+            try:
+                req_timeout = aiohttp.ClientTimeout(total=min(left, 5.0))
+                async with session.get(url, timeout=req_timeout, allow_redirects=False) as resp:
+                    if 200 <= resp.status < 300:
+                        return
+                    last = f"status {resp.status}"
+            except (aiohttp.ClientError, TimeoutError) as e:
+                last = type(e).__name__
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+            delay = min(delay * 2, 0.5)
+
+
+async def _find_replacement(
+    match: MatchConfig, *, old: set[int], find: Callable[[MatchConfig], list[int]], within: float
+) -> int:
+    deadline = time.monotonic() + within
+    while True:
+        fresh = [p for p in await asyncio.to_thread(find, match) if p not in old and is_alive(p)]
+        if fresh:
+            return fresh[0]
+        if time.monotonic() >= deadline:
+            raise ReloadError(f"no replacement process appeared within {within:.1f}s")
+        await asyncio.sleep(_POLL)
+
+
+async def check_health(
+    health: HealthConfig,
+    *,
+    pid: int,
+    new_pid: int | None,
+    replaced: bool,
+    match: MatchConfig,
+    old: set[int],
+    find: Callable[[MatchConfig], list[int]],
+) -> int | None:
+    """Raise ReloadError unless the reloaded process is healthy.
+
+    Returns the pid that now serves (the replacement when one was found).
+    ``alive_for``: that process stays alive that long. ``http``: the URL answers 2xx.
+    """
+    target: int | None = new_pid
+    if target is None and replaced:
+        if health.http is not None:
+            await check_http(health.http, within=health.timeout)
+            return None
+        target = await _find_replacement(match, old=old, find=find, within=health.timeout)
+    if target is None:
+        target = pid
+    if health.http is not None:
+        if not is_alive(target):
+            raise ReloadError(f"pid {target} is not running")
+        await check_http(health.http, within=health.timeout)
+        return target
+    assert health.alive_for is not None
+    started = time.monotonic()
+    if await wait_exit(target, health.alive_for):
+        raise ReloadError(f"pid {target} exited {time.monotonic() - started:.2f}s after the reload")
+    return target
+
+
+async def check_consumer_health(
+    health: HealthConfig,
+    *,
+    match: MatchConfig,
+    had_processes: bool,
+    find: Callable[[MatchConfig], list[int]],
+) -> None:
+    """Health after a per-consumer action: the consumer's processes are back and stay up."""
+    if health.http is not None:
+        await check_http(health.http, within=health.timeout)
+        return
+    if not had_processes:
+        return
+    assert health.alive_for is not None
+    deadline = time.monotonic() + health.timeout
+    pids = [p for p in await asyncio.to_thread(find, match) if is_alive(p)]
+    while not pids:
+        if time.monotonic() >= deadline:
+            raise ReloadError(f"no process running within {health.timeout:.1f}s")
+        await asyncio.sleep(_POLL)
+        pids = [p for p in await asyncio.to_thread(find, match) if is_alive(p)]
+    gone = await first_exit(pids, health.alive_for)
+    if gone is not None:
+        raise ReloadError(f"pid {gone} exited within {health.alive_for:.1f}s of the reload")
+
+
+# ---------------------------------------------------------------- coordinator
+
+OK = "ok"
+FAILURE = "failure"
+NOT_NEEDED = "not_needed"
+NO_PROCESSES = "no_processes"
+GONE = "gone"
+
+
+@dataclass(frozen=True)
+class PidReload:
+    """One process handled by a roll."""
+
+    pid: int
+    at: float  # wall time
+    result: str
+    new_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class ConsumerStatus:
+    """What the Reloader knows about one consumer; names and pids only."""
+
+    name: str
+    action: str
+    result: str | None = None  # ok, failure, not_needed, no_processes; None before the first roll
+    error: str | None = None
+    last_reload: float | None = None  # wall time the last roll finished
+    credentials: frozenset[str] = frozenset()  # what the last roll was for
+    reloaded: tuple[PidReload, ...] = ()  # the processes of the last roll, in order
+    pending: frozenset[str] = frozenset()
+    running: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the status API (names, pids and times only)."""
+        return {
+            "name": self.name,
+            "action": self.action,
+            "result": self.result,
+            "error": self.error,
+            "last_reload": self.last_reload,
+            "credentials": sorted(self.credentials),
+            "reloaded": [asdict(r) for r in self.reloaded],
+            "pending": sorted(self.pending),
+            "running": self.running,
+        }
+
+
+@dataclass
+class _State:
+    consumer: ConsumerConfig
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    pending: dict[str, str] = field(default_factory=dict)  # credential -> version
+    first_at: float = 0.0
+    last_at: float = 0.0
+    last_roll: float | None = None  # monotonic start of the last roll that acted
+    running: bool = False
+    status: ConsumerStatus | None = None
+
+
+OnDone = Callable[[str, frozenset[str], bool], Awaitable[None] | None]
+
+
+class Reloader:
+    """Reloads consumers after their credentials change: debounced, batched, rolling, rate-limited.
+
+    ``credentials`` is the config's credential list, or a mapping credential
+    name -> consumers. A consumer (by name) may appear under several
+    credentials; it is one consumer, reloaded once per batch.
+    ``changed()`` and ``status()`` are called from the event loop's thread.
+    """
+
+    def __init__(
+        self,
+        credentials: Sequence[CredentialConfig] | Mapping[str, Sequence[ConsumerConfig]],
+        *,
+        debounce: float = 2.0,
+        max_wait: float | None = None,
+        find: Callable[[MatchConfig], list[int]] = find_processes,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        on_done: OnDone | None = None,
+        action_factory: Callable[[ConsumerConfig], ReloadAction] = make_action,
+    ) -> None:
+        mapping: Mapping[str, Sequence[ConsumerConfig]] = (
+            credentials if isinstance(credentials, Mapping) else {c.name: c.consumers for c in credentials}
+        )
+        self._by_credential: dict[str, list[str]] = {}
+        self._states: dict[str, _State] = {}
+        for cred, consumers in mapping.items():
+            names = self._by_credential.setdefault(cred, [])
+            for cons in consumers:
+                self._states.setdefault(cons.name, _State(cons))
+                if cons.name not in names:
+                    names.append(cons.name)
+        self.debounce = debounce
+        self.max_wait = max_wait if max_wait is not None else 4 * debounce
+        self._find = find
+        self._clock = clock
+        self._wall = wall
+        self._on_done = on_done
+        self._make = action_factory
+        self._actions: dict[str, ReloadAction] = {}
+        self._reloaded_at: dict[int, float] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- the agent's side
+
+    def changed(self, credential: str, version: str) -> None:
+        """A new version of ``credential`` was written. Never blocks."""
+        names = self._by_credential.get(credential, [])
+        now = self._clock()
+        for name in names:
+            st = self._states[name]
+            if not st.pending:
+                st.first_at = now
+            st.last_at = now
+            st.pending[credential] = version
+            st.wake.set()
+        if names:
+            self._idle.clear()
+        else:
+            log.debug("no consumer declared for credential %s", credential)
+
+    def status(self) -> dict[str, ConsumerStatus]:
+        out: dict[str, ConsumerStatus] = {}
+        for name, st in self._states.items():
+            base = st.status or ConsumerStatus(name=name, action=st.consumer.reload.action)
+            out[name] = replace(base, pending=frozenset(st.pending), running=st.running)
+        return out
+
+    def reloaded_at(self, pid: int) -> float | None:
+        """Wall time this pid was last reloaded (or started) by us."""
+        return self._reloaded_at.get(pid)
+
+    async def wait_idle(self) -> None:
+        """Return when no consumer has a pending change or a roll in progress."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """One worker per consumer until cancelled; the actions are closed on the way out."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, st in self._states.items():
+                    tg.create_task(self._worker(st), name=f"reload:{name}")
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the actions made so far. Idempotent; ``run`` does it on the way out."""
+        actions, self._actions = list(self._actions.values()), {}
+        for action in actions:
+            try:
+                await action.aclose()
+            except Exception:
+                log.exception("closing a reload action failed")
+
+    # -- internals
+
+    def _update_idle(self) -> None:
+        if all(not st.pending and not st.running for st in self._states.values()):
+            self._idle.set()
+        else:
+            self._idle.clear()
+
+    async def _worker(self, st: _State) -> None:
+        while True:
+            await st.wake.wait()
+            st.wake.clear()
+            if not st.pending:
+                continue
+            if st.consumer.loads == "per-use" or st.consumer.reload.action == "none":
+                # Nothing to do: the consumer reads the files on its own.
+                creds, versions = self._take(st)
+                await self._finish(st, creds, versions, result=NOT_NEEDED, error=None, reloaded=())
+                continue
+            await self._wait_due(st)
+            creds, versions = self._take(st)
+            st.running = True
+            try:
+                await self._roll(st, creds, versions)
+            finally:
+                st.running = False
+                self._update_idle()
+
+    def _take(self, st: _State) -> tuple[frozenset[str], dict[str, str]]:
+        versions = dict(st.pending)
+        st.pending.clear()
+        return frozenset(versions), versions
+
+    def _due(self, st: _State) -> float:
+        due = min(st.last_at + self.debounce, st.first_at + self.max_wait)
+        if st.last_roll is not None:
+            due = max(due, st.last_roll + st.consumer.min_restart_interval)
+        return due
+
+    async def _wait_due(self, st: _State) -> None:
+        """Sleep until the batch is due; a new change wakes us to recompute the deadline."""
+        while (left := self._due(st) - self._clock()) > 0:
+            st.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(st.wake.wait(), left)
+        st.wake.clear()
+
+    def _action(self, consumer: ConsumerConfig) -> ReloadAction:
+        action = self._actions.get(consumer.name)
+        if action is None:
+            action = self._actions[consumer.name] = self._make(consumer)
+        return action
+
+    async def _roll(self, st: _State, creds: frozenset[str], versions: dict[str, str]) -> None:
+        cons = st.consumer
+        reloaded: list[PidReload] = []
+        try:
+            pids = await asyncio.to_thread(self._find, cons.match)
+            started = {p: _start_time(p) for p in pids}
+            action = self._action(cons)
+        except ReloadError as e:
+            self._event(cons.name, None, FAILURE, creds, versions, error=str(e))
+            await self._finish(st, creds, versions, result=FAILURE, error=str(e), reloaded=())
+            return
+        if not pids and getattr(action, "needs_process", True):
+            self._event(cons.name, None, NO_PROCESSES, creds, versions)
+            await self._finish(st, creds, versions, result=NO_PROCESSES, error=None, reloaded=())
+            return
+        st.last_roll = self._clock()
+        per_consumer = bool(getattr(action, "per_consumer", False))
+        replaced = bool(getattr(action, "replaces", False))
+        targets = [pids[0] if pids else 0] if per_consumer else pids
+        for pid in targets:
+            if pid and (not is_alive(pid) or _start_time(pid) != started.get(pid)):
+                # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
+                reloaded.append(PidReload(pid, self._wall(), GONE))
+                self._event(cons.name, pid, GONE, creds, versions)
+                continue
+            try:
+                new_pid = await action.reload(pid)
+                if per_consumer:
+                    await check_consumer_health(
+                        cons.health, match=cons.match, had_processes=bool(pids), find=self._find
+                    )
+                    serving = None
+                else:
+                    serving = await check_health(
+                        cons.health,
+                        pid=pid,
+                        new_pid=new_pid,
+                        replaced=replaced,
+                        match=cons.match,
+                        old=set(pids),
+                        find=self._find,
+                    )
+            except Exception as e:
+                if not isinstance(e, ReloadError):
+                    log.exception("reload of %s pid %d raised", cons.name, pid)
+                error = str(e) if isinstance(e, ReloadError) else f"{type(e).__name__} during reload"
+                reloaded.append(PidReload(pid, self._wall(), FAILURE, new_pid=None))
+                self._event(cons.name, pid or None, FAILURE, creds, versions, error=error)
+                # The roll stops here: the remaining processes keep the old version.
+                await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=tuple(reloaded))
+                return
+            now = self._wall()
+            for p in {pid, new_pid, serving} - {None, 0}:
+                assert p is not None
+                self._reloaded_at[p] = now
+            reloaded.append(PidReload(pid, now, OK, new_pid=new_pid if new_pid is not None else serving))
+            self._event(cons.name, pid or None, OK, creds, versions, new_pid=new_pid or serving)
+        await self._finish(st, creds, versions, result=OK, error=None, reloaded=tuple(reloaded))
+
+    def _event(
+        self,
+        consumer: str,
+        pid: int | None,
+        result: str,
+        creds: frozenset[str],
+        versions: Mapping[str, str],
+        **extra: Any,
+    ) -> None:
+        metrics.reloads_total.labels(consumer=consumer, result=result).inc()
+        level = logging.WARNING if result == FAILURE else logging.INFO
+        fields = {k: v for k, v in extra.items() if v is not None}
+        event(
+            log,
+            "reload",
+            level,
+            consumer=consumer,
+            pid=pid,
+            result=result,
+            credentials=sorted(creds),
+            versions=dict(versions),
+            **fields,
+        )
+
+    async def _finish(
+        self,
+        st: _State,
+        creds: frozenset[str],
+        versions: Mapping[str, str],
+        *,
+        result: str,
+        error: str | None,
+        reloaded: tuple[PidReload, ...],
+    ) -> None:
+        if result == NOT_NEEDED:
+            self._event(st.consumer.name, None, NOT_NEEDED, creds, versions)
+        st.status = ConsumerStatus(
+            name=st.consumer.name,
+            action=st.consumer.reload.action,
+            result=result,
+            error=error,
+            last_reload=self._wall(),
+            credentials=creds,
+            reloaded=reloaded,
+        )
+        if self._on_done is not None:
+            try:
+                maybe = self._on_done(st.consumer.name, creds, result != FAILURE)
+                if maybe is not None:
+                    await maybe
+            except Exception:
+                log.exception("on_done callback failed for %s", st.consumer.name)
+        self._update_idle()
