@@ -124,6 +124,14 @@ class AwsStoreConfig(Model):
     )
     dynamodb_table: str | None = Field(None, description="Table for reports: dynamodb.")
     draining_label: str = Field("BATON_DRAINING", description="Staging label kept on draining versions.")
+    timeout: Duration = Field(10.0, description="Connect and read timeout of each AWS request.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Attempts per AWS request, retries included.")
+
+    @model_validator(mode="after")
+    def _table(self) -> AwsStoreConfig:
+        if self.reports == "dynamodb" and not self.dynamodb_table:
+            raise ValueError("reports: dynamodb needs dynamodb_table")
+        return self
 
 
 class KubernetesStoreConfig(Model):
@@ -375,6 +383,8 @@ class AgentConfig(Model):
     debounce: Duration = Field(2.0, description="Wait this long for more changes before reloading.")
     scan_interval: Duration = Field(5.0, description="How often to rescan processes for holders.")
     fanotify: Literal["auto", "off"] = Field("auto", description="Use fanotify open events when allowed.")
+    retry_min: Duration = Field(1.0, description="First retry delay after a store error.")
+    retry_max: Duration = Field(300.0, description="Longest retry delay after repeated store errors.")
 
 
 class LogConfig(Model):

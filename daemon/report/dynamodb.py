@@ -1,0 +1,258 @@
+"""Node reports as DynamoDB items: one item per (credential, node), for fleets past 50 tags.
+
+Owns the reporter's own aiobotocore DynamoDB client (lazy, closed in ``aclose``)
+and the table layout: partition key ``credential``, sort key ``node``, plus
+``key`` (the store key), ``report`` (``NodeReport.to_json()``) and ``heartbeat``
+(a Number). Each node writes only its own item, with a condition so that an
+older heartbeat never replaces a newer one. It must never import a store
+(``daemon.stores.aws`` has its own client; the few lines are duplicated on
+purpose), never create the table unless asked, never log a response body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from daemon.errors import StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
+from daemon.report.base import NodeReport
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+_AUTH_CODES = {
+    "AccessDenied",
+    "AccessDeniedException",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+    "IncompleteSignature",
+    "MissingAuthenticationToken",
+    "ExpiredTokenException",
+}
+_TRANSIENT_CODES = {
+    "ThrottlingException",
+    "Throttling",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "LimitExceededException",
+}
+
+
+def _map_error(e: Exception, *, op: str, table: str) -> StoreError:
+    """A botocore error as a Baton store error: code and status only, never a body."""
+    what = f"DynamoDB {op} on table {table!r}"
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", "Unknown"))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        text = f"{what} failed: {code} (HTTP {status})"
+        if code in _AUTH_CODES or status in (401, 403):
+            return StoreAuthError(text)
+        if code == "ResourceNotFoundException":
+            return StoreNotFound(f"{what}: the table does not exist (create it, or run with table creation on)")
+        if code in ("ConditionalCheckFailedException", "TransactionConflictException"):
+            return StoreConflict(text)
+        if code in _TRANSIENT_CODES or status >= 500:
+            return StoreUnavailable(text)
+        return StoreError(text)
+    if isinstance(e, NoCredentialsError | PartialCredentialsError):
+        return StoreAuthError(f"{what}: no usable AWS credentials ({type(e).__name__})")
+    if isinstance(e, HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
+        return StoreUnavailable(f"{what}: store unreachable ({type(e).__name__})")
+    return StoreError(f"{what} failed ({type(e).__name__})")
+
+
+class DynamoReporter:
+    """``Reporter`` writing one DynamoDB item per (credential, node)."""
+
+    def __init__(
+        self,
+        *,
+        table: str,
+        region: str = "us-east-1",
+        endpoint_url: str | None = None,
+        timeout: float = 10.0,
+        max_attempts: int = 3,
+        create_table: bool = False,
+        page_size: int = 100,
+    ) -> None:
+        self.table = table
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.create_table = create_table
+        self.page_size = page_size
+        self._stack: AsyncExitStack | None = None
+        self._client: Any = None
+        self._lock: asyncio.Lock | None = None
+        self._table_checked = False
+
+    @classmethod
+    def from_config(cls, config: Config, *, create_table: bool = False) -> DynamoReporter:
+        store = config.store
+        if store.kind != "aws" or not store.dynamodb_table:
+            raise StoreError("DynamoReporter needs store.kind aws with dynamodb_table set")
+        return cls(
+            table=store.dynamodb_table,
+            region=store.region,
+            endpoint_url=store.endpoint_url,
+            timeout=store.timeout,
+            max_attempts=store.max_attempts,
+            create_table=create_table,
+        )
+
+    async def _get_client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._client is None:
+                stack = AsyncExitStack()
+                config = AioConfig(
+                    connect_timeout=self.timeout,
+                    read_timeout=self.timeout,
+                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                )
+                ctx = get_session().create_client(
+                    "dynamodb", region_name=self.region, endpoint_url=self.endpoint_url, config=config
+                )
+                self._client = await stack.enter_async_context(ctx)
+                self._stack = stack
+        return self._client
+
+    async def _call(self, op: str, **params: Any) -> dict[str, Any]:
+        if self.create_table and not self._table_checked:
+            await self.ensure_table()
+        return await self._raw(op, **params)
+
+    async def _raw(self, op: str, **params: Any) -> dict[str, Any]:
+        client = await self._get_client()
+        try:
+            result: dict[str, Any] = await getattr(client, op)(**params)
+        except (TimeoutError, BotoCoreError, ClientError, OSError) as e:
+            raise _map_error(e, op=op, table=self.table) from e
+        return result
+
+    async def ensure_table(self) -> None:
+        """Create the table (on-demand billing) if it is missing, and wait until it is active."""
+        try:
+            desc = await self._raw("describe_table", TableName=self.table)
+        except StoreNotFound:
+            try:
+                await self._raw(
+                    "create_table",
+                    TableName=self.table,
+                    AttributeDefinitions=[
+                        {"AttributeName": "credential", "AttributeType": "S"},
+                        {"AttributeName": "node", "AttributeType": "S"},
+                    ],
+                    KeySchema=[
+                        {"AttributeName": "credential", "KeyType": "HASH"},
+                        {"AttributeName": "node", "KeyType": "RANGE"},
+                    ],
+                    BillingMode="PAY_PER_REQUEST",
+                )
+                log.info("report table created", extra={"table": self.table})
+            except StoreError as e:
+                if "ResourceInUseException" not in str(e):  # created concurrently: fine
+                    raise
+            desc = await self._raw("describe_table", TableName=self.table)
+        delay = 0.1
+        while desc["Table"].get("TableStatus") != "ACTIVE":
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            desc = await self._raw("describe_table", TableName=self.table)
+        self._table_checked = True
+
+    async def publish(self, key: str, report: NodeReport) -> None:
+        """Write this node's item unless a newer heartbeat is already stored (then StoreConflict)."""
+        try:
+            await self._call(
+                "put_item",
+                TableName=self.table,
+                Item={
+                    "credential": {"S": report.credential},
+                    "node": {"S": report.node},
+                    "key": {"S": key},
+                    "report": {"S": report.to_json()},
+                    "heartbeat": {"N": repr(float(report.heartbeat))},
+                },
+                # `<=`: the same report sent again (a retry) is not a conflict.
+                ConditionExpression="attribute_not_exists(#h) OR #h <= :hb",
+                ExpressionAttributeNames={"#h": "heartbeat"},
+                ExpressionAttributeValues={":hb": {"N": repr(float(report.heartbeat))}},
+            )
+        except StoreConflict:
+            raise StoreConflict(
+                f"node {report.node!r} already has a newer report for {report.credential!r}; this one was dropped"
+            ) from None
+
+    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+        reports: list[NodeReport] = []
+        params: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "#c = :c",
+            "ExpressionAttributeNames": {"#c": "credential"},
+            "ExpressionAttributeValues": {":c": {"S": credential}},
+            "ConsistentRead": True,
+            "Limit": self.page_size,
+        }
+        while True:
+            resp = await self._call("query", **params)
+            for item in resp.get("Items") or []:
+                try:
+                    reports.append(NodeReport.from_json(item["report"]["S"]))
+                except (KeyError, ValueError, TypeError):
+                    log.warning("unreadable node report", extra={"table": self.table, "credential": credential})
+            last = resp.get("LastEvaluatedKey")
+            if not last:
+                return reports
+            params["ExclusiveStartKey"] = last
+
+    async def forget(self, key: str, node: str) -> None:
+        """Delete the node's items for ``key``.
+
+        ``forget`` gets the store key, not the credential, so the items are
+        found by a Scan. That is rare (a node known gone) and the table holds
+        one small item per credential and node.
+        """
+        params: dict[str, Any] = {
+            "TableName": self.table,
+            "FilterExpression": "#n = :n AND #k = :k",
+            "ExpressionAttributeNames": {"#c": "credential", "#n": "node", "#k": "key"},
+            "ExpressionAttributeValues": {":n": {"S": node}, ":k": {"S": key}},
+            "ProjectionExpression": "#c, #n",
+            "ConsistentRead": True,
+        }
+        while True:
+            resp = await self._call("scan", **params)
+            for item in resp.get("Items") or []:
+                await self._call("delete_item", TableName=self.table, Key=item)
+                log.info("node report forgotten", extra={"node": node, "credential": item["credential"]["S"]})
+            last = resp.get("LastEvaluatedKey")
+            if not last:
+                return
+            params["ExclusiveStartKey"] = last
+
+    async def aclose(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
