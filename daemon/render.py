@@ -44,9 +44,18 @@ def check_templates(templates: Mapping[str, str]) -> list[str]:
 
 
 def render(templates: Mapping[str, str], payload: Secret) -> dict[str, bytes]:
-    """Render every template against the payload. Raises ``PayloadError``."""
+    """Render every file template against the payload. Raises ``PayloadError``."""
+    return {name: text.encode() for name, text in _render_all(templates, payload).items()}
+
+
+def render_env(templates: Mapping[str, str], payload: Secret) -> dict[str, str]:
+    """Render env var templates (for ``baton exec``). Raises ``PayloadError``."""
+    return _render_all(templates, payload)
+
+
+def _render_all(templates: Mapping[str, str], payload: Secret) -> dict[str, str]:
     fields = fields_of(payload)
-    out: dict[str, bytes] = {}
+    out: dict[str, str] = {}
     for name, source in templates.items():
         try:
             text = _ENV.from_string(source).render(fields)
@@ -59,5 +68,5 @@ def render(templates: Mapping[str, str], payload: Secret) -> dict[str, bytes]:
             raise PayloadError(f"template for {name!r} failed: {type(e).__name__}") from None
         if not text:
             raise PayloadError(f"template for {name!r} rendered an empty file")
-        out[name] = text.encode()
+        out[name] = text
     return out

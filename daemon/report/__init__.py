@@ -1,1 +1,36 @@
-"""Where node reports go: store metadata (default), a status path, pod annotations."""
+"""Where node reports go: store metadata (default), a status path, pod annotations.
+
+``open_reporter`` picks the reporter from the store config's ``reports``
+setting; reporters that need a store's client library live beside it and are
+imported lazily by name, as stores are.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+    from daemon.report.base import Reporter
+    from daemon.stores.base import SecretStore
+
+# (store kind, reports setting) -> "module:Class"; the class is built with (config, store).
+REGISTRY: dict[tuple[str, str], str] = {
+    ("vault", "status_path"): "daemon.stores.vault:VaultStatusReporter",
+    ("aws", "dynamodb"): "daemon.report.dynamodb:DynamoReporter",
+    ("kubernetes", "pod"): "sidecar.podreport:PodReporter",
+}
+
+
+def open_reporter(config: Config, store: SecretStore) -> Reporter:
+    mode = getattr(config.store, "reports", "metadata")
+    target = REGISTRY.get((config.store.kind, mode))
+    if target is None:
+        from daemon.report.metadata import MetadataReporter
+
+        return MetadataReporter(store)
+    module_name, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    reporter: Reporter = cls.from_config(config, store)
+    return reporter

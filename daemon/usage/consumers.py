@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
@@ -41,22 +42,38 @@ def unit_of(pid: int) -> str | None:
 
 def find_processes(match: MatchConfig) -> list[int]:
     """Pids of the processes that ``match`` selects (never Baton itself)."""
-    if match.pidfile is not None:
-        return _pidfile(match.pidfile)
-    pids: list[int] = []
-    pattern = re.compile(match.cmdline) if match.cmdline is not None else None
-    exe = os.path.realpath(match.exe) if match.exe is not None else None
-    for proc in psutil.process_iter(["pid", "cmdline", "exe"]):
+    return match_all({"_": match})["_"]
+
+
+def match_all(matches: Mapping[str, MatchConfig]) -> dict[str, list[int]]:
+    """Pids per name for many matches, in one pass over the process table."""
+    out: dict[str, list[int]] = {name: [] for name in matches}
+    scanning = {}
+    for name, match in matches.items():
+        if match.pidfile is not None:
+            out[name] = _pidfile(match.pidfile)
+        else:
+            pattern = re.compile(match.cmdline) if match.cmdline is not None else None
+            exe = os.path.realpath(match.exe) if match.exe is not None else None
+            scanning[name] = (pattern, exe, match.systemd_unit)
+    if not scanning:
+        return out
+    attrs = ["pid", "cmdline", "exe"]
+    for proc in psutil.process_iter(attrs):
         pid = proc.info["pid"]
         if pid == _SELF:
             continue
-        if pattern is not None:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if cmd and pattern.search(cmd):
-                pids.append(pid)
-        elif exe is not None:
-            if proc.info["exe"] and os.path.realpath(proc.info["exe"]) == exe:
-                pids.append(pid)
-        elif match.systemd_unit is not None and unit_of(pid) == match.systemd_unit:
-            pids.append(pid)
-    return sorted(pids)
+        unit: str | bool | None = False  # read the cgroup only when some match asks
+        for name, (pattern, exe, want_unit) in scanning.items():
+            if pattern is not None:
+                cmd = " ".join(proc.info["cmdline"] or [])
+                hit = bool(cmd) and pattern.search(cmd) is not None
+            elif exe is not None:
+                hit = bool(proc.info["exe"]) and os.path.realpath(proc.info["exe"]) == exe
+            else:
+                if unit is False:
+                    unit = unit_of(pid)
+                hit = unit == want_unit
+            if hit:
+                out[name].append(pid)
+    return {name: sorted(pids) for name, pids in out.items()}

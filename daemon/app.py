@@ -1,0 +1,314 @@
+"""The agent's lifecycle: start, supervise tasks, reload on SIGHUP, stop on SIGTERM.
+
+Readable top to bottom, as uvicorn's server is: ``serve() -> startup() ->
+main_loop() -> shutdown()``. Every long-running task is named and guarded: a
+task that dies unexpectedly is logged and stops the agent (systemd or the
+kubelet restarts it); the others are cancelled with a bounded grace. Store
+errors never kill a task: the last good files stay and the task retries with
+backoff. The first SIGTERM/SIGINT asks to stop; a second one forces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__, metrics, sdnotify
+from daemon.api import ApiServer
+from daemon.backoff import Backoff
+from daemon.config import Config, CredentialConfig, load_config
+from daemon.drain import Tracker
+from daemon.errors import BatonError, ConfigError, PayloadError, StoreError
+from daemon.logs import bound, event
+from daemon.model import VersionInfo
+from daemon.reload import Reloader
+from daemon.render import render
+from daemon.report import open_reporter
+from daemon.report.base import Reporter
+from daemon.stores import open_store
+from daemon.stores.base import SecretStore
+from daemon.writer import Writer
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 5.0
+
+
+@dataclass
+class CredentialState:
+    """What the agent knows of one credential; the status API reads it."""
+
+    config: CredentialConfig
+    writer: Writer
+    version: str | None = None
+    written: bool = False
+    last_change: float | None = None
+    last_error: str | None = None
+    # Store time of the change being propagated (for baton_propagation_seconds).
+    changed_at: float | None = None
+    swapped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "key": self.config.key,
+            "current": self.version,
+            "written": self.written,
+            "on_disk": [v.version for v in self.writer.versions()],
+            "last_change": self.last_change,
+            "last_error": self.last_error,
+            "output": str(self.config.output.dir),
+        }
+
+
+class Agent:
+    """One node's agent. ``await Agent(config).serve()`` runs it until stopped."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | Path | None = None,
+        store: SecretStore | None = None,
+        install_signals: bool = True,
+    ) -> None:
+        self.config = config
+        self.config_path = Path(config_path) if config_path else None
+        self._own_store = store is None
+        self.store: SecretStore = store if store is not None else open_store(config)
+        self.reporter: Reporter = open_reporter(config, self.store)
+        self.install_signals = install_signals
+        self.started = time.time()
+        self.credentials: dict[str, CredentialState] = {}
+        self.reloader: Reloader | None = None
+        self.tracker: Tracker | None = None
+        self.api: ApiServer | None = None
+        self.should_exit = asyncio.Event()
+        self.should_reload = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed: BaseException | None = None
+        self._stop_requests = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> int:
+        """Run until stopped. Returns the process exit status."""
+        await self.startup()
+        try:
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return 1 if self._failed is not None else 0
+
+    async def startup(self) -> None:
+        if self.install_signals:
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+            loop.add_signal_handler(signal.SIGINT, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.should_reload.set)
+        self.api = ApiServer(self)
+        await self.api.start(self.config.api.listen)
+        self._start_generation()
+        event(log, "agent_started", node=self.config.node_id, credentials=len(self.config.credentials))
+
+    async def main_loop(self) -> None:
+        while not self.should_exit.is_set():
+            waiters = [
+                asyncio.create_task(self.should_exit.wait(), name="wait-exit"),
+                asyncio.create_task(self.should_reload.wait(), name="wait-reload"),
+            ]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+            if self.should_reload.is_set() and not self.should_exit.is_set():
+                self.should_reload.clear()
+                await self.reload_config()
+
+    async def shutdown(self) -> None:
+        sdnotify.stopping()
+        await self._stop_generation()
+        if self.api is not None:
+            await self.api.stop()
+        await self.reporter.aclose()
+        if self._own_store:
+            await self.store.aclose()
+        event(log, "agent_stopped", node=self.config.node_id)
+
+    def request_stop(self) -> None:
+        self._stop_requests += 1
+        if self._stop_requests > 1:
+            log.warning("second stop signal: exiting at once")
+            for t in self._tasks:
+                t.cancel()
+        self.should_exit.set()
+
+    async def reload_config(self) -> None:
+        """SIGHUP: load the config again; a bad one is refused and the old one keeps running."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the agent was not started from a config file")
+            return
+        try:
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as e:
+            event(log, "config_rejected", logging.ERROR, problems=e.problems)
+            return
+        if new.store != self.config.store:
+            event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
+            return
+        await self._stop_generation()
+        self.config = new
+        self._start_generation()
+        event(log, "config_reloaded", credentials=len(new.credentials))
+
+    # ------------------------------------------------------------ tasks
+
+    def _start_generation(self) -> None:
+        config = self.config
+        self.credentials = {c.name: CredentialState(c, Writer(c.output)) for c in config.credentials}
+        self.ready.clear()
+        self.reloader = Reloader(config.credentials, debounce=config.agent.debounce, on_done=self._reloaded)
+        self.tracker = Tracker(config=config, agent=self)
+        self._tasks = [self._guard(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()]
+        self._tasks.append(self._guard("reloader", self.reloader.run()))
+        self._tasks.append(self._guard("tracker", self.tracker.run()))
+        self._tasks.append(self._guard("ready", self._announce_ready()))
+        if (interval := sdnotify.watchdog_interval()) is not None:
+            self._tasks.append(self._guard("watchdog", self._watchdog(interval / 2)))
+
+    async def _stop_generation(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
+            for t in pending:
+                log.error("task did not stop in time", extra={"task": t.get_name()})
+        if self.reloader is not None:
+            await self.reloader.aclose()
+
+    def _guard(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:
+                # A task is not meant to end by an error: stop the agent so its
+                # supervisor restarts it, rather than limp on half-alive.
+                log.exception("task failed; stopping the agent", extra={"task": name})
+                self._failed = e
+                self.should_exit.set()
+
+        return asyncio.create_task(guarded(), name=name)
+
+    async def _announce_ready(self) -> None:
+        required = [s for s in self.credentials.values() if s.config.required]
+        for state in required:
+            await state.swapped.wait()
+        self.ready.set()
+        sdnotify.ready()
+        sdnotify.status(f"{len(self.credentials)} credentials written")
+        event(log, "agent_ready", credentials=len(self.credentials))
+
+    async def _watchdog(self, every: float) -> None:
+        while True:
+            sdnotify.watchdog()
+            await asyncio.sleep(every)
+
+    # ------------------------------------------------------------ follow one credential
+
+    async def follow(self, state: CredentialState) -> None:
+        """Write the current version, then every new one; on store errors keep files and back off."""
+        cred = state.config
+        backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
+        await asyncio.to_thread(state.writer.recover)
+        state.version = await asyncio.to_thread(state.writer.current)
+        with bound(credential=cred.name):
+            while True:
+                try:
+                    async for info in self.store.watch(cred.key):
+                        await self._apply(state, info)
+                        backoff.reset()
+                except StoreError as e:
+                    metrics.store_errors_total.labels(self.config.store.kind, "watch").inc()
+                    state.last_error = str(e)
+                    delay = backoff.next()
+                    log.warning("store error; keeping the last good files", extra={"error": str(e), "retry_in": delay})
+                    await asyncio.sleep(delay)
+
+    async def _apply(self, state: CredentialState, info: VersionInfo) -> None:
+        cred = state.config
+        if info.id == state.version and state.written:
+            return
+        received = time.time()
+        secret = await self.store.read(cred.key, info.id)
+        try:
+            files = render(cred.output.files, secret.payload)
+        except PayloadError as e:
+            metrics.writes_total.labels(cred.name, "rejected").inc()
+            state.last_error = f"version {info.id}: {e}"
+            event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
+            return
+        try:
+            changed = await asyncio.to_thread(state.writer.write, info.id, files)
+        except (BatonError, OSError) as e:
+            metrics.writes_total.labels(cred.name, "failed").inc()
+            state.last_error = f"version {info.id}: {e}"
+            event(log, "write_failed", logging.ERROR, version=info.id, error=str(e))
+            return
+        previous, state.version = state.version, info.id
+        state.written = True
+        state.last_error = None
+        state.swapped.set()
+        if previous is not None and previous != info.id:
+            with contextlib.suppress(KeyError):
+                metrics.credential_version_info.remove(cred.name, previous)
+        metrics.credential_version_info.labels(cred.name, info.id).set(1)
+        if changed:
+            state.last_change = time.time()
+            state.changed_at = received
+            metrics.writes_total.labels(cred.name, "ok").inc()
+            metrics.last_change_timestamp_seconds.labels(cred.name).set(state.last_change)
+            event(log, "version_written", version=info.id, previous=previous)
+            if previous is not None and previous != info.id and self.reloader is not None:
+                self.reloader.changed(cred.name, info.id)
+        if self.tracker is not None:
+            self.tracker.poke()
+
+    def _reloaded(self, consumer: str, credentials: Any, ok: bool) -> None:
+        if not ok:
+            return
+        now = time.time()
+        for name in credentials:
+            state = self.credentials.get(name)
+            if state is not None and state.changed_at is not None:
+                metrics.propagation_seconds.observe(now - state.changed_at)
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "node": self.config.node_id,
+            "agent_version": __version__,
+            "ready": self.ready.is_set(),
+            "started": self.started,
+            "credentials": {name: s.status() for name, s in self.credentials.items()},
+        }
+        if self.tracker is not None:
+            self.tracker.add_status(out)
+        if self.reloader is not None:
+            out["consumers"] = {name: st.as_dict() for name, st in self.reloader.status().items()}
+        return out
+
+
+def run_agent(config: Config, *, config_path: str | Path | None = None) -> int:
+    return asyncio.run(Agent(config, config_path=config_path).serve())

@@ -1,0 +1,308 @@
+"""Per-version drain state on this node, and the node report.
+
+Each version of a credential is, on this node: ``current``, ``draining``
+(superseded, still held by some process), ``drained`` (superseded, held by
+nobody, not yet retired) or ``retired`` (the store says so; its files are
+then deleted). The ``Tracker`` rescans who holds what (in a thread), publishes
+the node report on every change and every heartbeat, and removes retired
+versions' directories. It never decides a retirement: the rotator does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import psutil
+
+from daemon import __version__, metrics
+from daemon.config import Config, ConsumerConfig
+from daemon.errors import BatonError, PayloadError, StoreError
+from daemon.logs import event
+from daemon.render import render_env
+from daemon.report.base import Holder, NodeReport
+from daemon.usage.consumers import match_all
+from daemon.usage.environ import fingerprint
+from daemon.usage.scan import Sighting, VersionFiles, scan
+
+if TYPE_CHECKING:
+    from daemon.app import Agent, CredentialState
+    from daemon.usage.fanotify import OpenWatcher
+    from daemon.writer import OnDisk
+
+log = logging.getLogger(__name__)
+
+CURRENT, DRAINING, DRAINED, RETIRED = "current", "draining", "drained", "retired"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Who holds which version of one credential, from one scan."""
+
+    holders: dict[str, list[Holder]] = field(default_factory=dict)  # version -> holders
+
+    def count(self, version: str) -> int:
+        return len(self.holders.get(version, ()))
+
+
+def attribute(
+    *,
+    sightings: Sequence[Sighting],
+    consumers: Mapping[str, ConsumerConfig],
+    consumer_pids: Mapping[str, Sequence[int]],
+    on_disk: Mapping[str, Sequence[OnDisk]],
+    current: Mapping[str, str | None],
+    started: Mapping[int, float],
+    reloaded: Mapping[int, float],
+    exes: Mapping[int, str],
+    creds_of: Mapping[str, Sequence[str]],
+) -> dict[str, Usage]:
+    """Combine scans into per-credential holders (pure: easy to test).
+
+    A process seen holding a version (fd, open event, env) holds it. A declared
+    consumer that reads at start (or on reload) and is seen holding nothing
+    holds the version that was current when it last (re)loaded: the newest
+    version swapped in before its start or its last reload by us.
+    """
+    by_cred: dict[str, dict[str, dict[int, Holder]]] = {}
+    owner = {pid: name for name, pids in consumer_pids.items() for pid in pids}
+    for s in sightings:
+        holders = by_cred.setdefault(s.credential, {}).setdefault(s.version, {})
+        holders.setdefault(s.pid, Holder(s.pid, s.exe, owner.get(s.pid), s.how, s.version))
+    for name, consumer in consumers.items():
+        if consumer.loads == "per-use":
+            continue
+        for cred in creds_of.get(name, ()):
+            versions = sorted(on_disk.get(cred, ()), key=lambda d: d.swapped_in)
+            seen = by_cred.get(cred, {})
+            for pid in consumer_pids.get(name, ()):
+                if any(pid in holders for holders in seen.values()):
+                    continue
+                loaded_at = max(started.get(pid, 0.0), reloaded.get(pid, 0.0))
+                held = None
+                for d in versions:
+                    if d.swapped_in <= loaded_at:
+                        held = d.version
+                if held is None:
+                    # Started before any version we know: it holds the oldest we have.
+                    held = versions[0].version if versions else current.get(cred)
+                if held is None:
+                    continue
+                holder = Holder(pid, exes.get(pid, ""), name, "start-time", held)
+                by_cred.setdefault(cred, {}).setdefault(held, {})[pid] = holder
+    return {
+        cred: Usage({v: sorted(h.values(), key=lambda x: x.pid) for v, h in versions.items()})
+        for cred, versions in by_cred.items()
+    }
+
+
+class Tracker:
+    """Scans usage, publishes node reports, removes retired versions. One per agent generation."""
+
+    def __init__(self, *, config: Config, agent: Agent) -> None:
+        self.config = config
+        self.agent = agent
+        self.env_key = secrets.token_bytes(32)  # fingerprints are useless outside this process
+        self._poke = asyncio.Event()
+        self._fingerprints: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.usage: dict[str, Usage] = {}
+        self._published: dict[str, NodeReport] = {}
+        self._last_publish: dict[str, float] = {}
+        self._retired_seen: dict[str, float] = {}
+        self.consumers = {c.name: c for cred in config.credentials for c in cred.consumers}
+        self.creds_of: dict[str, list[str]] = {}
+        for cred in config.credentials:
+            for c in cred.consumers:
+                self.creds_of.setdefault(c.name, []).append(cred.name)
+        self.opens: OpenWatcher | None = None
+        self._on_disk: dict[str, list[OnDisk]] = {}
+
+    def poke(self) -> None:
+        """Something changed: rescan soon."""
+        self._poke.set()
+
+    async def run(self) -> None:
+        self._start_open_watcher()
+        try:
+            interval = self.config.agent.scan_interval
+            last_cleanup = 0.0
+            while True:
+                self._poke.clear()
+                await self.scan_once()
+                now = time.monotonic()
+                if now - last_cleanup >= min(self.config.report.heartbeat, 30.0):
+                    await self.cleanup_retired()
+                    last_cleanup = now
+                await self.publish_all()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), interval)
+        finally:
+            if self.opens is not None:
+                await asyncio.to_thread(self.opens.close)
+
+    def _start_open_watcher(self) -> None:
+        if self.config.agent.fanotify == "off":
+            return
+        from daemon.usage.fanotify import OpenWatcher
+
+        ok, why = OpenWatcher.available()
+        if not ok:
+            log.info("open events (fanotify) are off; using fd scans, env and start times", extra={"reason": why})
+            return
+        try:
+            self.opens = OpenWatcher()
+        except OSError as e:
+            log.info("open events (fanotify) are off", extra={"reason": str(e)})
+
+    # ------------------------------------------------------------ scanning
+
+    async def _env_fingerprints(self, state: CredentialState, version: str) -> tuple[str, ...]:
+        cred = state.config
+        if not cred.output.env:
+            return ()
+        key = (cred.name, version)
+        if key not in self._fingerprints:
+            try:
+                secret = await self.agent.store.read(cred.key, version)  # type: ignore[arg-type]
+                values = render_env(cred.output.env, secret.payload)
+            except (StoreError, PayloadError):
+                return ()
+            self._fingerprints[key] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
+        return self._fingerprints[key]
+
+    async def scan_once(self) -> None:
+        states = self.agent.credentials
+        on_disk: dict[str, list[OnDisk]] = {}
+        files: list[VersionFiles] = []
+        env_names: set[str] = set()
+        for name, state in states.items():
+            on_disk[name] = await asyncio.to_thread(state.writer.versions)
+            env_names.update(state.config.output.env)
+            for d in on_disk[name]:
+                fps = await self._env_fingerprints(state, d.version)
+                files.append(VersionFiles(name, d.version, d.inodes, fps))
+        if self.opens is not None:
+            dirs = [os.fspath(s.writer.dir) for s in states.values()]
+            await asyncio.to_thread(self.opens.watch, dirs)
+        matches = {name: c.match for name, c in self.consumers.items()}
+        reloader = self.agent.reloader
+
+        def blocking() -> tuple[list[Sighting], dict[str, list[int]], dict[int, float], dict[int, str]]:
+            sightings = scan(files, env_key=self.env_key, env_names=env_names, opens=self.opens)
+            pids = match_all(matches)
+            started: dict[int, float] = {}
+            exes: dict[int, str] = {}
+            for pid in {p for ps in pids.values() for p in ps}:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(pid)
+                    started[pid] = proc.create_time()
+                    exes[pid] = proc.exe()
+            return sightings, pids, started, exes
+
+        sightings, pids, started, exes = await asyncio.to_thread(blocking)
+        reloaded = {}
+        if reloader is not None:
+            for ps in pids.values():
+                for pid in ps:
+                    at = reloader.reloaded_at(pid)
+                    if at is not None:
+                        reloaded[pid] = at
+        self.usage = attribute(
+            sightings=sightings,
+            consumers=self.consumers,
+            consumer_pids=pids,
+            on_disk=on_disk,
+            current={n: s.version for n, s in states.items()},
+            started=started,
+            reloaded=reloaded,
+            exes=exes,
+            creds_of=self.creds_of,
+        )
+        self._on_disk = on_disk
+        for name in states:
+            usage = self.usage.get(name, Usage())
+            for d in on_disk[name]:
+                metrics.versions_in_use.labels(name, d.version).set(usage.count(d.version))
+
+    def report_for(self, name: str) -> NodeReport:
+        state = self.agent.credentials[name]
+        usage = self.usage.get(name, Usage())
+        holders = [h for v in sorted(usage.holders) for h in usage.holders[v]]
+        return NodeReport(
+            node=self.config.node_id,
+            credential=name,
+            current=state.version,
+            in_use={v: len(h) for v, h in usage.holders.items() if h},
+            holders=tuple(holders[: self.config.report.max_holders]),
+            heartbeat=time.time(),
+            agent_version=__version__,
+            errors=(state.last_error,) if state.last_error else (),
+        )
+
+    async def publish_all(self) -> None:
+        now = time.monotonic()
+        for name, state in self.agent.credentials.items():
+            if not state.written:
+                continue
+            report = self.report_for(name)
+            due = now - self._last_publish.get(name, 0.0) >= self.config.report.heartbeat
+            if report.same_state(self._published.get(name)) and not due:
+                continue
+            try:
+                await self.agent.reporter.publish(state.config.key, report)
+            except BatonError as e:
+                metrics.report_publishes_total.labels("failure").inc()
+                log.warning("node report not published", extra={"credential": name, "error": str(e)})
+                continue
+            metrics.report_publishes_total.labels("ok").inc()
+            self._published[name] = report
+            self._last_publish[name] = now
+
+    async def cleanup_retired(self) -> None:
+        """Delete the files of versions the store marks retired (never the current one)."""
+        for name, state in self.agent.credentials.items():
+            local = [d for d in await asyncio.to_thread(state.writer.versions) if d.version != state.version]
+            if not local:
+                continue
+            try:
+                known = {v.id: v for v in await self.agent.store.versions(state.config.key)}
+            except StoreError as e:
+                metrics.store_errors_total.labels(self.config.store.kind, "versions").inc()
+                log.warning("cannot check for retired versions", extra={"credential": name, "error": str(e)})
+                continue
+            for d in local:
+                info = known.get(d.version)  # type: ignore[call-overload]
+                if info is None or info.retired:
+                    await asyncio.to_thread(state.writer.remove, d.version)
+                    self._fingerprints.pop((name, d.version), None)
+                    with contextlib.suppress(KeyError):
+                        metrics.versions_in_use.remove(name, d.version)
+                    event(log, "version_removed", credential=name, version=d.version)
+
+    # ------------------------------------------------------------ status
+
+    def version_states(self, name: str) -> dict[str, dict[str, Any]]:
+        state = self.agent.credentials[name]
+        usage = self.usage.get(name, Usage())
+        out: dict[str, dict[str, Any]] = {}
+        for d in self._on_disk.get(name, []):
+            holders = usage.holders.get(d.version, [])
+            st = CURRENT if d.version == state.version else DRAINING if holders else DRAINED
+            out[d.version] = {
+                "state": st,
+                "swapped_in": d.swapped_in,
+                "holders": [{"pid": h.pid, "exe": h.exe, "consumer": h.consumer, "how": h.how} for h in holders],
+            }
+        return out
+
+    def add_status(self, out: dict[str, Any]) -> None:
+        for name, cred in out["credentials"].items():
+            if name in self.agent.credentials:
+                cred["versions"] = self.version_states(name)
