@@ -26,6 +26,9 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
 from daemon.errors import StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.report.base import NodeReport
@@ -34,6 +37,11 @@ if TYPE_CHECKING:
     from daemon.config import Config
 
 log = logging.getLogger(__name__)
+
+# botocore logs whole request and response bodies at DEBUG; pinned at WARNING
+# (as in daemon.stores.aws) so a debug-level daemon never echoes them.
+for _name in ("botocore", "aiobotocore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 _AUTH_CODES = {
     "AccessDenied",
@@ -73,7 +81,7 @@ def _map_error(e: Exception, *, op: str, table: str) -> StoreError:
         return StoreError(text)
     if isinstance(e, NoCredentialsError | PartialCredentialsError):
         return StoreAuthError(f"{what}: no usable AWS credentials ({type(e).__name__})")
-    if isinstance(e, HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
+    if isinstance(e, BotoConnectionError | HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
         return StoreUnavailable(f"{what}: store unreachable ({type(e).__name__})")
     return StoreError(f"{what} failed ({type(e).__name__})")
 

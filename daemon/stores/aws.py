@@ -42,6 +42,9 @@ from botocore.exceptions import (
     NoCredentialsError,
     PartialCredentialsError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
 from daemon.errors import (
     PayloadError,
@@ -61,10 +64,10 @@ log = logging.getLogger(__name__)
 
 # botocore logs request and response bodies at DEBUG (PutSecretValue's
 # SecretString, GetSecretValue's answer). A daemon run with `level: debug` must
-# still never log a secret, so these loggers never go below INFO.
+# still never log a secret, so these loggers are pinned at WARNING whatever the
+# root level is (their INFO lines are credential-discovery chatter anyway).
 for _name in ("botocore", "aiobotocore"):
-    if logging.getLogger(_name).getEffectiveLevel() < logging.INFO:
-        logging.getLogger(_name).setLevel(logging.INFO)
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 AWSCURRENT = "AWSCURRENT"
 AWSPREVIOUS = "AWSPREVIOUS"
@@ -206,7 +209,7 @@ def map_error(e: Exception, *, op: str, key: str) -> StoreError:
         return StoreError(text)
     if isinstance(e, NoCredentialsError | PartialCredentialsError):
         return StoreAuthError(f"{what}: no usable AWS credentials ({type(e).__name__})")
-    if isinstance(e, HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
+    if isinstance(e, BotoConnectionError | HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
         return StoreUnavailable(f"{what}: store unreachable ({type(e).__name__})")
     if isinstance(e, BotoCoreError):
         return StoreError(f"{what} failed ({type(e).__name__})")
