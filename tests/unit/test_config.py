@@ -1,0 +1,259 @@
+"""daemon.config: the documented shape validates; every bad file is named field by field.
+
+Loading goes through real YAML files in a temp dir, and the ``check-config``
+command is driven in-process through ``daemon.cli.main`` (the subprocess runs,
+no traceback included, are in tests/e2e/test_cli.py).
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from daemon.cli import main
+from daemon.config import Config, HealthConfig, RotationConfig, load_config, parse_duration
+from daemon.errors import ConfigError
+
+GOOD = """\
+node_id: node-a
+store: {kind: local, path: ./store.db}
+api: {listen: "127.0.0.1:8787"}
+credentials:
+  - name: app-db
+    key: app/db
+    output:
+      dir: ./out/app-db
+      mode: "0440"
+      files:
+        password: "{{ password }}"
+        dsn: "postgresql://{{ username }}:{{ password }}@db:5432/app"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "baton.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _problems(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, text))
+    return info.value.problems
+
+
+def _check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(["check-config", str(path)])
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+# ---------------------------------------------------------------- the good shape
+
+
+def test_the_documented_config_validates_with_its_values(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, GOOD))
+
+    assert config.node_id == "node-a"
+    assert config.store.kind == "local"
+    assert config.store.path == Path("./store.db")
+    assert config.api.listen == "127.0.0.1:8787"
+    (cred,) = config.credentials
+    assert cred.name == "app-db"
+    assert cred.key == "app/db"
+    assert cred.required is True
+    assert cred.output.mode == 0o440
+    assert cred.output.layout == "symlink"
+    assert set(cred.output.files) == {"password", "dsn"}
+    assert config.credential("app-db") is cred
+
+
+def test_check_config_prints_ok_and_exits_zero_for_the_documented_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = _check(_write(tmp_path, GOOD), capsys)
+
+    assert (code, out, err) == (0, "ok\n", "")
+
+
+def test_defaults_give_a_0400_file_named_value_and_a_local_store() -> None:
+    config = Config.model_validate({"credentials": [{"name": "x", "key": "x", "output": {"dir": "/tmp/x"}}]})
+
+    out = config.credentials[0].output
+    assert out.mode == 0o400
+    assert out.files == {"value": "{{ value }}"}
+    assert config.store.kind == "local"
+    assert config.api.listen == "127.0.0.1:8787"
+
+
+def test_a_config_is_frozen_after_load(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, GOOD))
+
+    with pytest.raises(ValueError, match="frozen"):
+        config.node_id = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("250ms", 0.25), ("5m", 300.0), ("1h", 3600.0), ("2d", 172800.0), (2, 2.0), ("1.5", 1.5)],
+)
+def test_durations_are_read_in_their_units(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1s", "5 parsecs", True, -3, None])
+def test_a_bad_duration_is_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+def test_a_consumer_without_a_health_check_gets_the_alive_for_default_without_a_warning(tmp_path: Path) -> None:
+    # filterwarnings=error turns any pydantic UserWarning raised while the
+    # default HealthConfig is built into a failure of this test.
+    config = load_config(
+        _write(
+            tmp_path,
+            GOOD
+            + """\
+    consumers:
+      - name: app
+        match: {pidfile: /run/app.pid}
+        reload: {signal: HUP}
+""",
+        )
+    )
+
+    (consumer,) = config.credentials[0].consumers
+    assert consumer.reload.signal == "SIGHUP"
+    assert consumer.health.alive_for == 2.0
+
+
+def test_a_health_check_built_in_code_gets_the_alive_for_default_without_a_warning() -> None:
+    # Code (the demo, the status command) builds these models directly; pydantic
+    # ignores a model returned by an "after" validator on __init__ and warns.
+    assert HealthConfig().alive_for == 2.0
+
+
+def test_a_rotation_built_in_code_gets_the_password_generator_without_a_warning() -> None:
+    rotation = RotationConfig(every=60)
+
+    assert rotation.generator is not None
+    assert rotation.generator.kind == "password"
+
+
+def test_a_rotation_without_a_source_gets_the_password_generator() -> None:
+    config = Config.model_validate(
+        {"credentials": [{"name": "x", "key": "x", "output": {"dir": "/tmp/x"}, "rotation": {"every": "1h"}}]}
+    )
+
+    rotation = config.credentials[0].rotation
+    assert rotation is not None
+    assert rotation.every == 3600.0
+    assert rotation.generator is not None
+    assert rotation.generator.kind == "password"
+
+
+# ---------------------------------------------------------------- bad files, one line per problem
+
+
+BAD_CASES = {
+    "bad mode": (GOOD.replace('"0440"', '"0777"'), "credentials.0.output.mode: "),
+    "mode not octal": (GOOD.replace('"0440"', '"rw-r-----"'), "credentials.0.output.mode: "),
+    "world-writable mode": (GOOD.replace('"0440"', '"0442"'), "credentials.0.output.mode: "),
+    "unknown key at top level": (GOOD + "colour: red\n", "colour: unknown key"),
+    "unknown key nested": (
+        GOOD.replace('      mode: "0440"\n', '      mode: "0440"\n      colour: red\n'),
+        "credentials.0.output.colour: unknown key",
+    ),
+    "unknown key in the store": (
+        GOOD.replace("path: ./store.db}", "path: ./store.db, colour: red}"),
+        "store.colour: unknown key",
+    ),
+    "missing required field": (GOOD.replace("    key: app/db\n", ""), "credentials.0.key: required field is missing"),
+    "missing credentials": ("node_id: a\n", "credentials: required field is missing"),
+    "duplicate credential names": (
+        GOOD + "  - {name: app-db, key: other, output: {dir: ./out/other}}\n",
+        "credentials.1.name: duplicate credential name 'app-db'",
+    ),
+    "duplicate output dirs": (
+        GOOD + "  - {name: other, key: other, output: {dir: ./out/x/../app-db/}}\n",
+        "credentials.1.output.dir: same output dir as credentials.0",
+    ),
+    "bad listen port": (GOOD.replace("127.0.0.1:8787", "127.0.0.1:99999"), "api.listen: "),
+    "bad listen without port": (GOOD.replace("127.0.0.1:8787", "localhost"), "api.listen: "),
+    "bad duration": (GOOD + "agent: {debounce: soon}\n", "agent.debounce: expected a duration"),
+    "bad signal": (
+        GOOD + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid}, reload: {signal: SIGFOO}}\n",
+        "credentials.0.consumers.0.reload.signal: unknown signal 'SIGFOO'",
+    ),
+    "consumer match with two keys": (
+        GOOD + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid, cmdline: app}}\n",
+        "credentials.0.consumers.0.match: match needs exactly one of",
+    ),
+    "bad file name": (
+        GOOD.replace('password: "{{ password }}"', '"../x": "{{ password }}"'),
+        "credentials.0.output.files: ",
+    ),
+    "unknown store kind": (GOOD.replace("kind: local", "kind: etcd"), "store: "),
+    "not a mapping": ("- a\n- b\n", "(top level): expected a mapping"),
+    "empty file": ("", "(top level): expected a mapping"),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), list(BAD_CASES.values()), ids=list(BAD_CASES))
+def test_a_bad_config_names_the_field_path_in_one_line(tmp_path: Path, text: str, expected: str) -> None:
+    problems = _problems(tmp_path, text)
+
+    assert any(line.startswith(expected) for line in problems), problems
+    assert all("\n" not in line for line in problems)
+
+
+@pytest.mark.parametrize(("text", "expected"), list(BAD_CASES.values()), ids=list(BAD_CASES))
+def test_check_config_prints_the_problem_lines_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    code, out, err = _check(_write(tmp_path, text), capsys)
+
+    assert code == 2
+    assert out == ""
+    assert any(line.startswith(expected) for line in err.splitlines()), err
+    assert "Traceback" not in err
+
+
+def test_every_problem_of_a_file_is_reported_not_only_the_first(tmp_path: Path) -> None:
+    text = GOOD.replace('"0440"', '"0777"').replace("127.0.0.1:8787", "nope") + "colour: red\n"
+
+    problems = _problems(tmp_path, text)
+
+    assert {p.split(":")[0] for p in problems} >= {"credentials.0.output.mode", "api.listen", "colour"}
+
+
+def test_a_bad_value_is_shown_shortened(tmp_path: Path) -> None:
+    long = "x" * 200
+    problems = _problems(tmp_path, GOOD.replace("127.0.0.1:8787", long))
+
+    (line,) = [p for p in problems if p.startswith("api.listen")]
+    assert long not in line
+    assert len(line) < 160
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "node_id: a\nstore: [\n")
+
+    code, _out, err = _check(path, capsys)
+
+    assert code == 2
+    assert err.startswith(f"{path}: line ")
+    assert "invalid YAML" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_a_missing_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _check(tmp_path / "nope.yaml", capsys)
+
+    assert code == 2
+    assert out == ""
+    assert err == f"{tmp_path / 'nope.yaml'}: cannot read: No such file or directory\n"
