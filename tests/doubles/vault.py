@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import secrets
 import threading
@@ -264,10 +265,8 @@ class VaultDouble:
                 if self._fail_times <= 0:
                     self._fail_status = self._fail_times = None
         if delay and self._wake is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            except TimeoutError:
-                pass
         if status is not None:
             return _err(status, "Vault is sealed" if status == 503 else "injected failure")
         resp: web.StreamResponse = await handler(request)
