@@ -1,0 +1,152 @@
+"""DynamoReporter against a real moto_server: one item per (credential, node), conditional heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import boto3
+import pytest
+
+from daemon.config import parse_config
+from daemon.errors import StoreConflict, StoreError, StoreNotFound, StoreUnavailable
+from daemon.report.base import Holder, NodeReport
+from daemon.report.dynamodb import DynamoReporter
+from tests.fixtures.moto import MotoServer
+
+pytestmark = pytest.mark.integration
+
+TABLE = "baton-reports"
+KEY = "app/db"
+
+
+def report(node: str, heartbeat: float, current: str = "v2", credential: str = "db") -> NodeReport:
+    holder = Holder(pid=4242, exe="/usr/bin/api", consumer="api", how="fd", version="v1")
+    return NodeReport(
+        node=node,
+        credential=credential,
+        current=current,
+        in_use={"v1": 1},
+        holders=(holder,),
+        heartbeat=heartbeat,
+        agent_version="0.1.0",
+    )
+
+
+@pytest.fixture
+async def reporter(moto: MotoServer) -> AsyncIterator[DynamoReporter]:
+    r = DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, max_attempts=2, create_table=True)
+    try:
+        yield r
+    finally:
+        await r.aclose()
+
+
+@pytest.fixture
+def ddb(moto: MotoServer) -> Any:
+    client = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=moto.url)
+    yield client
+    client.close()
+
+
+async def test_the_table_is_created_with_credential_and_node_keys_when_asked(
+    reporter: DynamoReporter, ddb: Any
+) -> None:
+    await reporter.publish(KEY, report("n1", 1.0))
+    schema = ddb.describe_table(TableName=TABLE)["Table"]["KeySchema"]
+    assert {(k["AttributeName"], k["KeyType"]) for k in schema} == {("credential", "HASH"), ("node", "RANGE")}
+
+
+async def test_the_table_is_not_created_unless_asked(moto: MotoServer, ddb: Any) -> None:
+    r = DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, max_attempts=2)
+    try:
+        with pytest.raises(StoreNotFound, match="does not exist"):
+            await r.publish(KEY, report("n1", 1.0))
+    finally:
+        await r.aclose()
+    assert TABLE not in ddb.list_tables()["TableNames"]
+
+
+async def test_published_reports_are_collected_per_credential(reporter: DynamoReporter) -> None:
+    a, b, other = report("n1", 1.0), report("n2", 2.0), report("n1", 3.0, credential="cache")
+    await asyncio.gather(reporter.publish(KEY, a), reporter.publish(KEY, b), reporter.publish("app/cache", other))
+    got = sorted(await reporter.collect(KEY, "db"), key=lambda r: r.node)
+    assert got == [a, b]
+    assert await reporter.collect("app/cache", "cache") == [other]
+
+
+async def test_a_newer_heartbeat_replaces_the_report(reporter: DynamoReporter) -> None:
+    await reporter.publish(KEY, report("n1", 1.0, current="v1"))
+    await reporter.publish(KEY, report("n1", 2.0, current="v2"))
+    [got] = await reporter.collect(KEY, "db")
+    assert (got.heartbeat, got.current) == (2.0, "v2")
+
+
+async def test_a_stale_heartbeat_is_rejected_by_the_condition_and_the_newer_report_stays(
+    reporter: DynamoReporter,
+) -> None:
+    newer = report("n1", time.time(), current="v2")
+    await reporter.publish(KEY, newer)
+    with pytest.raises(StoreConflict, match="newer report"):
+        await reporter.publish(KEY, report("n1", newer.heartbeat - 30, current="v1"))
+    assert await reporter.collect(KEY, "db") == [newer]
+    await reporter.publish(KEY, newer)  # the same report again (a retry) is fine
+    assert await reporter.collect(KEY, "db") == [newer]
+
+
+async def test_collect_pages_through_many_nodes(moto: MotoServer) -> None:
+    r = DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, create_table=True, page_size=3)
+    try:
+        reports = [report(f"node-{i:02d}", float(i)) for i in range(10)]
+        for rep in reports:
+            await r.publish(KEY, rep)
+        assert sorted(await r.collect(KEY, "db"), key=lambda x: x.node) == reports
+    finally:
+        await r.aclose()
+
+
+async def test_forget_removes_only_that_nodes_items_for_the_key(reporter: DynamoReporter) -> None:
+    await reporter.publish(KEY, report("n1", 1.0))
+    await reporter.publish(KEY, report("n2", 1.0))
+    await reporter.publish("app/cache", report("n1", 1.0, credential="cache"))
+    await reporter.forget(KEY, "n1")
+    assert [r.node for r in await reporter.collect(KEY, "db")] == ["n2"]
+    assert [r.node for r in await reporter.collect("app/cache", "cache")] == ["n1"]
+    await reporter.forget(KEY, "n1")  # already gone: nothing to do
+
+
+async def test_from_config_reads_the_aws_store_section(moto: MotoServer) -> None:
+    config = parse_config(
+        {
+            "store": {"kind": "aws", "endpoint_url": moto.url, "reports": "dynamodb", "dynamodb_table": TABLE},
+            "credentials": [],
+        }
+    )
+    r = DynamoReporter.from_config(config, create_table=True)
+    try:
+        assert r.table == TABLE
+        await r.publish(KEY, report("n1", 1.0))
+        assert len(await r.collect(KEY, "db")) == 1
+    finally:
+        await r.aclose()
+    with pytest.raises(StoreError):
+        DynamoReporter.from_config(parse_config({"credentials": []}))
+
+
+async def test_a_stopped_server_is_store_unavailable_and_a_restart_heals(moto_outage: MotoServer) -> None:
+    r = DynamoReporter(table=TABLE, endpoint_url=moto_outage.url, timeout=1.0, max_attempts=2, create_table=True)
+    try:
+        await r.publish(KEY, report("n1", 1.0))
+        moto_outage.stop()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await r.collect(KEY, "db")
+        assert time.monotonic() - started < 5.0
+        moto_outage.start()
+        await r.ensure_table()  # a fresh server has no table
+        await r.publish(KEY, report("n1", 2.0))
+        assert [x.heartbeat for x in await r.collect(KEY, "db")] == [2.0]
+    finally:
+        await r.aclose()
