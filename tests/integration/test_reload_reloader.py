@@ -1,0 +1,224 @@
+"""The Reloader against real processes: batching, rolling with a health gate, rate limit, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon import metrics
+from daemon.reload import Reloader, is_alive
+from daemon.usage.consumers import find_processes
+from tests.integration.test_reload_actions import Procs, consumer, lines, until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@contextlib.asynccontextmanager
+async def running(reloader: Reloader) -> AsyncIterator[Reloader]:
+    task = asyncio.create_task(reloader.run())
+    try:
+        yield reloader
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def idle(reloader: Reloader, within: float = 10.0) -> None:
+    await asyncio.wait_for(reloader.wait_idle(), within)
+
+
+def failures(name: str) -> float:
+    return metrics.REGISTRY.get_sample_value("baton_reloads_total", {"consumer": name, "result": "failure"}) or 0.0
+
+
+async def test_two_credentials_changing_together_give_one_reload(procs: Procs) -> None:
+    child = await procs.child("a")
+    cons = consumer(reload={"signal": "SIGHUP"}, health={"alive_for": 0.05})
+    done: list[tuple[str, frozenset[str], bool]] = []
+    r = Reloader(
+        {"db": [cons], "api-key": [cons]},
+        debounce=0.1,
+        find=lambda m: [child.pid],
+        on_done=lambda c, creds, ok: done.append((c, creds, ok)),
+    )
+    async with running(r):
+        r.changed("db", "7")
+        r.changed("api-key", "3")
+        await idle(r)
+    assert len(lines(procs.tmp / "a.log", "hup")) == 1
+    assert done == [("app", frozenset({"db", "api-key"}), True)]
+    st = r.status()["app"]
+    assert st.result == "ok" and st.error is None and st.credentials == {"db", "api-key"}
+    assert [p.pid for p in st.reloaded] == [child.pid]
+    assert r.reloaded_at(child.pid) is not None and abs(r.reloaded_at(child.pid) - time.time()) < 10
+    json.dumps(st.as_dict())
+
+
+async def test_processes_are_reloaded_one_at_a_time_after_the_previous_one_is_healthy(procs: Procs) -> None:
+    a = await procs.child("a")
+    b = await procs.child("b")
+    token = procs.tmp.name
+    # Both children carry the tmp dir name in their argv: the real matcher finds exactly them.
+    cons = consumer(match={"cmdline": token}, reload={"signal": "HUP"}, health={"alive_for": 0.3})
+    assert sorted(find_processes(cons.match)) == sorted([a.pid, b.pid])
+    r = Reloader({"db": [cons]}, debounce=0.05)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    hups = sorted(t for log in ("a", "b") for _, t in lines(procs.tmp / f"{log}.log", "hup"))
+    assert len(hups) == 2
+    # Child-side timestamps carry a few ms of signal-delivery jitter; concurrent signals would be ~0 apart.
+    assert hups[1] - hups[0] >= 0.25, "the second process was signalled before the first passed alive_for"
+    assert [p.result for p in r.status()["app"].reloaded] == ["ok", "ok"]
+
+
+async def test_a_failed_health_check_stops_the_roll_and_reports_the_consumer(
+    procs: Procs, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await procs.child("a", "die-on-hup")
+    b = await procs.child("b")
+    cons = consumer(name="fragile", reload={"signal": "HUP"}, health={"alive_for": 1}, min_restart_interval=0.1)
+    before = failures("fragile")
+    done: list[bool] = []
+    r = Reloader(
+        {"db": [cons]}, debounce=0.05, find=lambda m: [a.pid, b.pid], on_done=lambda c, creds, ok: done.append(ok)
+    )
+    caplog.set_level(logging.INFO, logger="daemon.reload")
+    async with running(r):
+        started = time.monotonic()
+        r.changed("db", "2")
+        await idle(r)
+        assert time.monotonic() - started < 0.8, "an early exit fails at once, not after alive_for"
+        assert lines(procs.tmp / "b.log", "hup") == [], "the roll must stop at the failed process"
+        st = r.status()["fragile"]
+        assert st.result == "failure" and st.error is not None and "exited" in st.error
+        assert failures("fragile") == before + 1
+        assert done == [False]
+        events = [rec for rec in caplog.records if getattr(rec, "event", None) == "reload"]
+        assert [(e.pid, e.result) for e in events] == [(a.pid, "failure")]  # type: ignore[attr-defined]
+
+        # The next change retries: the dead process is skipped, the other one is reloaded.
+        r.changed("db", "3")
+        await idle(r)
+    assert len(lines(procs.tmp / "b.log", "hup")) == 1
+    st = r.status()["fragile"]
+    assert st.result == "ok" and st.error is None
+    assert [(p.pid, p.result) for p in st.reloaded] == [(a.pid, "gone"), (b.pid, "ok")]
+
+
+async def test_a_change_within_min_restart_interval_is_deferred_not_dropped(procs: Procs) -> None:
+    child = await procs.child("a")
+    cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02}, min_restart_interval=0.6)
+    r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [child.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+        r.changed("db", "3")
+        await asyncio.sleep(0.2)  # longer than the debounce: only the interval holds it back now
+        assert r.status()["app"].pending == {"db"}
+        assert len(lines(procs.tmp / "a.log", "hup")) == 1
+        await idle(r)
+    hups = [t for _, t in lines(procs.tmp / "a.log", "hup")]
+    assert len(hups) == 2
+    assert hups[1] - hups[0] >= 0.6 - 0.05
+
+
+async def test_a_per_use_consumer_is_not_reloaded(procs: Procs) -> None:
+    child = await procs.child("a")
+    cons = consumer(loads="per-use", reload={"signal": "HUP"})
+    r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [child.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert r.status()["app"].result == "not_needed"
+    assert lines(procs.tmp / "a.log", "hup") == []
+
+
+async def test_a_consumer_without_processes_is_reported_as_such(procs: Procs) -> None:
+    cons = consumer(reload={"signal": "HUP"})
+    r = Reloader({"db": [cons]}, debounce=0.05)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert r.status()["app"].result == "no_processes"
+
+
+async def test_a_supervised_restart_through_the_reloader_records_the_new_pid(procs: Procs) -> None:
+    cmd = procs.command("svc")
+    pidfile = procs.tmp / "svc.pid"
+    # First start: the restart command itself, as an operator would have started it.
+    first = await asyncio.create_subprocess_exec(*cmd)
+    await until(lambda: pidfile.exists())
+    old = int(pidfile.read_text())
+    cons = consumer(
+        match={"pidfile": str(pidfile)},
+        reload={"restart": {"timeout": 5, "command": cmd}},
+        health={"alive_for": 0.1},
+    )
+    r = Reloader({"db": [cons]}, debounce=0.05)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    await first.wait()
+    st = r.status()["app"]
+    assert st.result == "ok", st.error
+    new = st.reloaded[0].new_pid
+    assert new is not None and new != old and is_alive(new)
+    assert int(pidfile.read_text()) == new
+    assert r.reloaded_at(new) is not None
+
+
+async def test_a_restart_left_to_an_outside_supervisor_waits_for_the_replacement(procs: Procs) -> None:
+    await procs.keeper("svc")
+    pidfile = procs.tmp / "svc.pid"
+    old = int(pidfile.read_text())
+    cons = consumer(match={"pidfile": str(pidfile)}, reload={"restart": {"timeout": 5}}, health={"alive_for": 0.1})
+    r = Reloader({"db": [cons]}, debounce=0.05)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    st = r.status()["app"]
+    assert st.result == "ok", st.error
+    assert not is_alive(old)
+    assert st.reloaded[0].new_pid == int(pidfile.read_text()) != old
+
+
+async def test_consumers_are_reloaded_independently(procs: Procs) -> None:
+    slow = await procs.child("slow")
+    fast = await procs.child("fast")
+    pids: dict[str, int] = {"slow": slow.pid, "fast": fast.pid}
+    cons_slow = consumer(name="slow", match={"cmdline": "slow"}, reload={"signal": "HUP"}, health={"alive_for": 1.5})
+    cons_fast = consumer(name="fast", match={"cmdline": "fast"}, reload={"signal": "HUP"}, health={"alive_for": 0.01})
+    finished: dict[str, float] = {}
+
+    def find(m: Any) -> list[int]:
+        return [pids[m.cmdline]]
+
+    r = Reloader(
+        {"db": [cons_slow, cons_fast]},
+        debounce=0.05,
+        find=find,
+        on_done=lambda c, creds, ok: finished.__setitem__(c, time.monotonic()),
+    )
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert finished["fast"] < finished["slow"] - 1.0
