@@ -443,7 +443,11 @@ class VaultStore:
                 lambda c: c.auth.token.lookup_self(mount_point="token" if a.mount is None else mount), token
             )
             info = data["data"]
-            return _Grant(token=token, ttl=float(info.get("ttl") or 0), renewable=bool(info.get("renewable")))
+            # "ttl" is whole seconds left (0 also for a token about to expire);
+            # "expire_time" is null only for a token that never expires.
+            expires = _parse_time(info.get("expire_time"))
+            ttl = max(float(info.get("ttl") or 0), expires - time.time()) if expires else 0.0
+            return _Grant(token=token, ttl=max(ttl, 0.001) if expires else 0.0, renewable=bool(info.get("renewable")))
         if a.method == "approle":
             if not a.role_id:
                 raise StoreAuthError("vault auth approle: role_id is not configured")
