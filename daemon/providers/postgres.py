@@ -23,6 +23,11 @@ The payload is JSON: ``{"username", "password"}`` plus ``host``, ``port`` and
   until they pick up the new version. ``retire`` has nothing left to do and
   ``sessions`` cannot tell old from new (one role), so it reports none.
 
+``test`` logs in as the new role at the admin DSN's host and port (the payload's
+``host`` is what consumers use and may not resolve here), in ``database`` when
+set. Admin connections use ``database`` too, so REASSIGN/DROP OWNED at retire
+act where the app's objects live.
+
 Roles created by Baton carry ``COMMENT ON ROLE ... IS 'managed by baton'``; an
 existing role without it is never altered, locked or dropped (except the one
 role named by ``single-user``, which is by definition pre-existing).
@@ -396,6 +401,7 @@ class PostgresProvider:
         return bool(row and row[0])
 
     def _verifier(self, conn: Conn, cred: _Credential) -> sql.Literal:
+        # Runs on the loop: 4096 PBKDF2 rounds take about a millisecond, less than a thread hop.
         try:
             hashed = conn.pgconn.encrypt_password(cred.password.encode(), cred.username.encode(), b"scram-sha-256")
         except psycopg.Error:
