@@ -449,3 +449,47 @@ async def test_a_secret_value_never_appears_in_logs_or_errors(
         while chain is not None:
             assert secret not in str(chain) and secret not in repr(chain)
             chain = chain.__cause__ or chain.__context__
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("AccessDeniedException", 400, "StoreAuthError"),
+        ("UnrecognizedClientException", 400, "StoreAuthError"),
+        ("ResourceNotFoundException", 400, "StoreNotFound"),
+        ("ResourceExistsException", 400, "StoreConflict"),
+        ("ThrottlingException", 400, "StoreUnavailable"),
+        ("InternalServiceError", 500, "StoreUnavailable"),
+        ("SomethingNew", 503, "StoreUnavailable"),
+        ("InvalidRequestException", 400, "StoreError"),
+    ],
+)
+def test_aws_error_codes_map_onto_the_store_error_tree_without_the_message(
+    code: str, status: int, expected: str
+) -> None:
+    from botocore.exceptions import ClientError
+
+    from daemon.stores.aws import map_error
+
+    body = {"Error": {"Code": code, "Message": "echo of s3cr3t"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    err = map_error(ClientError(body, "GetSecretValue"), op="get_secret_value", key=KEY)  # type: ignore[arg-type]
+    assert type(err).__name__ == expected
+    assert "s3cr3t" not in str(err) and KEY in str(err)
+
+
+def test_a_typical_node_report_needs_few_tags() -> None:
+    holders = tuple(
+        Holder(pid=10_000 + i, exe="/usr/local/bin/app-server", consumer="app", how="fd", version="3f2a1b2c")
+        for i in range(10)
+    )
+    rep = NodeReport(
+        node="ip-10-0-12-34.ec2.internal",
+        credential="db",
+        current="91c0aa11",
+        in_use={"3f2a1b2c": 10, "91c0aa11": 2},
+        holders=holders,
+        heartbeat=1_700_000_000.123,
+        agent_version="0.1.0",
+    )
+    tags = encode_tag("baton/node/" + rep.node, rep.to_json())
+    assert len(tags) <= 2, (len(rep.to_json()), len(tags))
