@@ -1,0 +1,1 @@
+"""The rotator role: schedule, workflow steps, and the retirement gate."""

@@ -1,0 +1,86 @@
+"""The retirement gate: may a superseded version be retired now? A pure function.
+
+A version is retired only when all of these hold:
+
+- at least one node has a fresh report (no report at all means "unknown");
+- every known node has a report no older than ``ttl`` (stale or missing is
+  unknown, and unknown blocks);
+- every node reports the new version as its current one;
+- no node reports a holder of the old version;
+- the provider reports no session on the old credential.
+
+The answer carries every reason it is not yet, and who still holds the version,
+so ``baton status --pending`` can show it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from daemon.providers.base import Session
+from daemon.report.base import Holder, NodeReport
+
+
+@dataclass(frozen=True)
+class Decision:
+    version: str
+    retire: bool
+    reasons: tuple[str, ...] = ()
+    holders: dict[str, tuple[Holder, ...]] = field(default_factory=dict)  # node -> holders of the version
+    sessions: tuple[Session, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "retire": self.retire,
+            "reasons": list(self.reasons),
+            "holders": {
+                node: [{"pid": h.pid, "exe": h.exe, "consumer": h.consumer, "how": h.how} for h in hs]
+                for node, hs in self.holders.items()
+            },
+            "sessions": [{"principal": s.principal, "client": s.client, "count": s.count} for s in self.sessions],
+        }
+
+
+def decide(
+    *,
+    old: str,
+    new: str,
+    reports: Sequence[NodeReport],
+    known: Collection[str],
+    now: float,
+    ttl: float,
+    sessions: Sequence[Session] = (),
+) -> Decision:
+    reasons: list[str] = []
+    holders: dict[str, tuple[Holder, ...]] = {}
+    latest: dict[str, NodeReport] = {}
+    for r in reports:
+        if r.node not in latest or r.heartbeat > latest[r.node].heartbeat:
+            latest[r.node] = r
+    fresh = 0
+    for node in sorted(set(known) | set(latest)):
+        report = latest.get(node)
+        if report is None:
+            reasons.append(f"{node}: no report (unknown)")
+            continue
+        age = now - report.heartbeat
+        held = tuple(h for h in report.holders if h.version == old)
+        count = report.in_use.get(old, 0)
+        if held or count:
+            holders[node] = held
+        if age > ttl:
+            reasons.append(f"{node}: report is stale ({age:.0f}s old, ttl {ttl:.0f}s)")
+            continue
+        fresh += 1
+        if report.current != new:
+            reasons.append(f"{node}: current version is {report.current}, not {new}")
+        if count:
+            reasons.append(f"{node}: {count} holder(s) of version {old}")
+    if fresh == 0 and not reasons:
+        reasons.append("no node has reported yet (unknown)")
+    if sessions:
+        total = sum(s.count for s in sessions)
+        reasons.append(f"provider: {total} session(s) still use version {old}")
+    return Decision(version=old, retire=not reasons, reasons=tuple(reasons), holders=holders, sessions=tuple(sessions))

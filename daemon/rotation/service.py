@@ -1,0 +1,149 @@
+"""The rotator process: one schedule per rotated credential, and the retirement loop.
+
+Rotations run at ``rotation.every`` (a failed or postponed one is retried at
+the next interval); the retirement gate is evaluated every half heartbeat, so a
+version is retired within one heartbeat of its last holder letting go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon import __version__
+from daemon.api import ApiServer
+from daemon.config import Config
+from daemon.errors import BatonError
+from daemon.logs import event
+from daemon.providers import open_provider
+from daemon.report import open_reporter
+from daemon.report.base import Reporter
+from daemon.rotation.workflow import CredentialRotator
+from daemon.stores import open_store
+from daemon.stores.base import SecretStore
+
+log = logging.getLogger(__name__)
+
+
+class Rotator:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        store: SecretStore | None = None,
+        reporter: Reporter | None = None,
+        install_signals: bool = True,
+        serve_api: bool = True,
+    ) -> None:
+        self.config = config
+        self._own_store = store is None
+        self.store = store if store is not None else open_store(config)
+        self.reporter = reporter if reporter is not None else open_reporter(config, self.store)
+        self.install_signals = install_signals
+        self.serve_api = serve_api
+        self.rotators = {
+            c.name: CredentialRotator(
+                config=config,
+                credential=c,
+                store=self.store,
+                reporter=self.reporter,
+                provider=open_provider(c.rotation),
+            )
+            for c in config.credentials
+            if c.rotation is not None
+        }
+        self.should_exit = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.api: ApiServer | None = None
+        self.rotate_now = asyncio.Event()
+
+    async def serve(self) -> int:
+        if self.install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.should_exit.set)
+        if self.serve_api:
+            self.api = ApiServer(self)
+            await self.api.start(self.config.api.listen)
+        tasks = [asyncio.create_task(self.schedule(r), name=f"rotate:{n}") for n, r in self.rotators.items()]
+        tasks += [asyncio.create_task(self.retire_loop(r), name=f"retire:{n}") for n, r in self.rotators.items()]
+        self.ready.set()
+        event(log, "rotator_started", credentials=sorted(self.rotators))
+        try:
+            waiter = asyncio.create_task(self.should_exit.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception() is not None]
+            for t in failed:
+                log.error("task failed", extra={"task": t.get_name(), "error": repr(t.exception())})
+        finally:
+            for t in [*tasks]:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            waiter.cancel()
+            if self.api is not None:
+                await self.api.stop()
+            for r in self.rotators.values():
+                await r.provider.aclose()
+            await self.reporter.aclose()
+            if self._own_store:
+                await self.store.aclose()
+        return 1 if failed else 0
+
+    async def schedule(self, rotator: CredentialRotator) -> None:
+        every = rotator.rotation.every
+        while True:
+            try:
+                delay = max(0.0, await rotator.due_at() - time.time())
+            except BatonError as e:
+                log.warning("cannot read rotation schedule", extra={"credential": rotator.cred.name, "error": str(e)})
+                delay = every
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.rotate_now.wait(), delay)
+                self.rotate_now.clear()
+            outcome = await rotator.rotate()
+            if outcome.result == "postponed":
+                # Looked at again as soon as a retirement frees a slot, at the latest next interval.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed(rotator), every)
+            elif outcome.result == "failed":
+                await asyncio.sleep(every)  # retried at the next interval
+
+    async def _slot_freed(self, rotator: CredentialRotator) -> None:
+        while len(rotator.last_decisions) >= rotator.rotation.max_draining:
+            rotator.retired_event.clear()
+            await rotator.retired_event.wait()
+
+    def _retire_interval(self) -> float:
+        return max(0.05, min(self.config.report.heartbeat / 2, 5.0))
+
+    async def retire_loop(self, rotator: CredentialRotator) -> None:
+        while True:
+            try:
+                await rotator.retire_ready()
+            except BatonError as e:
+                log.warning("retirement check failed", extra={"credential": rotator.cred.name, "error": str(e)})
+            await asyncio.sleep(self._retire_interval())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "role": "rotator",
+            "agent_version": __version__,
+            "credentials": {
+                name: {
+                    "last_outcome": vars(r.last_outcome) if r.last_outcome else None,
+                    "pending": [d.as_dict() for d in r.last_decisions],
+                    "retired_total": r.retired_total,
+                }
+                for name, r in self.rotators.items()
+            },
+        }
+
+
+def run_rotator(config: Config, *, config_path: str | Path | None = None) -> int:
+    return asyncio.run(Rotator(config).serve())

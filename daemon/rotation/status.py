@@ -1,0 +1,127 @@
+"""`baton status` and `baton node forget`: read-only views and the one node operation.
+
+``--pending`` is computed from the store itself (the same gate the rotator
+runs), so it answers even when no rotator is running. Nothing here prints a
+secret value: versions are ids, holders are pids and names.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+from daemon.config import Config
+from daemon.errors import BatonError
+from daemon.providers import open_provider
+from daemon.report import open_reporter
+from daemon.rotation.workflow import CredentialRotator
+from daemon.stores import open_store
+
+
+def _rotators(config: Config) -> tuple[Any, Any, list[CredentialRotator]]:
+    store = open_store(config)
+    reporter = open_reporter(config, store)
+    out = []
+    for c in config.credentials:
+        rotation = c.rotation
+        provider = open_provider(rotation) if rotation is not None else None
+        if provider is None:
+            from daemon.config import RotationConfig
+            from daemon.providers.password import PasswordProvider
+
+            rotation = RotationConfig(every=86400)
+            provider = PasswordProvider(rotation.generator)  # type: ignore[arg-type]
+            c = c.model_copy(update={"rotation": rotation})
+        out.append(CredentialRotator(config=config, credential=c, store=store, reporter=reporter, provider=provider))
+    return store, reporter, out
+
+
+async def pending(config: Config) -> dict[str, Any]:
+    store, reporter, rotators = _rotators(config)
+    try:
+        out = {}
+        for r in rotators:
+            decisions = await r.evaluate()
+            out[r.cred.name] = [d.as_dict() for d in decisions]
+            await r.provider.aclose()
+        return out
+    finally:
+        await reporter.aclose()
+        await store.aclose()
+
+
+def _print_pending(data: dict[str, Any]) -> None:
+    if not any(data.values()):
+        print("no version is waiting for retirement")
+        return
+    for cred, decisions in data.items():
+        for d in decisions:
+            verdict = "ready to retire" if d["retire"] else "waiting"
+            print(f"{cred} version {d['version']}: {verdict}")
+            for reason in d["reasons"]:
+                print(f"  - {reason}")
+            for node, holders in d["holders"].items():
+                for h in holders:
+                    who = h["consumer"] or "unmanaged"
+                    print(f"    {node}: pid {h['pid']} {h['exe']} ({who}, via {h['how']})")
+            for s in d["sessions"]:
+                print(f"    provider: {s['principal']} from {s['client']} x{s['count']}")
+
+
+async def print_status(config: Config, *, pending: bool, as_json: bool, url: str | None) -> int:
+    if pending:
+        try:
+            data = await globals()["pending"](config)
+        except BatonError as e:
+            print(f"baton: {e}", file=sys.stderr)
+            return 1
+        if as_json:
+            print(json.dumps(data, indent=1))
+        else:
+            _print_pending(data)
+        return 0
+    listen = url or config.api.listen
+    connector: aiohttp.BaseConnector | None = None
+    if listen.startswith("unix:"):
+        connector = aiohttp.UnixConnector(path=listen[5:])
+        base = "http://localhost"
+    else:
+        base = listen if listen.startswith("http") else f"http://{listen}"
+    try:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.get(f"{base}/v1/status", timeout=aiohttp.ClientTimeout(total=5)) as resp,
+        ):
+            data = await resp.json()
+    except (aiohttp.ClientError, TimeoutError) as e:
+        print(f"baton: cannot reach the agent at {listen}: {type(e).__name__}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"node {data.get('node')}  ready={data.get('ready')}")
+    for name, c in data.get("credentials", {}).items():
+        when = time.strftime("%H:%M:%S", time.localtime(c["last_change"])) if c.get("last_change") else "-"
+        print(f"  {name}: current {c.get('current')} (changed {when}) on disk {c.get('on_disk')}")
+        for v, info in c.get("versions", {}).items():
+            print(f"    {v}: {info['state']}, {len(info['holders'])} holder(s)")
+        if c.get("last_error"):
+            print(f"    last error: {c['last_error']}")
+    return 0
+
+
+async def forget_node(config: Config, node: str) -> int:
+    store, reporter, rotators = _rotators(config)
+    try:
+        for r in rotators:
+            await r.forget(node)
+            await r.provider.aclose()
+        print(f"forgot node {node}")
+        return 0
+    finally:
+        await reporter.aclose()
+        await store.aclose()

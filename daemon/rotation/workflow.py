@@ -1,0 +1,256 @@
+"""One credential's rotation: create -> apply -> test -> promote, then guarded retirement.
+
+Every step is idempotent and resumable from what the store records: a version
+staged ``pending`` is a rotation in progress, and the next run applies, tests
+and promotes that same payload again rather than minting another. A failed step
+leaves the current version untouched; the rotation is retried at the next
+interval. A rotation is postponed while ``max_draining`` superseded versions
+still wait for retirement, so live credentials never pile up (and a provider
+with two slots never reuses a slot that is still in use).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from daemon import metrics
+from daemon.config import Config, CredentialConfig
+from daemon.errors import BatonError, StoreNotFound
+from daemon.logs import event
+from daemon.model import CURRENT, PENDING, Secret, VersionInfo
+from daemon.providers.base import Provider
+from daemon.report.base import NodeReport, Reporter
+from daemon.rotation.gate import Decision, decide
+from daemon.stores.base import SecretStore
+
+log = logging.getLogger(__name__)
+
+STATE_KEY = "baton.rotation"
+LAST_KEY = "baton.rotation.last"
+NODES_KEY = "baton.nodes"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: str  # rotated | postponed | failed
+    version: str | None = None
+    step: str | None = None
+    error: str | None = None
+
+
+def superseded(versions: list[VersionInfo]) -> list[VersionInfo]:
+    """Versions that are neither current nor pending nor retired: waiting for retirement."""
+    current = [v for v in versions if v.is_current]
+    newest_current = max((v.created for v in current), default=0.0)
+    return [
+        v
+        for v in versions
+        if not v.retired and CURRENT not in v.stages and PENDING not in v.stages and v.created <= newest_current
+    ]
+
+
+class CredentialRotator:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        credential: CredentialConfig,
+        store: SecretStore,
+        reporter: Reporter,
+        provider: Provider,
+    ) -> None:
+        assert credential.rotation is not None
+        self.config = config
+        self.cred = credential
+        self.rotation = credential.rotation
+        self.store = store
+        self.reporter = reporter
+        self.provider = provider
+        self.last_outcome: Outcome | None = None
+        self.last_decisions: list[Decision] = []
+        self.retired_total = 0
+        self.retired_event = asyncio.Event()  # set whenever a version is retired
+
+    @property
+    def key(self) -> str:
+        return self.cred.key
+
+    # ------------------------------------------------------------ rotate
+
+    async def due_at(self) -> float:
+        """When the next rotation is due (wall time); now when there is no current version."""
+        meta = await self.store.read_metadata(self.key)
+        try:
+            last = float(meta.get(LAST_KEY, ""))
+        except ValueError:
+            versions = await self.store.versions(self.key)
+            current = [v for v in versions if v.is_current]
+            if not current:
+                return time.time()
+            last = current[-1].created
+        return last + self.rotation.every
+
+    async def rotate(self) -> Outcome:
+        """Run one rotation (or resume one). Never raises for a failed step: returns the outcome."""
+        step = "create"
+        try:
+            versions = await self.store.versions(self.key)
+            pending = [v for v in versions if PENDING in v.stages and not v.retired]
+            current = await self._current_payload()
+            if pending:
+                info = pending[-1]
+                new = (await self.store.read(self.key, info.id)).payload
+                event(log, "rotation_resumed", credential=self.cred.name, version=info.id)
+            else:
+                waiting = superseded(versions)
+                if len(waiting) >= self.rotation.max_draining:
+                    outcome = Outcome("postponed", error=f"{len(waiting)} version(s) still draining")
+                    metrics.rotations_total.labels(self.cred.name, "postponed").inc()
+                    event(
+                        log,
+                        "rotation_postponed",
+                        credential=self.cred.name,
+                        draining=[v.id for v in waiting],
+                        max_draining=self.rotation.max_draining,
+                    )
+                    self.last_outcome = outcome
+                    return outcome
+                new = await self.provider.create(current=current)
+                info = await self.store.create(self.key, new)
+            await self._record(info.id, "created")
+            step = "apply"
+            await self.provider.apply(new, current=current)
+            await self._record(info.id, "applied")
+            step = "test"
+            await self.provider.test(new)
+            await self._record(info.id, "tested")
+            step = "promote"
+            await self.store.promote(self.key, info.id)
+            await self.store.merge_metadata(self.key, {STATE_KEY: None, LAST_KEY: repr(time.time())})
+        except BatonError as e:
+            metrics.rotations_total.labels(self.cred.name, "failure").inc()
+            metrics.rotation_failures_total.labels(self.cred.name, step).inc()
+            event(log, "rotation_failed", logging.ERROR, credential=self.cred.name, step=step, error=str(e))
+            self.last_outcome = Outcome("failed", step=step, error=str(e))
+            return self.last_outcome
+        metrics.rotations_total.labels(self.cred.name, "success").inc()
+        event(log, "rotated", credential=self.cred.name, version=info.id)
+        self.last_outcome = Outcome("rotated", version=info.id)
+        return self.last_outcome
+
+    async def _current_payload(self) -> Secret | None:
+        try:
+            return (await self.store.read(self.key)).payload
+        except StoreNotFound:
+            return None
+
+    async def _record(self, version: str, step: str) -> None:
+        state = json.dumps({"version": version, "step": step, "at": time.time()})
+        await self.store.merge_metadata(self.key, {STATE_KEY: state})
+
+    # ------------------------------------------------------------ retire
+
+    async def known_nodes(self) -> set[str]:
+        meta = await self.store.read_metadata(self.key)
+        try:
+            return set(json.loads(meta.get(NODES_KEY, "[]")))
+        except ValueError:
+            return set()
+
+    async def _remember(self, known: set[str], reports: list[NodeReport]) -> set[str]:
+        seen = known | {r.node for r in reports}
+        if seen != known:
+            await self.store.merge_metadata(self.key, {NODES_KEY: json.dumps(sorted(seen))})
+            for node in sorted(seen - known):
+                event(log, "node_joined", credential=self.cred.name, node=node)
+        return seen
+
+    async def forget(self, node: str) -> None:
+        known = await self.known_nodes()
+        await self.reporter.forget(self.key, node)
+        if node in known:
+            known.discard(node)
+            await self.store.merge_metadata(self.key, {NODES_KEY: json.dumps(sorted(known))})
+        event(log, "node_forgotten", credential=self.cred.name, node=node)
+
+    async def evaluate(self) -> list[Decision]:
+        """The gate's answer for every superseded version (no side effects but node bookkeeping)."""
+        versions = await self.store.versions(self.key)
+        waiting = superseded(versions)
+        current = [v for v in versions if v.is_current]
+        if not waiting or not current:
+            self.last_decisions = []
+            return []
+        new = current[-1].id
+        reports = await self.reporter.collect(self.key, self.cred.name)
+        known = await self._remember(await self.known_nodes(), reports)
+        now = time.time()
+        forget_after = self.config.report.forget_after
+        if forget_after is not None:
+            for r in reports:
+                if now - r.heartbeat > forget_after:
+                    await self.forget(r.node)
+                    known.discard(r.node)
+            reports = [r for r in reports if r.node in known]
+        decisions = []
+        for v in waiting:
+            try:
+                old = (await self.store.read(self.key, v.id)).payload
+                sessions = await self.provider.sessions(old)
+            except BatonError as e:
+                decisions.append(Decision(v.id, False, (f"provider: cannot list sessions ({e})",)))
+                continue
+            decisions.append(
+                decide(
+                    old=v.id,
+                    new=new,
+                    reports=reports,
+                    known=known,
+                    now=now,
+                    ttl=self.config.report.report_ttl,
+                    sessions=sessions,
+                )
+            )
+        self.last_decisions = decisions
+        created: dict[str, float] = {v.id: v.created for v in versions}
+        metrics.pending_retirements.labels(self.cred.name).set(sum(not d.retire for d in decisions))
+        oldest = min((created.get(d.version, now) for d in decisions if not d.retire), default=now)
+        metrics.oldest_pending_seconds.labels(self.cred.name).set(now - oldest)
+        return decisions
+
+    async def retire_ready(self) -> list[str]:
+        """Retire every superseded version whose gate holds. Returns the retired ids."""
+        retired = []
+        versions = {v.id: v for v in await self.store.versions(self.key)}
+        newer = sorted((v.created for v in versions.values() if v.is_current), reverse=True)
+        for decision in await self.evaluate():
+            if not decision.retire:
+                continue
+            try:
+                old = (await self.store.read(self.key, decision.version)).payload  # type: ignore[arg-type]
+                await self.provider.retire(old)
+                await self.store.retire(self.key, decision.version)  # type: ignore[arg-type]
+            except BatonError as e:
+                event(
+                    log,
+                    "retirement_failed",
+                    logging.ERROR,
+                    credential=self.cred.name,
+                    version=decision.version,
+                    error=str(e),
+                )
+                continue
+            self.retired_total += 1
+            retired.append(decision.version)
+            if newer:
+                metrics.drain_seconds.observe(max(0.0, time.time() - newer[0]))
+            event(log, "retired", credential=self.cred.name, version=decision.version)
+        if retired:
+            self.retired_event.set()
+            self.last_decisions = [d for d in self.last_decisions if d.version not in retired]
+            metrics.pending_retirements.labels(self.cred.name).set(len(self.last_decisions))
+        return retired
