@@ -218,7 +218,8 @@ def encode_payload(text: str) -> dict[str, Any]:
 def _parse_version(version: VersionId | str) -> int:
     text = str(version).strip()
     if not text.isdigit() or int(text) <= 0:
-        raise StoreNotFound(f"not a Vault KV version number: {text[:20]!r}")
+        # The bad id is not echoed: callers pass ids through from elsewhere.
+        raise StoreNotFound("not a Vault KV version number (expected a positive integer)")
     return int(text)
 
 

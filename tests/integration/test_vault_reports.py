@@ -1,0 +1,154 @@
+"""Node reports on Vault: custom_metadata merges (and their 64-key limit), and the status path."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from daemon.errors import StoreError
+from daemon.model import Secret
+from daemon.report.base import Holder, NodeReport
+from daemon.report.metadata import MetadataReporter
+from daemon.stores.vault import MAX_METADATA_KEYS, VaultStatusReporter, VaultStore
+from tests.doubles.vault import VaultDouble
+from tests.fixtures.vault import MakeStore, VaultTarget
+
+pytestmark = pytest.mark.integration
+
+
+async def rotated_key(store: VaultStore, key: str) -> str:
+    await store.promote(key, (await store.create(key, Secret("v1"))).id)
+    return key
+
+
+def report(node: str, credential: str = "db", current: str = "1", beat: float = 1.0) -> NodeReport:
+    return NodeReport(
+        node=node,
+        credential=credential,
+        current=current,
+        in_use={current: 1},
+        holders=(Holder(pid=42, exe="/usr/bin/app", consumer="app", how="fd", version=current),),
+        heartbeat=beat,
+    )
+
+
+async def test_two_nodes_merging_concurrently_never_lose_an_entry(
+    make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    a, b = make_vault_store(), make_vault_store()
+    key = await rotated_key(a, f"{vault_prefix}/db")
+
+    async def node(store: VaultStore, name: str) -> None:
+        for round_ in range(3):
+            await asyncio.gather(
+                *(store.merge_metadata(key, {f"baton.node.{name}-{i}": f"r{round_}"}) for i in range(15))
+            )
+
+    await asyncio.gather(node(a, "a"), node(b, "b"))
+    meta = await a.read_metadata(key)
+    nodes = {k: v for k, v in meta.items() if k.startswith("baton.node.")}
+    assert len(nodes) == 30
+    assert set(nodes.values()) == {"r2"}
+    assert meta["baton.current"] == "1"  # the staging entries survive too
+
+
+async def test_the_metadata_reporter_round_trips_reports_of_two_nodes(
+    make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    a, b = make_vault_store(), make_vault_store()
+    key = await rotated_key(a, f"{vault_prefix}/db")
+    ra, rb = MetadataReporter(a), MetadataReporter(b)
+    await asyncio.gather(ra.publish(key, report("n1")), rb.publish(key, report("n2")))
+    got = sorted(await ra.collect(key, "db"), key=lambda r: r.node)
+    assert got == [report("n1"), report("n2")]
+    await rb.forget(key, "n1")
+    assert [r.node for r in await ra.collect(key, "db")] == ["n2"]
+
+
+async def test_merging_past_64_keys_raises_a_store_error_naming_status_path(
+    vault_store: VaultStore, vault_prefix: str
+) -> None:
+    key = await rotated_key(vault_store, f"{vault_prefix}/db")
+    have = len(await vault_store.read_metadata(key))
+    room = MAX_METADATA_KEYS - have
+    await vault_store.merge_metadata(key, {f"baton.node.n{i}": "x" for i in range(room)})
+    assert len(await vault_store.read_metadata(key)) == MAX_METADATA_KEYS
+    with pytest.raises(StoreError, match="status_path"):
+        await vault_store.merge_metadata(key, {"baton.node.one-too-many": "x"})
+    # Replacing an existing entry, or one in and one out, still fits.
+    await vault_store.merge_metadata(key, {"baton.node.n0": "y"})
+    await vault_store.merge_metadata(key, {"baton.node.n1": None, "baton.node.other": "z"})
+    assert len(await vault_store.read_metadata(key)) == MAX_METADATA_KEYS
+
+
+async def test_the_double_enforces_64_keys_on_the_merged_map_even_if_a_client_does_not_check(
+    vault_double: VaultDouble, vault_store: VaultStore, vault_prefix: str
+) -> None:
+    key = await rotated_key(vault_store, f"{vault_prefix}/db")
+    have = len(await vault_store.read_metadata(key))
+    await vault_store._patch(key, {f"baton.node.n{i}": "x" for i in range(MAX_METADATA_KEYS - have)})
+    with pytest.raises(StoreError, match="status_path"):
+        await vault_store._patch(key, {"baton.node.extra": "x"})
+    assert "baton.node.extra" not in await vault_store.read_metadata(key)
+
+
+async def test_a_metadata_value_over_512_bytes_is_refused_with_advice(
+    vault_store: VaultStore, vault_prefix: str
+) -> None:
+    key = await rotated_key(vault_store, f"{vault_prefix}/db")
+    with pytest.raises(StoreError, match="512"):
+        await vault_store.merge_metadata(key, {"baton.node.big": "x" * 513})
+
+
+async def test_the_status_path_reporter_round_trips_many_nodes(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    key = "app/db"
+    # More nodes than custom_metadata could ever hold.
+    nodes = [f"node-{i:03d}" for i in range(70)]
+    await asyncio.gather(*(reporter.publish(key, report(n)) for n in nodes))
+    await reporter.publish("app/other", report("node-000", credential="other"))
+    await reporter.publish(key, report("node-001", current="2", beat=2.0))
+
+    got = {r.node: r for r in await reporter.collect(key, "db")}
+    assert sorted(got) == nodes
+    assert got["node-001"] == report("node-001", current="2", beat=2.0)
+    assert [r.credential for r in await reporter.collect("app/other", "other")] == ["other"]
+
+    await reporter.forget(key, "node-005")
+    assert "node-005" not in {r.node for r in await reporter.collect(key, "db")}
+
+    # A reporter that never saw the key (a restarted rotator) finds the entry by its key.
+    fresh = VaultStatusReporter(store, parse=NodeReport.from_json)
+    await fresh.forget(key, "node-006")
+    left = {r.node for r in await fresh.collect(key, "db")}
+    assert "node-006" not in left and len(left) == 68
+    assert [r.node for r in await fresh.collect("app/other", "other")] == ["node-000"]
+
+
+async def test_status_path_entries_keep_at_most_two_versions(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    for beat in range(5):
+        await reporter.publish("app/db", report("n1", beat=float(beat)))
+    versions = await store.versions(f"{vault_prefix}/status/db/n1")
+    assert len([v for v in versions if not v.retired]) <= 2
+    assert [r.heartbeat for r in await reporter.collect("app/db", "db")] == [4.0]
+
+
+async def test_collect_of_a_credential_nobody_reported_is_empty(make_vault_store: MakeStore, vault_prefix: str) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    assert await reporter.collect("app/db", "db") == []
+
+
+async def test_a_node_name_with_a_slash_is_refused(make_vault_store: MakeStore, vault_prefix: str) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    with pytest.raises(StoreError):
+        await reporter.publish("app/db", report("../other"))
