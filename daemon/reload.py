@@ -704,6 +704,11 @@ class Reloader:
                 await asyncio.wait_for(st.wake.wait(), left)
         st.wake.clear()
 
+    def _snapshot(self, match: MatchConfig) -> tuple[list[int], dict[int, float | None]]:
+        """The consumer's pids and their start times (to notice a recycled pid later). Blocking."""
+        pids = self._find(match)
+        return pids, {p: _start_time(p) for p in pids}
+
     def _action(self, consumer: ConsumerConfig) -> ReloadAction:
         action = self._actions.get(consumer.name)
         if action is None:
@@ -714,8 +719,7 @@ class Reloader:
         cons = st.consumer
         reloaded: list[PidReload] = []
         try:
-            pids = await asyncio.to_thread(self._find, cons.match)
-            started = {p: _start_time(p) for p in pids}
+            pids, started = await asyncio.to_thread(self._snapshot, cons.match)
             action = self._action(cons)
         except ReloadError as e:
             self._event(cons.name, None, FAILURE, creds, versions, error=str(e))
