@@ -418,3 +418,13 @@ async def test_the_http_check_passes_on_2xx_and_fails_on_5xx_after_the_timeout(p
 async def test_the_http_check_fails_when_nothing_listens() -> None:
     with pytest.raises(ReloadError, match="failed"):
         await check_http("http://127.0.0.1:9/", within=0.2)
+
+
+async def test_the_polling_fallback_of_wait_exit_sees_an_exit(procs: Procs) -> None:
+    from daemon.reload import _poll_exit
+
+    child = await procs.child("a")
+    assert await _poll_exit(child.pid, 0.1) is False
+    child.terminate()
+    assert await _poll_exit(child.pid, 5) is True
+    await child.wait()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -222,3 +223,39 @@ async def test_consumers_are_reloaded_independently(procs: Procs) -> None:
         r.changed("db", "2")
         await idle(r)
     assert finished["fast"] < finished["slow"] - 1.0
+
+
+async def test_a_systemd_consumer_gets_one_systemctl_call_for_all_its_processes(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await procs.child("a")
+    b = await procs.child("b")
+    bin_dir = procs.tmp / "bin"
+    bin_dir.mkdir()
+    calls = procs.tmp / "calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
+    r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [a.pid, b.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert r.status()["app"].result == "ok", r.status()["app"].error
+    assert calls.read_text().splitlines() == ["reload api.service"]
+
+
+async def test_an_http_health_check_gates_the_roll(procs: Procs) -> None:
+    child = await procs.child("a")
+    port = await procs.http()
+    good = consumer(reload={"signal": "HUP"}, health={"http": f"http://127.0.0.1:{port}/ok"})
+    bad_url = f"http://127.0.0.1:{port}/bad"
+    bad = consumer(name="bad", reload={"signal": "HUP"}, health={"http": bad_url, "timeout": 0.2})
+    r = Reloader({"db": [good, bad]}, debounce=0.05, find=lambda m: [child.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert r.status()["app"].result == "ok"
+    st = r.status()["bad"]
+    assert st.result == "failure" and st.error is not None and "503" in st.error
