@@ -559,14 +559,19 @@ class VaultStore:
         """Poll metadata every ``poll_interval``; yield when the current version id changes.
 
         A store outage is logged and polled through (the last version stays in
-        use); any other error (auth, a deleted key) ends the watch.
+        use), and so is a key that does not exist yet; an auth error ends the watch.
         """
         last: int | None = None
+        missing_logged = False
         while True:
             try:
                 meta = await self._metadata(key)
             except StoreUnavailable as e:
                 log.warning("vault watch: store unavailable, will poll again", extra={"key": key, "error": str(e)})
+            except StoreNotFound:
+                if not missing_logged:
+                    log.info("vault watch: key does not exist yet, will poll again", extra={"key": key})
+                    missing_logged = True
             else:
                 number = meta.current
                 if number and number != last and not meta.gone(number):

@@ -228,9 +228,10 @@ class PollCounter:
         inner = store._metadata
 
         async def counted(key: str) -> _Meta:
-            meta = await inner(key)
-            self.n += 1
-            return meta
+            try:
+                return await inner(key)
+            finally:
+                self.n += 1
 
         store._metadata = counted  # type: ignore[method-assign]
 
@@ -307,6 +308,25 @@ async def test_watch_polls_metadata_and_never_reads_a_payload(
         await agen.aclose()
     assert vault_double.count("GET", "data") == before
     assert vault_double.count("GET", "metadata") >= 6
+
+
+async def test_watch_of_a_key_that_does_not_exist_yet_waits_for_its_first_current_version(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    watcher = make_vault_store(poll_interval=0.02)
+    polls = PollCounter(watcher)
+    key = f"{vault_prefix}/later"
+    agen = watcher.watch(key)
+    try:
+        first = asyncio.create_task(anext(agen))
+        await polls.wait_more(2)
+        assert not first.done()
+        vault_server.write(key, {"value": "v1"})
+        assert (await asyncio.wait_for(first, 5)).id == "1"
+    finally:
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        await agen.aclose()
 
 
 async def test_read_metadata_of_a_missing_key_raises_store_not_found(
