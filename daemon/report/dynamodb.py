@@ -113,7 +113,8 @@ class DynamoReporter:
         self._table_checked = False
 
     @classmethod
-    def from_config(cls, config: Config, *, create_table: bool = False) -> DynamoReporter:
+    def from_config(cls, config: Config, _store: object = None, *, create_table: bool = False) -> DynamoReporter:
+        """Built by ``daemon.report.open_reporter(config, store)``; the secret store itself is not needed."""
         store = config.store
         if store.kind != "aws" or not store.dynamodb_table:
             raise StoreError("DynamoReporter needs store.kind aws with dynamodb_table set")
