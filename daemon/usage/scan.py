@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from daemon.usage.environ import encode_names, pid_environ
 from daemon.usage.fanotify import OpenWatcher
-from daemon.usage.fdscan import PROC, list_pids, map_pids, pid_fds
+from daemon.usage.fdscan import PROC, inode_numbers, list_pids, map_pids, pid_fds
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ def scan(
     excluded = {os.getpid(), *exclude_pids}
     names = encode_names(env_names) if prints else frozenset()
     pids = [p for p in list_pids() if p not in excluded]
+    inos = inode_numbers(inodes)
 
     def one(pid: int) -> list[tuple[_Key, str]]:
-        hits = [(key, FD) for key in pid_fds(pid, inodes)] if inodes else []
+        hits = [(key, FD) for key in pid_fds(pid, inodes, inos)] if inodes else []
         if names:
             hits.extend((key, ENVIRON) for key in pid_environ(pid, prints, key=env_key, names=names))
         return hits
