@@ -10,9 +10,11 @@ Skipped only when systemd-analyze itself is missing.
 
 from __future__ import annotations
 
+import ctypes.util
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,59 @@ def test_rotator_unit_runs_the_rotator_with_no_capabilities() -> None:
     assert d["CapabilityBoundingSet"] == [""]
     assert d["AmbientCapabilities"] == [""]
     assert d["WatchdogSec"] == ["30s"]
+
+
+# systemd's MemoryDenyWriteExecute=yes is a seccomp filter: no mmap with
+# PROT_WRITE|PROT_EXEC, no mprotect/pkey_mprotect adding PROT_EXEC, no shmat
+# with SHM_EXEC. The same filter, loaded through libseccomp in a child process,
+# shows that Baton (ctypes callbacks included: fanotify and psutil use ctypes,
+# and `import ctypes` itself builds a callback) runs under it. There is no
+# running systemd here to start the unit itself.
+_MDWE = r"""
+# Emulate systemd's MemoryDenyWriteExecute=yes seccomp filter, then import Baton.
+import ctypes, ctypes.util, errno, sys
+lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+class Cmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("a", ctypes.c_uint64), ("b", ctypes.c_uint64)]
+lib.seccomp_init.restype = ctypes.c_void_p
+lib.seccomp_rule_add_array.argtypes = [
+    ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(Cmp)
+]
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(0x7FFF0000)
+EPERM = 0x00050000 | errno.EPERM
+PROT_WRITE, PROT_EXEC, SHM_EXEC = 2, 4, 0o100000
+MASKED_EQ = 7
+def rule(nr, argi, mask, val):
+    c = (Cmp * 1)(Cmp(argi, MASKED_EQ, mask, val))
+    assert lib.seccomp_rule_add_array(ctx, EPERM, nr, 1, c) == 0
+rule(9, 2, PROT_WRITE | PROT_EXEC, PROT_WRITE | PROT_EXEC)  # mmap W+X
+rule(10, 2, PROT_EXEC, PROT_EXEC)                           # mprotect +X
+rule(329, 2, PROT_EXEC, PROT_EXEC)                          # pkey_mprotect +X
+rule(30, 2, SHM_EXEC, SHM_EXEC)                             # shmat SHM_EXEC
+assert lib.seccomp_load(ctx) == 0
+import mmap
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    print("FILTER NOT ACTIVE"); sys.exit(2)
+except PermissionError:
+    print("filter active: W+X mmap refused")
+cb = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)
+print("ctypes callback ok:", cb())
+import importlib
+for m in sys.argv[1:]:
+    importlib.import_module(m)
+    print("imported", m)
+"""
+
+
+@pytest.mark.skipif(ctypes.util.find_library("seccomp") is None, reason="libseccomp is not installed")
+def test_baton_imports_and_runs_ctypes_callbacks_under_the_memory_deny_write_execute_filter() -> None:
+    modules = ["daemon.cli", "daemon.app", "daemon.usage.fanotify", "daemon.usage.fdscan", "psutil", "aiohttp"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _MDWE, *modules], capture_output=True, text=True, timeout=120, check=False, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "filter active: W+X mmap refused" in proc.stdout
+    assert "ctypes callback ok: 7" in proc.stdout
+    assert all(f"imported {m}" in proc.stdout for m in modules)
