@@ -180,18 +180,21 @@ async def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], cwd: st
     """
     if shutil.which(argv[0], path=env.get("PATH")) is None:
         raise ReloadError(f"restart command not found: {argv[0]}")
-    proc = await asyncio.create_subprocess_exec(
-        "/bin/sh",
-        "-c",
-        '"$@" </dev/null >&2 & echo $!',
-        "baton-restart",
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        env=dict(env),
-        cwd=cwd,
-        start_new_session=True,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            '"$@" </dev/null >&2 & echo $!',
+            "baton-restart",
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    except OSError as e:
+        raise ReloadError(f"could not start {argv[0]}: {e.strerror}") from e
     out, _ = await proc.communicate()
     try:
         return int(out.split()[0])
@@ -315,10 +318,12 @@ class RestartAction:
 
 
 def _cwd_of(pid: int) -> str | None:
+    """The process's working directory for its replacement; None (Baton's) when unreadable or gone."""
     try:
-        return psutil.Process(pid).cwd()
+        cwd = psutil.Process(pid).cwd()
     except psutil.Error:
         return None
+    return cwd if cwd and os.path.isdir(cwd) else None
 
 
 class SystemdAction:
@@ -704,6 +709,14 @@ class Reloader:
                 await asyncio.wait_for(st.wake.wait(), left)
         st.wake.clear()
 
+    def _remember(self, at: float, *pids: int | None) -> None:
+        for p in pids:
+            if p:
+                self._reloaded_at[p] = at
+        if len(self._reloaded_at) > 4096:
+            # Forget processes that are gone, so a long-lived agent does not grow without bound.
+            self._reloaded_at = {p: t for p, t in self._reloaded_at.items() if is_alive(p)}
+
     def _snapshot(self, match: MatchConfig) -> tuple[list[int], dict[int, float | None]]:
         """The consumer's pids and their start times (to notice a recycled pid later). Blocking."""
         pids = self._find(match)
@@ -766,9 +779,7 @@ class Reloader:
                 await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=tuple(reloaded))
                 return
             now = self._wall()
-            for p in {pid, new_pid, serving} - {None, 0}:
-                assert p is not None
-                self._reloaded_at[p] = now
+            self._remember(now, pid, new_pid, serving)
             reloaded.append(PidReload(pid, now, OK, new_pid=new_pid if new_pid is not None else serving))
             self._event(cons.name, pid or None, OK, creds, versions, new_pid=new_pid or serving)
         await self._finish(st, creds, versions, result=OK, error=None, reloaded=tuple(reloaded))
