@@ -196,7 +196,7 @@ async def test_promoting_a_destroyed_version_raises_store_not_found(vault_store:
 async def test_watch_yields_the_current_version_then_a_new_one_within_one_poll(
     vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
-    store = make_vault_store(poll_interval=0.2)
+    store = make_vault_store(poll_interval=0.3)
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v1"})
     seen: list[VersionInfo] = []
@@ -212,8 +212,8 @@ async def test_watch_yields_the_current_version_then_a_new_one_within_one_poll(
         written = time.monotonic()
         vault_server.write(key, {"value": "v2"})
         await wait_for(lambda: len(seen) == 2)
-        # One poll interval plus scheduling slack.
-        assert time.monotonic() - written < 0.2 + 0.3
+        # One poll interval plus slack for a loaded machine.
+        assert time.monotonic() - written < 0.3 + 0.5
         assert seen[1].id == "2"
     finally:
         task.cancel()
