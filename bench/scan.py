@@ -85,16 +85,6 @@ class Children:
         self.stdin_r = self.stdin_w = -1
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, list[float], Any]:
-    times: list[float] = []
-    result: Any = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, result
-
-
 def run_fuser(files: list[str]) -> set[int]:
     # fuser prints the pids on stdout (with access letters such as "r" or "m"
     # appended) and the file names on stderr; exit status 1 means "none".
@@ -167,14 +157,27 @@ def bench(args: argparse.Namespace, children: Children, workdir: Path) -> dict[s
         return set(scan_fds(index, workers=1))
 
     baton()  # warm the dentry cache for everyone alike: each tool then runs warm
-    log(f"timing baton scan_fds x{args.repeats}")
-    baton_s, baton_all, baton_pids = timed(baton, args.repeats)
-    log(f"timing baton scan_fds (1 thread) x{args.repeats}")
-    single_s, single_all, single_pids = timed(baton_single, args.repeats)
-    log(f"timing fuser x{args.repeats}")
-    fuser_s, fuser_all, fuser_pids = timed(lambda: run_fuser(creds), args.repeats)
-    log(f"timing lsof -t x{args.lsof_repeats}")
-    lsof_s, lsof_all, lsof_pids = timed(lambda: run_lsof(creds), args.lsof_repeats)
+    # Interleaved rounds, so a burst of other load on the node hits every tool alike.
+    runs: dict[str, list[float]] = {"baton": [], "single": [], "fuser": [], "lsof": []}
+    pids: dict[str, set[int]] = {}
+    tools: dict[str, Callable[[], set[int]]] = {
+        "baton": baton,
+        "single": baton_single,
+        "fuser": lambda: run_fuser(creds),
+        "lsof": lambda: run_lsof(creds),
+    }
+    load_before = os.getloadavg()[0]
+    for r in range(args.repeats):
+        log(f"round {r + 1}/{args.repeats}: baton, baton 1-thread, fuser" + (", lsof" if r < args.lsof_repeats else ""))
+        for name, fn in tools.items():
+            if name == "lsof" and r >= args.lsof_repeats:
+                continue
+            t0 = time.perf_counter()
+            pids[name] = fn()
+            runs[name].append(time.perf_counter() - t0)
+    baton_s, single_s, fuser_s, lsof_s = (statistics.median(runs[k]) for k in ("baton", "single", "fuser", "lsof"))
+    baton_all, single_all, fuser_all, lsof_all = (runs[k] for k in ("baton", "single", "fuser", "lsof"))
+    baton_pids, single_pids, fuser_pids, lsof_pids = (pids[k] for k in ("baton", "single", "fuser", "lsof"))
 
     same = baton_pids == single_pids == fuser_pids == lsof_pids == expected
     if not same:
@@ -218,6 +221,8 @@ def bench(args: argparse.Namespace, children: Children, workdir: Path) -> dict[s
         "python": platform.python_version(),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
+        "load_avg_1m_before": round(load_before, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
     }
 
 
