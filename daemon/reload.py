@@ -734,9 +734,13 @@ class Reloader:
         try:
             pids, started = await asyncio.to_thread(self._snapshot, cons.match)
             action = self._action(cons)
-        except ReloadError as e:
-            self._event(cons.name, None, FAILURE, creds, versions, error=str(e))
-            await self._finish(st, creds, versions, result=FAILURE, error=str(e), reloaded=())
+        except Exception as e:
+            # A broken action (or matcher) fails this consumer, never the other consumers' workers.
+            if not isinstance(e, ReloadError):
+                log.exception("preparing the reload of %s failed", cons.name)
+            error = str(e) if isinstance(e, ReloadError) else f"{type(e).__name__} preparing the reload"
+            self._event(cons.name, None, FAILURE, creds, versions, error=error)
+            await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=())
             return
         if not pids and getattr(action, "needs_process", True):
             self._event(cons.name, None, NO_PROCESSES, creds, versions)
@@ -780,8 +784,9 @@ class Reloader:
                 return
             now = self._wall()
             self._remember(now, pid, new_pid, serving)
-            reloaded.append(PidReload(pid, now, OK, new_pid=new_pid if new_pid is not None else serving))
-            self._event(cons.name, pid or None, OK, creds, versions, new_pid=new_pid or serving)
+            replacement = new_pid or (serving if serving != pid else None)
+            reloaded.append(PidReload(pid, now, OK, new_pid=replacement))
+            self._event(cons.name, pid or None, OK, creds, versions, new_pid=replacement)
         await self._finish(st, creds, versions, result=OK, error=None, reloaded=tuple(reloaded))
 
     def _event(

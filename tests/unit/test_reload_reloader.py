@@ -193,3 +193,20 @@ def test_every_builtin_action_can_be_constructed_from_config(action: str) -> Non
         "none": "none",
     }[action]
     assert isinstance(make_action(consumer(reload=reload_cfg)), ReloadAction)
+
+
+async def test_an_action_that_cannot_be_built_fails_its_consumer_only() -> None:
+    rec = Recorder()
+
+    def factory(c: ConsumerConfig) -> ReloadAction:
+        if c.name == "broken":
+            raise TypeError("bad constructor")
+        return rec
+
+    r = Reloader({"db": [consumer("broken"), consumer("fine")]}, debounce=0.02, find=me, action_factory=factory)
+    async with running(r):
+        r.changed("db", "1")
+        await asyncio.wait_for(r.wait_idle(), 5)
+    assert r.status()["broken"].result == "failure"
+    assert r.status()["fine"].result == "ok"
+    assert r.status()["fine"].reloaded[0].new_pid is None  # a signal reload keeps its pid
