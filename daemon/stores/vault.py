@@ -74,7 +74,8 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import check_payload
+from daemon.report.base import NodeReport
+from daemon.stores.base import SecretStore, check_payload
 
 log = logging.getLogger(__name__)
 
@@ -708,8 +709,9 @@ class VaultStatusReporter(Generic[R]):
 
     Each node writes only its own path, so no two nodes ever touch the same
     object; ``collect`` lists the credential's folder and reads every entry.
-    ``parse`` turns the stored JSON back into a report (``NodeReport.from_json``);
-    it is passed in because stores may not import the report layer.
+    ``parse`` turns the stored JSON back into a report (``NodeReport.from_json``
+    when built by ``from_config``). Each entry also records the store key it
+    reports on, so ``forget(key, node)`` can find it without knowing the credential.
     """
 
     def __init__(
@@ -728,6 +730,14 @@ class VaultStatusReporter(Generic[R]):
         self._sem = asyncio.Semaphore(concurrency)
         self._trimmed: set[str] = set()
         self._credential_of: dict[str, str] = {}
+
+    @classmethod
+    def from_config(cls, config: Config, store: SecretStore) -> VaultStatusReporter[NodeReport]:
+        """For ``daemon.report.open_reporter`` (``reports: status_path``); shares the agent's store."""
+        sc = config.store
+        if not isinstance(sc, VaultStoreConfig) or not isinstance(store, VaultStore):
+            raise ConfigError(["store.reports: status_path on Vault needs the vault store"])
+        return VaultStatusReporter(store, parse=NodeReport.from_json, prefix=sc.status_prefix)
 
     def _path(self, credential: str, node: str) -> str:
         for name, what in ((credential, "credential"), (node, "node")):

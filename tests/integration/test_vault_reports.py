@@ -6,8 +6,10 @@ import asyncio
 
 import pytest
 
+from daemon.config import parse_config
 from daemon.errors import StoreError
 from daemon.model import Secret
+from daemon.report import open_reporter
 from daemon.report.base import Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
 from daemon.stores.vault import MAX_METADATA_KEYS, VaultStatusReporter, VaultStore
@@ -152,3 +154,25 @@ async def test_a_node_name_with_a_slash_is_refused(make_vault_store: MakeStore, 
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
     with pytest.raises(StoreError):
         await reporter.publish("app/db", report("../other"))
+
+
+async def test_open_reporter_picks_the_status_path_reporter_for_vault(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    config = parse_config(
+        {
+            "store": {
+                "kind": "vault",
+                "url": vault_server.url,
+                "reports": "status_path",
+                "status_prefix": f"{vault_prefix}/status",
+            },
+            "credentials": [{"name": "db", "key": "app/db", "output": {"dir": "/tmp/baton-test-x"}}],
+        }
+    )
+    store = make_vault_store()
+    reporter = open_reporter(config, store)
+    assert isinstance(reporter, VaultStatusReporter)
+    await reporter.publish("app/db", report("n1"))
+    assert await reporter.collect("app/db", "db") == [report("n1")]
+    assert [k for k in await store._list(f"{vault_prefix}/status/db")] == ["n1"]
