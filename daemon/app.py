@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class Agent:
         return 1 if self._failed is not None else 0
 
     async def startup(self) -> None:
+        _not_dumpable()
         if self.install_signals:
             loop = asyncio.get_running_loop()
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
@@ -156,13 +158,16 @@ class Agent:
         if self.config_path is None:
             log.warning("SIGHUP ignored: the agent was not started from a config file")
             return
+        sdnotify.reloading()
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as e:
             event(log, "config_rejected", logging.ERROR, problems=e.problems)
+            sdnotify.ready()
             return
         if new.store != self.config.store:
             event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
+            sdnotify.ready()
             return
         await self._stop_generation()
         self.config = new
@@ -308,6 +313,17 @@ class Agent:
         if self.reloader is not None:
             out["consumers"] = {name: st.as_dict() for name, st in self.reloader.status().items()}
         return out
+
+
+def _not_dumpable() -> None:
+    """Keep processes of the same uid (a sidecar's app) out of our /proc (memory, fds, root)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_dumpable = 4
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
 def run_agent(config: Config, *, config_path: str | Path | None = None) -> int:

@@ -305,10 +305,15 @@ class RotationConfig(Model):
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_generator(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("generator") is None and data.get("provider") is None:
+            return {**data, "generator": {}}
+        return data
+
     @model_validator(mode="after")
     def _source(self) -> RotationConfig:
-        if self.generator is None and self.provider is None:
-            return self.model_copy(update={"generator": GeneratorConfig()})
         if self.generator is not None and self.provider is not None:
             raise ValueError("rotation needs one of: generator, provider")
         return self
