@@ -228,6 +228,11 @@ class ReloadConfig(Model):
     def action(self) -> str:
         return next(k for k, v in self if v is not None)
 
+    @property
+    def restarts(self) -> bool:
+        """True when the action restarts the process (then ``min_restart_interval`` applies)."""
+        return self.action in ("restart", "container_restart", "rollout") or self.systemd == "restart"
+
 
 class HealthConfig(Model):
     alive_for: Duration | None = Field(None, description="Healthy when still running after this long.")

@@ -697,7 +697,9 @@ class Reloader:
 
     def _due(self, st: _State) -> float:
         due = min(st.last_at + self.debounce, st.first_at + self.max_wait)
-        if st.last_roll is not None:
+        if st.last_roll is not None and st.consumer.reload.restarts:
+            # A restart costs the consumer its warm state: at most one per interval.
+            # A signal or a reload command is cheap and is not held back.
             due = max(due, st.last_roll + st.consumer.min_restart_interval)
         return due
 

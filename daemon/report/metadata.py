@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.stores.base import SecretStore
@@ -10,12 +11,28 @@ from daemon.stores.base import SecretStore
 log = logging.getLogger(__name__)
 
 
+def fit(report: NodeReport, limit: int | None) -> str:
+    """The report as JSON within ``limit`` bytes: holder summaries are dropped first.
+
+    Holder counts per version stay exact (the gate decides on them); the
+    summaries are only there to tell people who holds what.
+    """
+    text = report.to_json()
+    holders = list(report.holders)
+    while limit is not None and len(text.encode()) > limit and holders:
+        holders.pop()
+        text = replace(report, holders=tuple(holders)).to_json()
+    return text
+
+
 class MetadataReporter:
     def __init__(self, store: SecretStore) -> None:
         self.store = store
+        # Stores with a small per-value limit (Vault: 512 bytes) say so.
+        self.limit: int | None = getattr(store, "metadata_value_limit", None)
 
     async def publish(self, key: str, report: NodeReport) -> None:
-        await self.store.merge_metadata(key, {REPORT_PREFIX + report.node: report.to_json()})
+        await self.store.merge_metadata(key, {REPORT_PREFIX + report.node: fit(report, self.limit)})
 
     async def collect(self, key: str, credential: str) -> list[NodeReport]:
         reports = []

@@ -292,6 +292,9 @@ class _Grant:
 class VaultStore:
     """KV v2 behind the ``SecretStore`` Protocol."""
 
+    # Vault refuses a custom_metadata value over this; reporters trim to fit.
+    metadata_value_limit = MAX_METADATA_VALUE_LEN
+
     def __init__(
         self,
         *,
