@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,6 +259,73 @@ def test_sighup_with_a_bad_config_keeps_the_old_one_and_with_a_good_one_applies_
     code, _took = agent.stop()
     assert code == 0
     agent.assert_never_said([*SECRETS, "tok-" + SECRETS[2]])
+
+
+def test_sighup_that_changes_the_store_is_refused_and_the_agent_keeps_its_store(scene: Scene) -> None:
+    scene.configure(app_db())
+    scene.put(payload(SECRETS[0]))
+    agent = scene.start()
+    agent.wait_ready()
+
+    scene.configure(app_db(), store="./other.db")
+    logged = len(agent.events())
+    agent.signal(signal.SIGHUP)
+
+    rejected = agent.wait_event("config_rejected", after=logged)
+    assert any(p.startswith("store:") for p in rejected["problems"])
+    scene.put(payload(SECRETS[1]))
+    _wait_file(scene, "password", SECRETS[1], timeout=2.0)
+    agent.assert_never_said(SECRETS)
+
+
+def test_a_sighup_reload_keeps_what_status_knows_of_the_last_change(scene: Scene) -> None:
+    scene.configure(app_db())
+    scene.put(payload(SECRETS[0]))
+    agent = scene.start()
+    agent.wait_ready()
+    before = agent.credential("app-db")
+    assert before["last_change"] is not None
+
+    logged = len(agent.events())
+    agent.signal(signal.SIGHUP)  # the same config again
+    agent.wait_event("config_reloaded", after=logged)
+    agent.wait_ready()
+
+    after = agent.credential("app-db")
+    assert after["current"] == before["current"]
+    assert after["last_change"] == before["last_change"]
+    agent.assert_never_said(SECRETS)
+
+
+def test_readyz_does_not_drop_to_503_while_a_sighup_reload_applies(scene: Scene) -> None:
+    """A readiness probe that lands during a reload must not take the node out of service."""
+    scene.configure(app_db())
+    scene.put(payload(SECRETS[0]))
+    agent = scene.start()
+    agent.wait_ready()
+    codes: list[int] = []
+    done = threading.Event()
+
+    def probe() -> None:
+        while not done.is_set():
+            codes.append(agent.get("/readyz")[0])
+
+    prober = threading.Thread(target=probe, name="readyz-probe")
+    prober.start()
+    try:
+        for _ in range(3):
+            logged = len(agent.events())
+            agent.signal(signal.SIGHUP)
+            agent.wait_event("config_reloaded", after=logged)
+            # Keep probing a while after the reload: the new generation writes its files then.
+            seen = len(codes)
+            poll(lambda seen=seen: len(codes) >= seen + 10, timeout=5.0, what="probes after the reload")
+    finally:
+        done.set()
+        prober.join(timeout=10)
+
+    assert len(codes) > 20
+    assert codes.count(503) == 0, f"{codes.count(503)} of {len(codes)} probes said not ready during reloads"
 
 
 def test_sigterm_stops_the_agent_within_10_seconds_with_status_0(scene: Scene) -> None:
