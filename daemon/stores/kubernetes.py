@@ -1,0 +1,618 @@
+"""The Kubernetes store: a core/v1 Secret per key, through kubernetes_asyncio.
+
+Owns every call to the Kubernetes API that the daemon makes, the mapping of
+Secret data to a payload and a version id, and the helpers the sidecar reuses
+(``new_api_client``, ``kube_call``, ``annotation_key``). It must never put a
+response body into an exception or a log line (a Secret's body is the secret),
+and never read-modify-write annotations: every metadata write is a merge patch
+of the one key it owns.
+
+Layout of a key ``db`` in the namespace:
+
+- ``db``: the current version (what consumers get); annotations hold metadata
+  such as node reports (``baton.io/node.<id>``).
+- ``db-baton-pending``: a version created by the rotator, not yet promoted.
+- ``db-baton-previous``: the version before the current one, until retired
+  (then its data is cleared and ``baton.io/retired-version`` names it).
+
+A version id is the first 16 hex digits of the SHA-256 of the canonical
+payload: a Secret with the single key ``value`` gives that string, any other
+Secret the compact, key-sorted JSON object of its decoded keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from daemon.errors import (
+    PayloadError,
+    StoreAuthError,
+    StoreConflict,
+    StoreError,
+    StoreNotFound,
+    StoreUnavailable,
+)
+from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
+from daemon.stores.base import MAX_PAYLOAD, check_payload
+
+if TYPE_CHECKING:
+    from daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+PENDING_SUFFIX = "-baton-pending"
+PREVIOUS_SUFFIX = "-baton-previous"
+ANNOTATION_PREFIX = "baton.io/"
+GENERIC_PREFIX = "baton."
+CREATED = "baton.io/created"
+RETIRED = "baton.io/retired-version"
+COMPANION_OF = "baton.io/companion-of"
+MERGE_PATCH = "application/merge-patch+json"
+
+_NAME_PART = 63  # the name part of an annotation key (after the '/') is at most 63 characters
+
+
+class _DropResponseBodies(logging.Filter):
+    """kubernetes_asyncio logs every response body at DEBUG; a Secret's body is the secret."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("response body")
+
+
+logging.getLogger("kubernetes_asyncio.client.rest").addFilter(_DropResponseBodies())
+
+
+class ResourceExpired(StoreUnavailable):
+    """410 Gone: the resourceVersion is older than the apiserver's history; re-list."""
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def default_namespace(configured: str | None = None) -> str:
+    """The configured namespace, else the pod's own (service account mount), else ``default``."""
+    if configured:
+        return configured
+    try:
+        return SA_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def annotation_key(generic: str) -> str:
+    """``baton.node.n1`` -> ``baton.io/node.n1``; a name part over 63 characters is shortened with a hash."""
+    name = generic[len(GENERIC_PREFIX) :] if generic.startswith(GENERIC_PREFIX) else generic
+    if len(name) > _NAME_PART:
+        # Deterministic, so the same generic key always maps to the same annotation.
+        name = name[: _NAME_PART - 17] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return ANNOTATION_PREFIX + name
+
+
+def generic_key(annotation: str) -> str | None:
+    """The inverse of ``annotation_key`` (None for annotations Baton does not own)."""
+    if not annotation.startswith(ANNOTATION_PREFIX):
+        return None
+    return GENERIC_PREFIX + annotation[len(ANNOTATION_PREFIX) :]
+
+
+async def new_api_client(*, kubeconfig: Path | None = None) -> client.ApiClient:
+    """An ApiClient from a kubeconfig file, else in-cluster config, else ``$KUBECONFIG``/~/.kube/config."""
+    cfg = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg, persist_config=False)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            await config.load_kube_config(client_configuration=cfg, persist_config=False)
+    except (ConfigException, OSError, ValueError) as e:
+        # The loader's message can quote the file; the type is enough to act on.
+        raise StoreAuthError(f"cannot load Kubernetes client config ({type(e).__name__})") from None
+    return client.ApiClient(cfg)
+
+
+def status_error(status: int, *, op: str, what: str) -> StoreError:
+    """The daemon error for an HTTP status. Only the status goes in the message."""
+    text = f"kubernetes {op} {what}: HTTP {status}"
+    if status in (401, 403):
+        return StoreAuthError(text)
+    if status == 404:
+        return StoreNotFound(text)
+    if status == 409:
+        return StoreConflict(text)
+    if status == 410:
+        return ResourceExpired(text)
+    if status == 429 or status >= 500:
+        return StoreUnavailable(text)
+    return StoreError(text)
+
+
+async def kube_call(call: Awaitable[Any], *, op: str, what: str) -> Obj:
+    """Await a kubernetes_asyncio call made with ``_preload_content=False``; the JSON body on 2xx.
+
+    An error status is mapped without reading the body; a transport error
+    becomes ``StoreUnavailable``.
+    """
+    try:
+        resp = await call
+    except ApiException as e:
+        raise status_error(e.status or 0, op=op, what=what) from _scrubbed(e)
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise StoreUnavailable(f"kubernetes {op} {what}: {type(e).__name__}") from e
+    try:
+        if resp.status >= 400:
+            raise status_error(resp.status, op=op, what=what)
+        try:
+            body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            raise StoreUnavailable(f"kubernetes {op} {what}: unreadable response ({type(e).__name__})") from None
+        return body if isinstance(body, dict) else {}
+    finally:
+        resp.release()
+
+
+def _scrubbed(e: ApiException) -> ApiException:
+    # ApiException's str() carries the response body and headers: drop them before chaining.
+    e.body = None
+    e.headers = None
+    return e
+
+
+# ---------------------------------------------------------------- payloads
+
+
+def _decode(data: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in data.items():
+        try:
+            out[k] = base64.b64decode(v, validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise PayloadError(f"Secret key {k!r} is not valid base64 UTF-8 text") from None
+    return out
+
+
+def canonical(fields: Mapping[str, str]) -> str:
+    """The payload of Secret data: the single ``value``, else the key-sorted JSON object."""
+    if set(fields) == {"value"}:
+        return fields["value"]
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def version_of(payload: str) -> VersionId:
+    return VersionId(hashlib.sha256(payload.encode()).hexdigest()[:16])
+
+
+def data_for(payload: str) -> dict[str, str]:
+    """Secret keys for a payload: a JSON object of strings keeps its fields, anything else is ``value``."""
+    try:
+        loaded = json.loads(payload)
+    except ValueError:
+        loaded = None
+    if (
+        isinstance(loaded, dict)
+        and loaded
+        and all(isinstance(v, str) for v in loaded.values())
+        and all(re.fullmatch(r"[-._a-zA-Z0-9]{1,253}", k) for k in loaded)
+    ):
+        return dict(loaded)
+    return {"value": payload}
+
+
+def _encode(fields: Mapping[str, str]) -> dict[str, str]:
+    return {k: base64.b64encode(v.encode()).decode() for k, v in fields.items()}
+
+
+def _created(obj: Obj) -> float:
+    meta = obj.get("metadata", {})
+    try:
+        return float((meta.get("annotations") or {})[CREATED])
+    except (KeyError, ValueError):
+        pass
+    stamp = meta.get("creationTimestamp")
+    try:
+        return datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _payload(obj: Obj | None) -> str | None:
+    """The canonical payload of a Secret object, None when it holds no data."""
+    if obj is None or not obj.get("data"):
+        return None
+    return canonical(_decode(obj["data"]))
+
+
+def _info(obj: Obj, stage: str | None) -> VersionInfo | None:
+    payload = _payload(obj)
+    if payload is None:
+        return None
+    return VersionInfo(
+        id=version_of(payload),
+        stages=frozenset({stage}) if stage else frozenset(),
+        created=_created(obj),
+        digest=hashlib.sha256(payload.encode()).hexdigest(),
+    )
+
+
+# ---------------------------------------------------------------- the store
+
+
+class KubernetesStore:
+    """``SecretStore`` on Kubernetes Secrets. Create it anywhere; it connects on first use."""
+
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        kubeconfig: Path | None = None,
+        request_timeout: float = 10.0,
+        watch_timeout: int = 300,
+        backoff: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.namespace = namespace
+        self.kubeconfig = kubeconfig
+        self.request_timeout = request_timeout
+        self.watch_timeout = watch_timeout
+        self.backoff = backoff
+        self._api: client.ApiClient | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config) -> KubernetesStore:
+        store = config.store
+        assert store.kind == "kubernetes"
+        return cls(namespace=default_namespace(store.namespace), kubeconfig=store.kubeconfig)
+
+    async def _core(self) -> client.CoreV1Api:
+        async with self._lock:
+            if self._api is None:
+                self._api = await new_api_client(kubeconfig=self.kubeconfig)
+        return client.CoreV1Api(self._api)
+
+    async def aclose(self) -> None:
+        if self._api is not None:
+            await self._api.close()
+            self._api = None
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _get(self, name: str) -> Obj | None:
+        core = await self._core()
+        try:
+            return await kube_call(
+                core.read_namespaced_secret(
+                    name, self.namespace, _preload_content=False, _request_timeout=self.request_timeout
+                ),
+                op="get secret",
+                what=name,
+            )
+        except StoreNotFound:
+            return None
+
+    async def _create_secret(self, name: str, fields: Mapping[str, str], annotations: Mapping[str, str]) -> Obj:
+        core = await self._core()
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {"name": name, "namespace": self.namespace, "annotations": dict(annotations)},
+            "data": _encode(fields),
+        }
+        return await kube_call(
+            core.create_namespaced_secret(
+                self.namespace, body, _preload_content=False, _request_timeout=self.request_timeout
+            ),
+            op="create secret",
+            what=name,
+        )
+
+    async def _replace(self, obj: Obj) -> Obj:
+        """PUT with the object's resourceVersion: 409 (someone wrote first) -> StoreConflict."""
+        core = await self._core()
+        name = obj["metadata"]["name"]
+        return await kube_call(
+            core.replace_namespaced_secret(
+                name, self.namespace, obj, _preload_content=False, _request_timeout=self.request_timeout
+            ),
+            op="replace secret",
+            what=name,
+        )
+
+    async def _put_companion(
+        self, name: str, old: Obj | None, fields: Mapping[str, str], annotations: Mapping[str, str]
+    ) -> None:
+        if old is None:
+            await self._create_secret(name, fields, annotations)
+            return
+        new = dict(old)
+        new["metadata"] = {**old["metadata"], "annotations": dict(annotations)}
+        new["data"] = _encode(fields)
+        await self._replace(new)
+
+    async def _delete(self, name: str) -> None:
+        core = await self._core()
+        try:
+            await kube_call(
+                core.delete_namespaced_secret(
+                    name, self.namespace, _preload_content=False, _request_timeout=self.request_timeout
+                ),
+                op="delete secret",
+                what=name,
+            )
+        except StoreNotFound:
+            pass
+
+    # ------------------------------------------------------------ reading
+
+    async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
+        names = [(key, CURRENT)]
+        if version is not None:
+            names += [(key + PENDING_SUFFIX, PENDING), (key + PREVIOUS_SUFFIX, PREVIOUS)]
+        for name, stage in names:
+            obj = await self._get(name)
+            payload = _payload(obj)
+            if obj is None or payload is None:
+                continue
+            if version is None or version_of(payload) == version:
+                info = _info(obj, stage)
+                assert info is not None
+                return SecretVersion(info=info, payload=Secret(payload))
+        raise StoreNotFound(f"kubernetes secret {key}: no version {version or 'current'}")
+
+    async def versions(self, key: str) -> list[VersionInfo]:
+        main, pending, previous = await asyncio.gather(
+            self._get(key), self._get(key + PENDING_SUFFIX), self._get(key + PREVIOUS_SUFFIX)
+        )
+        current = _info(main, CURRENT) if main is not None else None
+        out: list[VersionInfo] = []
+        if previous is not None:
+            prev = _info(previous, PREVIOUS)
+            retired = (previous["metadata"].get("annotations") or {}).get(RETIRED)
+            if prev is not None and (current is None or prev.id != current.id):
+                out.append(prev)
+            elif prev is None and retired:
+                out.append(VersionInfo(id=VersionId(retired), created=_created(previous), retired=True))
+        if current is not None:
+            out.append(current)
+        if pending is not None:
+            pend = _info(pending, PENDING)
+            if pend is not None and (current is None or pend.id != current.id):
+                out.append(pend)
+        return out
+
+    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+        """Yield the current version now and on every content change; survive 410 and broken streams."""
+        core = await self._core()
+        last: VersionId | None = None
+        rv: str | None = None
+        delay = self.backoff[0]
+        while True:
+            try:
+                if rv is None:
+                    listing = await kube_call(
+                        core.list_namespaced_secret(
+                            self.namespace,
+                            field_selector=f"metadata.name={key}",
+                            _preload_content=False,
+                            _request_timeout=self.request_timeout,
+                        ),
+                        op="list secret",
+                        what=key,
+                    )
+                    rv = str(listing["metadata"]["resourceVersion"])
+                    items = listing.get("items") or []
+                    info = _info(items[0], CURRENT) if items else None
+                    if info is not None and info.id != last:
+                        last = info.id
+                        yield info
+                started = time.monotonic()
+                events = 0
+                async with contextlib.aclosing(self._stream(core, key, rv)) as stream:
+                    async for event in stream:
+                        events += 1
+                        kind, obj = event.get("type"), event.get("object") or {}
+                        if kind == "ERROR":
+                            code = obj.get("code")
+                            raise status_error(int(code) if isinstance(code, int) else 500, op="watch", what=key)
+                        rv = str(obj.get("metadata", {}).get("resourceVersion") or rv)
+                        if kind in ("ADDED", "MODIFIED"):
+                            info = _info(obj, CURRENT)
+                            if info is not None and info.id != last:
+                                last = info.id
+                                yield info
+                        elif kind == "DELETED":
+                            log.warning("watched secret was deleted", extra={"key": key})
+                        elif kind != "BOOKMARK":
+                            raise StoreUnavailable(f"kubernetes watch {key}: unexpected event type")
+                delay = self.backoff[0]
+                if events == 0 and time.monotonic() - started < 1.0:
+                    # A stream that ends at once, again and again, must not spin.
+                    await asyncio.sleep(delay)
+            except ResourceExpired:
+                log.info("watch history expired (410); listing again", extra={"key": key})
+                rv = None
+            except StoreError as e:
+                log.warning("watch failed; retrying", extra={"key": key, "error": str(e), "retry_in": round(delay, 2)})
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, self.backoff[1])
+
+    async def _stream(self, core: client.CoreV1Api, key: str, rv: str) -> AsyncIterator[Obj]:
+        """The watch events of one stream, as dicts; mapped errors; always released."""
+        try:
+            resp = await core.list_namespaced_secret(
+                self.namespace,
+                field_selector=f"metadata.name={key}",
+                watch=True,
+                resource_version=rv,
+                timeout_seconds=self.watch_timeout,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
+                _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
+            )
+        except ApiException as e:
+            raise status_error(e.status or 0, op="watch", what=key) from _scrubbed(e)
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise StoreUnavailable(f"kubernetes watch {key}: {type(e).__name__}") from e
+        try:
+            if resp.status >= 400:
+                raise status_error(resp.status, op="watch", what=key)
+            buf = b""
+            try:
+                async for chunk in resp.content.iter_any():
+                    buf += chunk
+                    # One event holds at most one Secret (1 MiB of data, base64) plus metadata.
+                    if len(buf) > 4 * MAX_PAYLOAD:
+                        raise StoreUnavailable(f"kubernetes watch {key}: event too large")
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            yield self._event(line, key)
+            except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                raise StoreUnavailable(f"kubernetes watch {key}: {type(e).__name__}") from e
+        finally:
+            resp.release()
+
+    @staticmethod
+    def _event(line: bytes, key: str) -> Obj:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise StoreUnavailable(f"kubernetes watch {key}: malformed event") from None
+        if not isinstance(event, dict):
+            raise StoreUnavailable(f"kubernetes watch {key}: malformed event")
+        return event
+
+    # ------------------------------------------------------------ rotator side
+
+    async def create(self, key: str, payload: Secret) -> VersionInfo:
+        fields = data_for(check_payload(payload.reveal()))
+        text = canonical(fields)
+        vid = version_of(text)
+        main = await self._get(key)
+        current = _info(main, CURRENT) if main is not None else None
+        if current is not None and current.id == vid:
+            return current
+        name = key + PENDING_SUFFIX
+        pending = await self._get(name)
+        info = _info(pending, PENDING) if pending is not None else None
+        if info is not None and info.id == vid:
+            return info
+        now = time.time()
+        await self._put_companion(name, pending, fields, {COMPANION_OF: key, CREATED: repr(now)})
+        return VersionInfo(
+            id=vid, stages=frozenset({PENDING}), created=now, digest=hashlib.sha256(text.encode()).hexdigest()
+        )
+
+    async def promote(self, key: str, version: VersionId) -> None:
+        main, pending, previous = await asyncio.gather(
+            self._get(key), self._get(key + PENDING_SUFFIX), self._get(key + PREVIOUS_SUFFIX)
+        )
+        current = _info(main, CURRENT) if main is not None else None
+        if current is not None and current.id == version:
+            # Already done (a retried promote): only the pending companion may be left over.
+            if pending is not None and (p := _info(pending, PENDING)) is not None and p.id == version:
+                await self._delete(key + PENDING_SUFFIX)
+            return
+        source = next(
+            (o for o in (pending, previous) if o is not None and (i := _info(o, None)) is not None and i.id == version),
+            None,
+        )
+        if source is None:
+            raise StoreNotFound(f"kubernetes secret {key}: no pending or previous version {version}")
+        new_data = dict(source["data"])
+        new_created = (source["metadata"].get("annotations") or {}).get(CREATED, repr(time.time()))
+        if main is None:
+            await self._create_secret(key, _decode(new_data), {CREATED: new_created})
+        else:
+            if current is not None:
+                # Keep the old value before it is replaced, so it is never lost.
+                await self._put_companion(
+                    key + PREVIOUS_SUFFIX,
+                    previous,
+                    _decode(main["data"]),
+                    {COMPANION_OF: key, CREATED: repr(current.created)},
+                )
+            updated = dict(main)
+            annotations = dict(main["metadata"].get("annotations") or {})
+            annotations[CREATED] = new_created
+            # The resourceVersion read above is the precondition: a concurrent writer makes this 409.
+            updated["metadata"] = {**main["metadata"], "annotations": annotations}
+            updated["data"] = new_data
+            await self._replace(updated)
+        if source is pending:
+            await self._delete(key + PENDING_SUFFIX)
+
+    async def retire(self, key: str, version: VersionId) -> None:
+        main = await self._get(key)
+        current = _info(main, CURRENT) if main is not None else None
+        if current is not None and current.id == version:
+            raise StoreConflict(f"kubernetes secret {key}: refusing to retire the current version {version}")
+        for name in (key + PREVIOUS_SUFFIX, key + PENDING_SUFFIX):
+            obj = await self._get(name)
+            info = _info(obj, None) if obj is not None else None
+            if obj is None or info is None or info.id != version:
+                continue
+            cleared = dict(obj)
+            annotations = dict(obj["metadata"].get("annotations") or {})
+            annotations[RETIRED] = version
+            cleared["metadata"] = {**obj["metadata"], "annotations": annotations}
+            cleared["data"] = {}
+            await self._replace(cleared)
+            log.info("retired version", extra={"key": key, "version": version})
+            return
+        # Not found anywhere: already retired (idempotent), or never existed.
+
+    # ------------------------------------------------------------ metadata
+
+    async def merge_metadata(self, key: str, entries: Mapping[str, str | None]) -> None:
+        if not entries:
+            return
+        core = await self._core()
+        # A merge patch of exactly these annotation keys: never a read-modify-write,
+        # so two nodes patching their own keys cannot overwrite each other.
+        patch = {"metadata": {"annotations": {annotation_key(k): v for k, v in entries.items()}}}
+        await kube_call(
+            core.patch_namespaced_secret(
+                key,
+                self.namespace,
+                patch,
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=self.request_timeout,
+            ),
+            op="patch secret annotations",
+            what=key,
+        )
+
+    async def read_metadata(self, key: str) -> dict[str, str]:
+        """Baton's own annotations of the Secret (``baton.io/x`` returned as ``baton.x``)."""
+        obj = await self._get(key)
+        if obj is None:
+            raise StoreNotFound(f"kubernetes secret {key}: not found")
+        out: dict[str, str] = {}
+        for name, value in (obj["metadata"].get("annotations") or {}).items():
+            generic = generic_key(name)
+            if generic is not None and name not in (CREATED,):
+                out[generic] = value
+        return out
