@@ -115,7 +115,7 @@ class Agent:
             loop.add_signal_handler(signal.SIGTERM, self.request_stop)
             loop.add_signal_handler(signal.SIGINT, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.should_reload.set)
-        self.api = ApiServer(self)
+        self.api = ApiServer(self, token_file=self.config.api.token_file)
         await self.api.start(self.config.api.listen)
         self._start_generation()
         event(log, "agent_started", node=self.config.node_id, credentials=len(self.config.credentials))
@@ -178,8 +178,18 @@ class Agent:
 
     def _start_generation(self) -> None:
         config = self.config
-        self.credentials = {c.name: CredentialState(c, Writer(c.output)) for c in config.credentials}
-        self.ready.clear()
+        old, self.credentials = self.credentials, {}
+        for c in config.credentials:
+            state = CredentialState(c, Writer(c.output))
+            before = old.get(c.name)
+            if before is not None and (before.config.key, before.config.output) == (c.key, c.output):
+                # Same credential, same files: what we know of it stays true across a reload.
+                state.version, state.written, state.last_change = before.version, before.written, before.last_change
+                if before.written:
+                    state.swapped.set()
+            self.credentials[c.name] = state
+        if any(c.required and not self.credentials[c.name].written for c in config.credentials):
+            self.ready.clear()
         self.reloader = Reloader(config.credentials, debounce=config.agent.debounce, on_done=self._reloaded)
         self.tracker = Tracker(config=config, agent=self)
         self._tasks = [self._guard(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()]

@@ -452,6 +452,7 @@ class Config(Model):
 # ---------------------------------------------------------------- loading
 
 _TAGS = {"local", "vault", "aws", "kubernetes"}
+_NAMED = re.compile(r"^[\w.]+: ")
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
@@ -473,7 +474,7 @@ def format_errors(err: ValidationError) -> list[str]:
     for e in err.errors(include_url=False):
         msg = str(e["msg"]).removeprefix("Value error, ")
         path = _path(tuple(e["loc"])) or "(top level)"
-        if "\n" in msg:  # our own multi-problem validators already name paths
+        if "\n" in msg or (not e["loc"] and _NAMED.match(msg)):  # our own validators already name paths
             lines.extend(m if ":" in m.split(" ")[0] else f"{path}: {m}" for m in msg.splitlines())
             continue
         if e["type"] == "extra_forbidden":

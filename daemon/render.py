@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from daemon.errors import PayloadError
@@ -59,8 +60,12 @@ def _render_all(templates: Mapping[str, str], payload: Secret) -> dict[str, str]
     for name, source in templates.items():
         try:
             text = _ENV.from_string(source).render(fields)
-        except jinja2.UndefinedError as e:
-            raise PayloadError(f"template for {name!r}: {e.message}") from None
+        except jinja2.UndefinedError:
+            # jinja's own message may quote a value ("'dict object' has no
+            # attribute '<value>'"): name only the top-level fields that are missing.
+            missing = sorted(meta.find_undeclared_variables(_ENV.parse(source)) - fields.keys())
+            what = f"uses missing field(s) {', '.join(missing)}" if missing else "uses an undefined attribute or item"
+            raise PayloadError(f"template for {name!r} {what}") from None
         except jinja2.TemplateSyntaxError as e:
             raise PayloadError(f"template for {name!r}: syntax error on line {e.lineno}: {e.message}") from None
         except Exception as e:

@@ -303,7 +303,12 @@ class LocalStore:
 
         # step=20 ms keeps put -> notice latency low; inotify costs nothing idle.
         async for _ in watchfiles.awatch(
-            self.path.resolve().parent, watch_filter=interesting, debounce=100, step=20, stop_event=stop
+            self.path.resolve().parent,
+            watch_filter=interesting,
+            debounce=100,
+            step=20,
+            stop_event=stop,
+            recursive=False,
         ):
             self._bump()
 
