@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # pip on this machine warns about every missing local index dir; keep real output.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install lint test test-fast demo bench clean
+.PHONY: install lint test test-fast demo bench clean tools system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,19 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-test: lint tools
+test: lint tools system-deps
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# The real servers the integration tests start: PostgreSQL 15 (Debian package)
+# and the tools they call (fuser/lsof for the scan bench). Installed only when
+# missing, and only where apt-get can run.
+PG_BIN := /usr/lib/postgresql/15/bin
+system-deps:
+	@if [ ! -x $(PG_BIN)/initdb ] || ! command -v fuser >/dev/null || ! command -v lsof >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 psmisc lsof >/dev/null; \
+		else echo "missing PostgreSQL 15 / psmisc / lsof and cannot apt-get install them" >&2; fi; \
+	fi
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow and not integration"
@@ -33,8 +44,10 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/baton demo
 
-bench: $(STAMP)
-	@for b in bench/*.py; do echo "== $$b" >&2; $(PY) $$b; done
+BENCHES := scan propagation footprint rotation_under_load fleet
+
+bench: $(STAMP) system-deps
+	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(PY) bench/$$b.py; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
