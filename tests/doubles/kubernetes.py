@@ -330,6 +330,17 @@ class KubeDouble:
             readyReplicas=replicas,
         )
 
+    async def until(self, predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
+        """Poll ``predicate`` until true (a deadline, not a sleep standing in for a sync point)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError("condition not reached in the Kubernetes double")
+            await asyncio.sleep(0.01)
+
+    def watch_requests(self) -> list[Request]:
+        return [r for r in self.requests if _bool(r.query.get("watch"))]
+
     def count(self, method: str, path_suffix: str) -> int:
         return sum(1 for r in self.requests if r.method == method and r.path.endswith(path_suffix))
 
