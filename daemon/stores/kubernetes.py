@@ -32,7 +32,7 @@ import os
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,7 +123,7 @@ async def new_api_client(*, kubeconfig: Path | None = None) -> client.ApiClient:
         if kubeconfig is not None:
             await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg, persist_config=False)
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=cfg)
+            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
         else:
             await config.load_kube_config(client_configuration=cfg, persist_config=False)
     except (ConfigException, OSError, ValueError) as e:
@@ -284,7 +284,9 @@ class KubernetesStore:
         assert store.kind == "kubernetes"
         return cls(namespace=default_namespace(store.namespace), kubeconfig=store.kubeconfig)
 
-    async def _core(self) -> client.CoreV1Api:
+    async def _core(self) -> Any:
+        # Any: every call is raw (dict bodies, _preload_content=False, _content_type),
+        # which the generated annotations of kubernetes_asyncio do not describe.
         async with self._lock:
             if self._api is None:
                 self._api = await new_api_client(kubeconfig=self.kubeconfig)
@@ -352,7 +354,7 @@ class KubernetesStore:
 
     async def _delete(self, name: str) -> None:
         core = await self._core()
-        try:
+        with contextlib.suppress(StoreNotFound):
             await kube_call(
                 core.delete_namespaced_secret(
                     name, self.namespace, _preload_content=False, _request_timeout=self.request_timeout
@@ -360,8 +362,6 @@ class KubernetesStore:
                 op="delete secret",
                 what=name,
             )
-        except StoreNotFound:
-            pass
 
     # ------------------------------------------------------------ reading
 
@@ -457,7 +457,7 @@ class KubernetesStore:
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff[1])
 
-    async def _stream(self, core: client.CoreV1Api, key: str, rv: str) -> AsyncIterator[Obj]:
+    async def _stream(self, core: Any, key: str, rv: str) -> AsyncGenerator[Obj, None]:
         """The watch events of one stream, as dicts; mapped errors; always released."""
         try:
             resp = await core.list_namespaced_secret(

@@ -148,7 +148,8 @@ def parse_label_selector(selector: str) -> Callable[[dict[str, str]], bool]:
             k, v = (s.strip() for s in raw.replace("==", "=").split("=", 1))
             tests.append(lambda labels, k=k, v=v: labels.get(k) == v)
         elif raw.startswith("!"):
-            tests.append(lambda labels, k=raw[1:].strip(): k not in labels)
+            name = raw[1:].strip()
+            tests.append(lambda labels, k=name: k not in labels)
         else:
             tests.append(lambda labels, k=raw: k in labels)
     return lambda labels: all(t(labels) for t in tests)
@@ -406,7 +407,7 @@ class KubeDouble:
         return obj
 
     def _invalid(self, obj: Obj) -> str | None:
-        for name in (obj.get("metadata", {}).get("annotations") or {}).keys():
+        for name in obj.get("metadata", {}).get("annotations") or {}:
             part = name.rsplit("/", 1)[-1]
             if not _ANNOTATION_NAME.match(part):
                 return f"metadata.annotations: Invalid value: {name!r}: name part must be at most 63 characters"
@@ -483,7 +484,12 @@ class KubeDouble:
             and labels(o["metadata"].get("labels") or {})
         ]
         return web.json_response(
-            {"kind": kind + "List", "apiVersion": api_version, "metadata": {"resourceVersion": str(self.rv)}, "items": items}
+            {
+                "kind": kind + "List",
+                "apiVersion": api_version,
+                "metadata": {"resourceVersion": str(self.rv)},
+                "items": items,
+            }
         )
 
     async def _watch(
