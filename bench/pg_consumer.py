@@ -12,7 +12,8 @@ Modes:
 - ``pool``: ``--pool-size`` long-lived connections used round-robin; a
   connection that errors is dropped and reopened (reading the file then);
   ``--max-lifetime`` recycles connections as real pools do; SIGHUP (Baton's
-  reload) closes them all so the next requests reconnect with the new file;
+  reload) closes them all, at once or after ``--reload-drain`` seconds, so the
+  next requests reconnect with the new file;
 - ``hold``: one session opened at start and kept until SIGTERM (a stuck
   batch job, a forgotten psql), never reloaded.
 
@@ -204,10 +205,18 @@ class Consumer:
         try:
             while not self.stop:
                 if self.reload:
-                    # Baton's reload: drop every session; the next requests log in with the new file.
+                    # Baton's reload: the next logins use the new file. Sessions already open are
+                    # closed at once, or used for up to --reload-drain seconds more (a graceful
+                    # pool drain): only pg_stat_activity can tell Baton they still exist.
                     self.reload = False
                     self.stats.reloads += 1
-                    self.close_pool()
+                    if self.args.reload_drain > 0:
+                        until = time.monotonic() + self.args.reload_drain
+                        for s in self.pool:
+                            if s is not None:
+                                s.expires = min(s.expires, until)
+                    else:
+                        self.close_pool()
                 if self.args.mode == "per-use":
                     self.request_per_use()
                 else:
@@ -244,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--app", default="pg-consumer", help="application_name of the sessions")
     p.add_argument("--pool-size", type=int, default=4)
     p.add_argument("--max-lifetime", type=float, default=0.0, help="recycle pooled connections (s, jittered)")
+    p.add_argument("--reload-drain", type=float, default=0.0, help="on SIGHUP, keep open sessions this long (s)")
     args = p.parse_args(argv)
     if args.mode == "hold":
         # A pool of one session, never recycled; SIGHUP is ignored (see _on_hup).
