@@ -20,10 +20,9 @@ from tests.fixtures.kube import KubeApi
 pytestmark = pytest.mark.integration
 
 
-def seed_pod(double: KubeDouble, name: str, **labels: str) -> None:
-    double.put(
-        "pods", {"metadata": {"name": name, "namespace": "default", "labels": labels}, "status": {"phase": "Running"}}
-    )
+def seed_pod(double: KubeDouble, name: str, *, annotations: dict[str, str] | None = None, **labels: str) -> None:
+    meta = {"name": name, "namespace": "default", "labels": labels, "annotations": annotations or {}}
+    double.put("pods", {"metadata": meta, "status": {"phase": "Running"}})
 
 
 def identity(name: str) -> PodIdentity:
