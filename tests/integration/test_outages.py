@@ -488,3 +488,50 @@ def test_backoff_uses_the_agents_retry_settings(tmp_path: Path) -> None:
     b = Backoff(config.agent.retry_min, config.agent.retry_max)
     seq = [b.next() for _ in range(10)]
     assert seq[0] <= 0.1 and max(seq) <= 0.5
+
+
+# ---------------------------------------------------------------- Kubernetes double (5xx)
+
+
+def kube_secret(name: str, value: str) -> dict[str, Any]:
+    import base64
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": "default"},
+        "data": {"value": base64.b64encode(value.encode()).decode()},
+    }
+
+
+async def test_a_kubernetes_api_answering_5xx_keeps_the_files_and_the_next_version_lands_after_it(
+    kube_api: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    double = kube_api.hooks()
+    double.put("secrets", kube_secret("db", CANARY + "-1"))
+    config = agent_config(
+        tmp_path, {"kind": "kubernetes", "kubeconfig": str(kube_api.kubeconfig), "namespace": "default"}, key="db"
+    )
+    async with running(Agent(config, install_signals=False)) as agent:
+        state = agent.credentials["db"]
+        first = state.version
+        assert stable_value(tmp_path) == CANARY + "-1"
+        before = snapshot(tmp_path / "out")
+
+        # The API server drops every watch and answers the next requests with 503/500.
+        double.fail(503, times=2)
+        double.fail(500, times=1)
+        double.end_watches()
+        await until(
+            lambda: all(f.remaining == 0 for f in double.faults),
+            timeout=10,
+            what="the injected 5xx answers to be used up",
+        )
+        assert snapshot(tmp_path / "out") == before and state.version == first
+        assert "watch failed; retrying" in everything_logged(caplog)
+
+        double.put("secrets", kube_secret("db", CANARY + "-2"))
+        # The store's own backoff (0.5 s doubling, three failures) is what bounds the pickup here.
+        await until(lambda: state.version != first, timeout=10, what="version 2 on disk")
+        assert stable_value(tmp_path) == CANARY + "-2"
+    assert CANARY not in everything_logged(caplog)
