@@ -87,6 +87,11 @@ class ContainerRestart:
         return cls(stop_signal=str(opts.get("stop_signal", "SIGTERM")), timeout=float(opts.get("timeout", 30.0)))
 
     async def reload(self, pid: int) -> None:
+        if not await asyncio.to_thread(psutil.pid_exists, pid):
+            # Gone already: most often a second pid of a container this batch just
+            # restarted. The kubelet starts it again either way.
+            log.info("process already gone; nothing to stop", extra={"pid": pid})
+            return
         main = await asyncio.to_thread(main_process, pid)
         await asyncio.to_thread(self._stop, main)
 
