@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -152,3 +153,10 @@ class PodReporter:
         if self._api is not None:
             await self._api.close()
             self._api = None
+
+
+def open_reporter(config: Config, store: object = None) -> PodReporter:
+    """For ``daemon.report.open_reporter``: an agent in a Pod publishes on its own Pod
+    (identity from the downward API); a rotator, with no POD_NAME, only collects."""
+    identity = PodIdentity.from_env() if "POD_NAME" in os.environ else None
+    return PodReporter.from_config(config, identity)

@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 
+from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError
 
 log = logging.getLogger(__name__)
@@ -118,3 +119,13 @@ class ContainerRestart:
 
     async def aclose(self) -> None:
         return None
+
+
+class ContainerRestartAction(ContainerRestart):
+    """The ``container_restart`` reload action as daemon.reload builds it: ``Cls(consumer)``."""
+
+    replaces = True  # the kubelet starts the replacement; the health check looks for it
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        opts = dict(consumer.reload.container_restart or {})
+        super().__init__(stop_signal=str(opts.get("stop_signal", "SIGTERM")), timeout=float(opts.get("timeout", 30.0)))

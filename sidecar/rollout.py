@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client
 
-from daemon.config import RolloutConfig
+from daemon.config import ConsumerConfig, RolloutConfig
 from daemon.errors import ReloadError, StoreError
 from daemon.stores.kubernetes import default_namespace, kube_call, new_api_client
 
@@ -128,3 +129,24 @@ class RolloutRestart:
         if self._api is not None:
             await self._api.close()
             self._api = None
+
+
+class RolloutAction(RolloutRestart):
+    """The ``rollout`` reload action as daemon.reload builds it: ``Cls(consumer)``.
+
+    Called once per batch (``per_consumer``), even when no local process matches
+    (``needs_process = False``): the workload may live on other nodes.
+    """
+
+    per_consumer = True
+    needs_process = False
+
+    def __init__(self, consumer: ConsumerConfig) -> None:
+        rollout = consumer.reload.rollout
+        assert rollout is not None
+        super().__init__(
+            kind=rollout.kind,
+            name=rollout.name,
+            namespace=default_namespace(rollout.namespace or os.environ.get("POD_NAMESPACE")),
+            timeout=rollout.timeout,
+        )

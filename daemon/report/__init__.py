@@ -8,18 +8,18 @@ imported lazily by name, as stores are.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from daemon.config import Config
     from daemon.report.base import Reporter
     from daemon.stores.base import SecretStore
 
-# (store kind, reports setting) -> "module:Class"; the class is built with (config, store).
+# (store kind, reports setting) -> "module:callable", called as (config, store).
 REGISTRY: dict[tuple[str, str], str] = {
-    ("vault", "status_path"): "daemon.stores.vault:VaultStatusReporter",
-    ("aws", "dynamodb"): "daemon.report.dynamodb:DynamoReporter",
-    ("kubernetes", "pod"): "sidecar.podreport:PodReporter",
+    ("vault", "status_path"): "daemon.stores.vault:VaultStatusReporter.from_config",
+    ("aws", "dynamodb"): "daemon.report.dynamodb:DynamoReporter.from_config",
+    ("kubernetes", "pod"): "sidecar.podreport:open_reporter",
 }
 
 
@@ -30,7 +30,9 @@ def open_reporter(config: Config, store: SecretStore) -> Reporter:
         from daemon.report.metadata import MetadataReporter
 
         return MetadataReporter(store)
-    module_name, _, cls_name = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    reporter: Reporter = cls.from_config(config, store)
+    module_name, _, attr_path = target.partition(":")
+    factory: Any = importlib.import_module(module_name)
+    for attr in attr_path.split("."):
+        factory = getattr(factory, attr)
+    reporter: Reporter = factory(config, store)
     return reporter

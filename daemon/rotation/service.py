@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -68,23 +70,23 @@ class Rotator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.should_exit.set)
         if self.serve_api:
-            self.api = ApiServer(self)
+            self.api = ApiServer(self, token_file=self.config.api.token_file)
             await self.api.start(self.config.api.listen)
-        tasks = [asyncio.create_task(self.schedule(r), name=f"rotate:{n}") for n, r in self.rotators.items()]
-        tasks += [asyncio.create_task(self.retire_loop(r), name=f"retire:{n}") for n, r in self.rotators.items()]
+        election = self._election()
         self.ready.set()
-        event(log, "rotator_started", credentials=sorted(self.rotators))
+        event(log, "rotator_started", credentials=sorted(self.rotators), leader_election=election is not None)
+        failed = False
         try:
-            waiter = asyncio.create_task(self.should_exit.wait())
-            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            failed = [t for t in done if t is not waiter and not t.cancelled() and t.exception() is not None]
-            for t in failed:
-                log.error("task failed", extra={"task": t.get_name(), "error": repr(t.exception())})
+            if election is not None:
+                election.start()
+            while not self.should_exit.is_set() and not failed:
+                if election is not None and not await self._until(election.elected):
+                    break
+                event(log, "rotator_leading", credentials=sorted(self.rotators))
+                failed = await self._lead(election)
         finally:
-            for t in [*tasks]:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            waiter.cancel()
+            if election is not None:
+                await election.stop()
             if self.api is not None:
                 await self.api.stop()
             for r in self.rotators.values():
@@ -93,6 +95,53 @@ class Rotator:
             if self._own_store:
                 await self.store.aclose()
         return 1 if failed else 0
+
+    def _election(self) -> Any:
+        """A Lease-based election when BATON_LEASE_NAME is set (the rotator Deployment), else None."""
+        name = os.environ.get("BATON_LEASE_NAME")
+        if not name:
+            return None
+        leader = importlib.import_module("sidecar.leader")
+        store = self.config.store
+        return leader.LeaderElection(
+            name=name,
+            namespace=os.environ.get("POD_NAMESPACE") or getattr(store, "namespace", None) or "default",
+            identity=os.environ.get("POD_NAME") or self.config.node_id,
+            kubeconfig=getattr(store, "kubeconfig", None),
+        )
+
+    async def _until(self, ev: asyncio.Event) -> bool:
+        """Wait for ``ev`` or a stop request; True when ``ev`` came first."""
+        waiters = [asyncio.create_task(ev.wait()), asyncio.create_task(self.should_exit.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        return ev.is_set() and not self.should_exit.is_set()
+
+    async def _lead(self, election: Any) -> bool:
+        """Run the schedules until stopped or the lease is lost. True when a task failed."""
+        tasks = [asyncio.create_task(self.schedule(r), name=f"rotate:{n}") for n, r in self.rotators.items()]
+        tasks += [asyncio.create_task(self.retire_loop(r), name=f"retire:{n}") for n, r in self.rotators.items()]
+        watchers: list[asyncio.Task[Any]] = [asyncio.create_task(self.should_exit.wait(), name="wait-exit")]
+        if election is not None:
+            watchers.append(asyncio.create_task(self._lost(election), name="wait-lease-lost"))
+        try:
+            done, _ = await asyncio.wait([*watchers, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            failed = [t for t in done if t in tasks and not t.cancelled() and t.exception() is not None]
+            for t in failed:
+                log.error("task failed", extra={"task": t.get_name(), "error": repr(t.exception())})
+            if election is not None and not election.is_leader:
+                event(log, "rotator_lost_lease", logging.WARNING)
+            return bool(failed)
+        finally:
+            for t in [*tasks, *watchers]:
+                t.cancel()
+            await asyncio.gather(*tasks, *watchers, return_exceptions=True)
+
+    async def _lost(self, election: Any) -> None:
+        while election.is_leader:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.should_exit.wait(), 1.0)
 
     async def schedule(self, rotator: CredentialRotator) -> None:
         every = rotator.rotation.every
