@@ -39,7 +39,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
+
+class Flags:
+    """Set by signal handlers, read by the request loop."""
+
+    stop = False
+    reload = False
+
+
+def _on_term(_s: int, _f: object) -> None:
+    Flags.stop = True
+
+
+def _on_hup(_s: int, _f: object) -> None:
+    Flags.reload = True
+
+
+if __name__ == "__main__":
+    # Before the slow import of psycopg/libpq: a SIGHUP from Baton during our start-up
+    # (a rotation just happened) must not kill us with the default action.
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
+    signal.signal(signal.SIGHUP, _on_hup)
+
+import psycopg  # noqa: E402
 
 FLUSH_EVERY = 0.2
 _VERSION_DIR = re.compile(r"/\.\.v([^/]+)-[0-9a-f]+/[^/]+$")
@@ -123,8 +146,6 @@ class Consumer:
         self.file = Path(args.file)
         self.stats_path = Path(args.stats)
         self.stats = Stats(mode=args.mode)
-        self.stop = False
-        self.reload = False
         self.pool: list[Session | None] = [None] * max(1, args.pool_size)
 
     # ------------------------------------------------------------ connections
@@ -195,20 +216,20 @@ class Consumer:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGTERM, _on_term)
+        signal.signal(signal.SIGINT, _on_term)
+        signal.signal(signal.SIGHUP, _on_hup)
         interval = 1.0 / self.args.rate
         next_at = time.monotonic()
         last_flush = 0.0
         n = 0
         try:
-            while not self.stop:
-                if self.reload:
+            while not Flags.stop:
+                if Flags.reload and self.args.mode == "pool":
                     # Baton's reload: the next logins use the new file. Sessions already open are
                     # closed at once, or used for up to --reload-drain seconds more (a graceful
                     # pool drain): only pg_stat_activity can tell Baton they still exist.
-                    self.reload = False
+                    Flags.reload = False
                     self.stats.reloads += 1
                     if self.args.reload_drain > 0:
                         until = time.monotonic() + self.args.reload_drain
@@ -235,13 +256,6 @@ class Consumer:
             self.close_pool()
             self.stats.flush(self.stats_path)
         return 0
-
-    def _on_term(self, _s: int, _f: object) -> None:
-        self.stop = True
-
-    def _on_hup(self, _s: int, _f: object) -> None:
-        if self.args.mode == "pool":
-            self.reload = True
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -92,6 +92,7 @@ class Load:
     pool_rate: float = 100.0
     pool_size: int = 4
     max_lifetime: float = 3.0  # pooled connections are recycled after 1.5-4.5 s
+    reload_drain: float = 0.3  # after Baton's SIGHUP, open sessions finish for this long (a graceful drain)
 
     @property
     def total_rate(self) -> float:
@@ -173,9 +174,9 @@ def private_cluster(*, max_connections: int = 100) -> Iterator[PgCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def admin_sql(cluster: PgCluster, query: sql.Composable | str, *, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+def admin_sql(cluster: PgCluster, query: sql.Composed | str, *, dbname: str = "postgres") -> list[tuple[Any, ...]]:
     with psycopg.connect(cluster.dsn(dbname=dbname), autocommit=True) as conn:
-        cur = conn.execute(query if isinstance(query, sql.Composable) else query.encode())
+        cur = conn.execute(query if isinstance(query, sql.Composed) else query.encode())
         return list(cur.fetchall()) if cur.description else []
 
 
@@ -304,25 +305,12 @@ class Consumers:
     procs: list[tuple[str, asyncio.subprocess.Process, Path]] = field(default_factory=list)  # variant, proc, stats
 
     async def start(self, *, root: Path, load: Load, env: dict[str, str]) -> None:
-        specs: list[tuple[str, list[str]]] = []
+        # The pool first: it is up before the next rotation's SIGHUP.
+        pool = ["pool", "--rate", str(load.pool_rate), "--pool-size", str(load.pool_size)]
+        pool += ["--max-lifetime", str(load.max_lifetime), "--reload-drain", str(load.reload_drain)]
+        specs: list[tuple[str, list[str]]] = [("pool", [*pool, "--app", "bench-pool"])]
         for i in range(load.per_use_procs):
             specs.append(("per-use", ["per-use", "--rate", str(load.per_use_rate), "--app", f"bench-per-use-{i}"]))
-        specs.append(
-            (
-                "pool",
-                [
-                    "pool",
-                    "--rate",
-                    str(load.pool_rate),
-                    "--pool-size",
-                    str(load.pool_size),
-                    "--max-lifetime",
-                    str(load.max_lifetime),
-                    "--app",
-                    "bench-pool",
-                ],
-            )
-        )
         for i, (variant, args) in enumerate(specs):
             stats = root / f"stats-{variant}-{i}.json"
             argv = [

@@ -236,7 +236,13 @@ class Running:
             )
         consumer = Consumer(mode, proc, stats, err)
         self.consumers.append(consumer)
-        await until(lambda: consumer.stats().get("requests", 0) > 0, timeout=10, what=f"{mode} consumer's 1st request")
+        try:
+            await until(
+                lambda: consumer.stats().get("requests", 0) > 0, timeout=15, what=f"{mode} consumer's 1st request"
+            )
+        except AssertionError as e:
+            said = err.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"{e}; consumer exit status {proc.returncode}, stderr:\n{said}") from None
         return consumer
 
     async def stop_consumer(self, consumer: Consumer) -> None:
@@ -343,13 +349,13 @@ async def test_rotations_with_consumers_connecting_continuously_fail_no_request_
     rotations = 3
     setup = Setup(pg_scratch, strategy, tmp_path, every=1.0)
     async with baton(setup) as running:
-        per_use = [await running.start_consumer("per-use", "--rate", "20") for _ in range(2)]
         pool = await running.start_consumer(
             # Sessions drain for a while after the reload: only the provider's session check
             # (pg_stat_activity) keeps the old version from being retired under them.
             *("pool", "--rate", "20", "--pool-size", "2", "--max-lifetime", "1.0", "--reload-drain", "0.7"),
             app="e2e-pool",
         )
+        per_use = [await running.start_consumer("per-use", "--rate", "20") for _ in range(2)]
         await rotate_exactly(running, captured, rotations, timeout=25)
         await until(
             lambda: running.retired() == list(range(1, rotations + 1)),
@@ -361,7 +367,7 @@ async def test_rotations_with_consumers_connecting_continuously_fail_no_request_
         await until(lambda: pool.stats()["requests"] >= seen + 10, timeout=5, what="requests after the last retirement")
         for c in running.consumers:
             await running.stop_consumer(c)
-        stats = [c.stats() for c in [*per_use, pool]]
+        stats = [c.stats() for c in [*per_use, pool]]  # per-use first, pool last
         current = running.current()
 
     assert all(s["failures"] == 0 for s in stats), [(s["mode"], s["reasons"]) for s in stats]
