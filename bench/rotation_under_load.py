@@ -89,7 +89,7 @@ log = logging.getLogger("bench.rotation_under_load")
 class Load:
     per_use_procs: int = 4
     per_use_rate: float = 40.0  # requests/s of each per-use process
-    pool_rate: float = 100.0
+    pool_rate: float = 120.0
     pool_size: int = 4
     max_lifetime: float = 3.0  # pooled connections are recycled after 1.5-4.5 s
     reload_drain: float = 0.3  # after Baton's SIGHUP, open sessions finish for this long (a graceful drain)
@@ -524,8 +524,7 @@ def summarize(
             v["reasons"][reason] = v["reasons"].get(reason, 0) + n
         series = timeline.setdefault(variant, {})
         for sec, (req, fail) in s.get("buckets", {}).items():
-            rel = int(sec) - int(t0)
-            cur = series.setdefault(rel, [0, 0])
+            cur = series.setdefault(int(sec), [0, 0])
             cur[0] += req
             cur[1] += fail
         for version, last in s.get("last_use", {}).items():
@@ -562,7 +561,8 @@ def summarize(
         "timed_out": timed_out,
         "target": "0 failed requests" if zero_downtime else "> 0 failed requests (naive rotation breaks clients)",
         "met": met and not timed_out and retired >= rotated,
-        "_timeline": {k: {str(s): c for s, c in sorted(series.items())} for k, series in timeline.items()},
+        "_timeline": {k: dict(sorted(series.items())) for k, series in timeline.items()},
+        "_t0": t0,
         "_promotes": sorted(round(t - t0, 2) for t in promoted.values()),
     }
 
@@ -578,21 +578,29 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 3.2 * len(results)), squeeze=False)
     for ax, (strategy, res) in zip(axes[:, 0], results.items(), strict=True):
-        timeline = res["_timeline"]
-        horizon = max((int(s) for series in timeline.values() for s in series), default=0)
-        xs = list(range(0, horizon + 1))
-        total = [0] * len(xs)
-        fails = [0] * len(xs)
+        timeline: dict[str, dict[int, list[int]]] = res["_timeline"]
+        seconds = sorted({s for series in timeline.values() for s in series})
+        # A bucket is one wall-clock second [s, s+1): drawn at its middle, relative to the start.
+        xs = [s + 0.5 - res["_t0"] for s in seconds]
+        total = [0] * len(seconds)
+        fails = [0] * len(seconds)
         for variant, series in sorted(timeline.items()):
-            ys = [series.get(str(x), [0, 0])[0] for x in xs]
-            ax.plot(xs, ys, label=f"{variant} requests/s", linewidth=1.2)
-            for i, x in enumerate(xs):
-                total[i] += series.get(str(x), [0, 0])[0]
-                fails[i] += series.get(str(x), [0, 0])[1]
+            counts = [series.get(s, [0, 0]) for s in seconds]
+            ax.plot(xs, [c[0] for c in counts], label=f"{variant} requests/s", linewidth=1.2)
+            for i, c in enumerate(counts):
+                total[i] += c[0]
+                fails[i] += c[1]
         ax.plot(xs, total, label="total requests/s", color="black", linewidth=1.6)
-        ax.bar(xs, fails, color="red", alpha=0.8, width=0.9, label="failed requests/s")
         for i, t in enumerate(res["_promotes"]):
-            ax.axvline(t, color="grey", linestyle=":", linewidth=0.8, label="promote" if i == 0 else None)
+            ax.axvline(t, color="grey", linestyle=":", linewidth=0.9, label="promote" if i == 0 else None)
+        ax.set_ylim(0, max([*total, 1]) * 1.15)
+        ax.set_ylabel("requests/s")
+        # Failures on their own axis: a few per second must stay visible next to hundreds of requests.
+        axf = ax.twinx()
+        axf.bar(xs, fails, color="red", alpha=0.7, width=0.9, label="failed requests/s")
+        axf.set_ylim(0, max([*fails, 1]) * 1.6)
+        axf.set_ylabel("failed requests/s", color="red")
+        axf.tick_params(axis="y", colors="red")
         d = res["promote_to_retire_s"]
         ax.set_title(
             f"{strategy}: {res['requests']} requests, {res['failed']} failed, "
@@ -601,10 +609,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             fontsize=10,
         )
         ax.set_xlabel("seconds since consumers started")
-        ax.set_ylabel("per second")
-        ax.set_xlim(0, max(horizon, 1))
+        ax.set_xlim(0, max(xs[-1] + 0.5, 1) if xs else 1)
         ax.grid(alpha=0.3)
-        ax.legend(loc="center right", fontsize=8)
+        lines, labels = ax.get_legend_handles_labels()
+        bars, bar_labels = axf.get_legend_handles_labels()
+        ax.legend(lines + bars, labels + bar_labels, loc="lower right", fontsize=8, ncols=3)
     fig.suptitle("Baton: PostgreSQL rotation under load", fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
