@@ -37,6 +37,9 @@ def report_annotation(credential: str) -> str:
 class PodReporter:
     """``Reporter`` on Pod annotations."""
 
+    # A node (pod) without a report is a deleted pod: gone, not unknown.
+    absent_means_gone = True
+
     def __init__(
         self,
         *,

@@ -24,6 +24,10 @@ class Session:
 
 
 class Provider(Protocol):
+    # How many credentials can be live at once (two alternating users: 2);
+    # None when unbounded. The rotator keeps superseded versions below it.
+    slots: int | None
+
     async def create(self, *, current: Secret | None) -> Secret:
         """Mint a new payload. Nothing outside the store knows it yet."""
         ...

@@ -20,6 +20,7 @@ _ALPHABETS = {
 class PasswordProvider:
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
+        self.slots: int | None = None
 
     async def create(self, *, current: Secret | None) -> Secret:
         alphabet = _ALPHABETS[self.config.alphabet]

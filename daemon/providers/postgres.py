@@ -185,6 +185,9 @@ class PostgresProvider:
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
+        # Two roles for alternating users: the rotator never starts a rotation
+        # that would reuse the role of a version still draining.
+        self.slots: int | None = 2 if config.strategy == "alternating-users" else None
         self._base = config.username
         self._dsn_checked = 0.0
         if config.strategy == "role-per-version" and not config.grant_role:

@@ -60,6 +60,10 @@ class NodeReport:
 
 
 class Reporter(Protocol):
+    # True when a missing report means the node is known gone (a deleted Pod),
+    # False when it means "unknown" (a store entry that vanished): unknown blocks.
+    absent_means_gone: bool
+
     async def publish(self, key: str, report: NodeReport) -> None:
         """Write this node's report for the credential stored at ``key``."""
         ...

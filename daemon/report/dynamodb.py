@@ -89,6 +89,8 @@ def _map_error(e: Exception, *, op: str, table: str) -> StoreError:
 class DynamoReporter:
     """``Reporter`` writing one DynamoDB item per (credential, node)."""
 
+    absent_means_gone = False
+
     def __init__(
         self,
         *,

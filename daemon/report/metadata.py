@@ -26,6 +26,8 @@ def fit(report: NodeReport, limit: int | None) -> str:
 
 
 class MetadataReporter:
+    absent_means_gone = False
+
     def __init__(self, store: SecretStore) -> None:
         self.store = store
         # Stores with a small per-value limit (Vault: 512 bytes) say so.

@@ -79,6 +79,14 @@ class CredentialRotator:
     def key(self) -> str:
         return self.cred.key
 
+    @property
+    def max_draining(self) -> int:
+        """Superseded versions allowed to wait at once; a provider's slots bound it."""
+        slots: int | None = getattr(self.provider, "slots", None)  # test doubles may omit it
+        if slots is None:
+            return self.rotation.max_draining
+        return max(1, min(self.rotation.max_draining, slots - 1))
+
     # ------------------------------------------------------------ rotate
 
     async def due_at(self) -> float:
@@ -107,7 +115,7 @@ class CredentialRotator:
                 event(log, "rotation_resumed", credential=self.cred.name, version=info.id)
             else:
                 waiting = superseded(versions)
-                if len(waiting) >= self.rotation.max_draining:
+                if len(waiting) >= self.max_draining:
                     outcome = Outcome("postponed", error=f"{len(waiting)} version(s) still draining")
                     metrics.rotations_total.labels(self.cred.name, "postponed").inc()
                     event(
@@ -115,7 +123,7 @@ class CredentialRotator:
                         "rotation_postponed",
                         credential=self.cred.name,
                         draining=[v.id for v in waiting],
-                        max_draining=self.rotation.max_draining,
+                        max_draining=self.max_draining,
                     )
                     self.last_outcome = outcome
                     return outcome
@@ -162,7 +170,13 @@ class CredentialRotator:
             return set()
 
     async def _remember(self, known: set[str], reports: list[NodeReport]) -> set[str]:
-        seen = known | {r.node for r in reports}
+        reporting = {r.node for r in reports}
+        seen = known | reporting
+        if getattr(self.reporter, "absent_means_gone", False):
+            # The reporter knows nodes are gone when their report is (a deleted Pod).
+            for node in sorted(known - reporting):
+                event(log, "node_gone", credential=self.cred.name, node=node)
+            seen = reporting
         if seen != known:
             await self.store.merge_metadata(self.key, {NODES_KEY: json.dumps(sorted(seen))})
             for node in sorted(seen - known):

@@ -717,6 +717,8 @@ class VaultStatusReporter(Generic[R]):
     reports on, so ``forget(key, node)`` can find it without knowing the credential.
     """
 
+    absent_means_gone = False
+
     def __init__(
         self,
         store: VaultStore,
