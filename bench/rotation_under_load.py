@@ -11,7 +11,12 @@ processes (bench/pg_consumer.py):
 - ``pool``: 1 process with a pool of long-lived connections that reconnects on
   error and recycles connections (max lifetime), reading the file whenever it
   connects; declared to Baton with ``reload: {signal: SIGHUP}``, which makes
-  it drop its sessions and log in again with the new file.
+  it log in again with the new file (its open sessions finish within 0.3 s, a
+  graceful drain that only the provider's session check can see).
+
+Besides requests and failures, it checks each superseded version against the
+consumers' record of its last use: ``uses_after_retirement`` must be 0 for the
+zero-downtime strategies (single-user cannot tell old sessions from new ones).
 
 The rotator rotates R times (``--rotations``, default 20) every ``--every``
 seconds while the consumers run at >= 200 requests/s in total. The two
@@ -593,12 +598,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.plot(xs, total, label="total requests/s", color="black", linewidth=1.6)
         for i, t in enumerate(res["_promotes"]):
             ax.axvline(t, color="grey", linestyle=":", linewidth=0.9, label="promote" if i == 0 else None)
-        ax.set_ylim(0, max([*total, 1]) * 1.15)
+        ax.set_ylim(0, max([*total, 1]) * 1.45)  # head room for the legend
         ax.set_ylabel("requests/s")
         # Failures on their own axis: a few per second must stay visible next to hundreds of requests.
         axf = ax.twinx()
         axf.bar(xs, fails, color="red", alpha=0.7, width=0.9, label="failed requests/s")
-        axf.set_ylim(0, max([*fails, 1]) * 1.6)
+        axf.set_ylim(0, max([*fails, 1]) * 1.45)
         axf.set_ylabel("failed requests/s", color="red")
         axf.tick_params(axis="y", colors="red")
         d = res["promote_to_retire_s"]
@@ -613,7 +618,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         lines, labels = ax.get_legend_handles_labels()
         bars, bar_labels = axf.get_legend_handles_labels()
-        ax.legend(lines + bars, labels + bar_labels, loc="lower right", fontsize=8, ncols=3)
+        ax.legend(lines + bars, labels + bar_labels, loc="upper center", fontsize=8, ncols=5)
     fig.suptitle("Baton: PostgreSQL rotation under load", fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
