@@ -52,6 +52,8 @@ class CredentialState:
     written: bool = False
     last_change: float | None = None
     last_error: str | None = None
+    # The store outage a watch is riding out, if any (shown before last_error).
+    store_error: str | None = None
     # Store time of the change being propagated (for baton_propagation_seconds).
     changed_at: float | None = None
     swapped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -63,7 +65,7 @@ class CredentialState:
             "written": self.written,
             "on_disk": [v.version for v in self.writer.versions()],
             "last_change": self.last_change,
-            "last_error": self.last_error,
+            "last_error": self.store_error or self.last_error,
             "output": str(self.config.output.dir),
         }
 
@@ -247,15 +249,23 @@ class Agent:
         backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
         await asyncio.to_thread(state.writer.recover)
         state.version = await asyncio.to_thread(state.writer.current)
+        kind = self.config.store.kind
+
+        def on_status(error: StoreError | None) -> None:
+            if error is not None:
+                metrics.store_errors_total.labels(kind, "watch").inc()
+            state.store_error = None if error is None else str(error)
+
         with bound(credential=cred.name):
             while True:
                 try:
-                    async for info in self.store.watch(cred.key):
+                    async for info in self.store.watch(cred.key, on_status=on_status):
+                        state.store_error = None
                         await self._apply(state, info)
                         backoff.reset()
                 except StoreError as e:
-                    metrics.store_errors_total.labels(self.config.store.kind, "watch").inc()
-                    state.last_error = str(e)
+                    metrics.store_errors_total.labels(kind, "watch").inc()
+                    state.store_error = str(e)
                     delay = backoff.next()
                     log.warning("store error; keeping the last good files", extra={"error": str(e), "retry_in": delay})
                     await asyncio.sleep(delay)

@@ -43,9 +43,11 @@ class MetadataReporter:
                 continue
             try:
                 report = NodeReport.from_json(v)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError, KeyError):
+                # An unreadable report is an unknown node, and unknown blocks:
+                # stand in a report that is stale from the start.
                 log.warning("unreadable node report", extra={"entry": k})
-                continue
+                report = NodeReport(node=k.removeprefix(REPORT_PREFIX), credential=credential, current=None)
             if report.credential == credential:
                 reports.append(report)
         return reports

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
-NODES_KEY = "baton.nodes"
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,7 @@ class CredentialRotator:
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
         self.retired_event = asyncio.Event()  # set whenever a version is retired
+        self._seen: set[str] = set()
 
     @property
     def key(self) -> str:
@@ -91,11 +91,14 @@ class CredentialRotator:
 
     async def due_at(self) -> float:
         """When the next rotation is due (wall time); now when there is no current version."""
-        meta = await self.store.read_metadata(self.key)
+        try:
+            meta = await self.store.read_metadata(self.key)
+        except StoreNotFound:
+            return time.time()  # no such key yet: the first rotation creates it
         try:
             last = float(meta.get(LAST_KEY, ""))
         except ValueError:
-            versions = await self.store.versions(self.key)
+            versions = await self._versions()
             current = [v for v in versions if v.is_current]
             if not current:
                 return time.time()
@@ -106,7 +109,7 @@ class CredentialRotator:
         """Run one rotation (or resume one). Never raises for a failed step: returns the outcome."""
         step = "create"
         try:
-            versions = await self.store.versions(self.key)
+            versions = await self._versions()
             pending = [v for v in versions if PENDING in v.stages and not v.retired]
             current = await self._current_payload()
             if pending:
@@ -150,6 +153,13 @@ class CredentialRotator:
         self.last_outcome = Outcome("rotated", version=info.id)
         return self.last_outcome
 
+    async def _versions(self) -> list[VersionInfo]:
+        """The key's versions; none when the key does not exist yet (first rotation)."""
+        try:
+            return await self.store.versions(self.key)
+        except StoreNotFound:
+            return []
+
     async def _current_payload(self) -> Secret | None:
         try:
             return (await self.store.read(self.key)).payload
@@ -163,37 +173,34 @@ class CredentialRotator:
     # ------------------------------------------------------------ retire
 
     async def known_nodes(self) -> set[str]:
-        meta = await self.store.read_metadata(self.key)
-        try:
-            return set(json.loads(meta.get(NODES_KEY, "[]")))
-        except ValueError:
-            return set()
+        """Nodes with a report on record. Reports persist until a node is forgotten,
+        so the records themselves are the list of known nodes (no shared list to
+        outgrow a store's metadata limits)."""
+        return {r.node for r in await self.reporter.collect(self.key, self.cred.name)}
 
-    async def _remember(self, known: set[str], reports: list[NodeReport]) -> set[str]:
+    def _remember(self, reports: list[NodeReport]) -> set[str]:
+        """Known nodes: those reporting, plus, while this rotator lives, any seen
+        before whose record vanished (missing is unknown, and unknown blocks),
+        unless the reporter says a missing record means gone (a deleted Pod)."""
         reporting = {r.node for r in reports}
-        seen = known | reporting
+        for node in sorted(reporting - self._seen):
+            event(log, "node_joined", credential=self.cred.name, node=node)
         if getattr(self.reporter, "absent_means_gone", False):
-            # The reporter knows nodes are gone when their report is (a deleted Pod).
-            for node in sorted(known - reporting):
+            for node in sorted(self._seen - reporting):
                 event(log, "node_gone", credential=self.cred.name, node=node)
-            seen = reporting
-        if seen != known:
-            await self.store.merge_metadata(self.key, {NODES_KEY: json.dumps(sorted(seen))})
-            for node in sorted(seen - known):
-                event(log, "node_joined", credential=self.cred.name, node=node)
-        return seen
+            self._seen = reporting
+        else:
+            self._seen |= reporting
+        return set(self._seen)
 
     async def forget(self, node: str) -> None:
-        known = await self.known_nodes()
         await self.reporter.forget(self.key, node)
-        if node in known:
-            known.discard(node)
-            await self.store.merge_metadata(self.key, {NODES_KEY: json.dumps(sorted(known))})
+        self._seen.discard(node)
         event(log, "node_forgotten", credential=self.cred.name, node=node)
 
     async def evaluate(self) -> list[Decision]:
         """The gate's answer for every superseded version (no side effects but node bookkeeping)."""
-        versions = await self.store.versions(self.key)
+        versions = await self._versions()
         waiting = superseded(versions)
         current = [v for v in versions if v.is_current]
         if not waiting or not current:
@@ -201,7 +208,7 @@ class CredentialRotator:
             return []
         new = current[-1].id
         reports = await self.reporter.collect(self.key, self.cred.name)
-        known = await self._remember(await self.known_nodes(), reports)
+        known = self._remember(reports)
         now = time.time()
         forget_after = self.config.report.forget_after
         if forget_after is not None:

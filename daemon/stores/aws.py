@@ -55,7 +55,7 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import check_payload
+from daemon.stores.base import StatusHook, check_payload
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -364,7 +364,7 @@ class AwsStore:
         out.sort(key=lambda v: v.created)  # stable: ties keep the store's order
         return out
 
-    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+    async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
         """Poll DescribeSecret; yield when the AWSCURRENT VersionId changes.
 
         An outage (``StoreUnavailable``) while polling is logged and polled
@@ -383,11 +383,15 @@ class AwsStore:
                 if not down:
                     log.warning("store unreachable, still polling", extra={"key": key, "error": str(e)})
                     down = True
+                if on_status is not None:
+                    on_status(e)
                 await asyncio.sleep(self.poll_interval)
                 continue
             if down:
                 log.info("store reachable again", extra={"key": key})
                 down = False
+                if on_status is not None:
+                    on_status(None)
             first = False
             current = next((vid for vid, ls in labels.items() if AWSCURRENT in ls), None)
             if current is not None and current != last:

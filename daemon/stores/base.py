@@ -5,6 +5,7 @@ Semantics every store keeps:
 - ``read`` returns a payload; ``versions``/``watch`` never do.
 - ``watch`` yields the current version's ``VersionInfo`` at once, then on every
   change of the current version id. A metadata-only change yields nothing.
+  An outage it polls through is told to ``on_status`` (the error, then None).
 - ``create`` adds a version staged ``pending``; ``promote`` makes it ``current``
   and the old current ``previous``; ``retire`` marks a version retired (and
   removes its payload where the store can). Each is idempotent.
@@ -14,12 +15,17 @@ Semantics every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
+from daemon.errors import StoreError
 from daemon.model import Secret, SecretVersion, VersionId, VersionInfo
 
 MAX_PAYLOAD = 1024 * 1024
+
+# Told of each failed poll while a watch rides out an outage, and None once the
+# store answers again: the watcher keeps its last good files, the agent shows it.
+StatusHook = Callable[[StoreError | None], None]
 
 
 @runtime_checkable
@@ -32,8 +38,12 @@ class SecretStore(Protocol):
         """Every version the store still knows of, oldest first, without payloads."""
         ...
 
-    def watch(self, key: str) -> AsyncIterator[VersionInfo]:
-        """Yield the current version now and whenever the current version changes."""
+    def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
+        """Yield the current version now and whenever the current version changes.
+
+        A store that polls rides out an outage inside the watch and reports it
+        through ``on_status``; errors it cannot ride out end the watch.
+        """
         ...
 
     async def create(self, key: str, payload: Secret) -> VersionInfo:

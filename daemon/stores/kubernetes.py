@@ -51,7 +51,7 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import MAX_PAYLOAD, check_payload
+from daemon.stores.base import MAX_PAYLOAD, StatusHook, check_payload
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -401,12 +401,13 @@ class KubernetesStore:
                 out.append(pend)
         return out
 
-    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+    async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
         """Yield the current version now and on every content change; survive 410 and broken streams."""
         core = await self._core()
         last: VersionId | None = None
         rv: str | None = None
         delay = self.backoff[0]
+        down = False
         while True:
             try:
                 if rv is None:
@@ -421,6 +422,10 @@ class KubernetesStore:
                         what=key,
                     )
                     rv = str(listing["metadata"]["resourceVersion"])
+                    if down:
+                        down = False
+                        if on_status is not None:
+                            on_status(None)
                     items = listing.get("items") or []
                     info = _info(items[0], CURRENT) if items else None
                     if info is not None and info.id != last:
@@ -431,6 +436,10 @@ class KubernetesStore:
                 async with contextlib.aclosing(self._stream(core, key, rv)) as stream:
                     async for event in stream:
                         events += 1
+                        if down:  # the stream opened: the store answers again
+                            down = False
+                            if on_status is not None:
+                                on_status(None)
                         kind, obj = event.get("type"), event.get("object") or {}
                         if kind == "ERROR":
                             code = obj.get("code")
@@ -454,6 +463,9 @@ class KubernetesStore:
                 rv = None
             except StoreError as e:
                 log.warning("watch failed; retrying", extra={"key": key, "error": str(e), "retry_in": round(delay, 2)})
+                down = True
+                if on_status is not None:
+                    on_status(e)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 delay = min(delay * 2, self.backoff[1])
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.errors import StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import check_payload
+from daemon.stores.base import StatusHook, check_payload
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -312,7 +312,8 @@ class LocalStore:
         ):
             self._bump()
 
-    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+    async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
+        # A local database error is not an outage to poll through: it ends the watch.
         if self._wake is None:
             self._wake = asyncio.Event()
             await asyncio.to_thread(self._run, lambda c: None)  # the file must exist to be watched

@@ -75,7 +75,7 @@ from daemon.errors import (
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
 from daemon.report.base import NodeReport
-from daemon.stores.base import SecretStore, check_payload
+from daemon.stores.base import SecretStore, StatusHook, check_payload
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +559,7 @@ class VaultStore:
         meta = await self._metadata(key)
         return [meta.info(n) for n in sorted(meta.versions)]
 
-    async def watch(self, key: str) -> AsyncIterator[VersionInfo]:
+    async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
         """Poll metadata every ``poll_interval``; yield when the current version id changes.
 
         A store outage is logged and polled through (the last version stays in
@@ -567,16 +567,24 @@ class VaultStore:
         """
         last: int | None = None
         missing_logged = False
+        down = False
         while True:
             try:
                 meta = await self._metadata(key)
             except StoreUnavailable as e:
                 log.warning("vault watch: store unavailable, will poll again", extra={"key": key, "error": str(e)})
+                down = True
+                if on_status is not None:
+                    on_status(e)
             except StoreNotFound:
                 if not missing_logged:
                     log.info("vault watch: key does not exist yet, will poll again", extra={"key": key})
                     missing_logged = True
             else:
+                if down:
+                    down = False
+                    if on_status is not None:
+                        on_status(None)
                 number = meta.current
                 if number and number != last and not meta.gone(number):
                     last = number
