@@ -309,6 +309,9 @@ class RotationConfig(Model):
     provider: ProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
+    min_drain: Duration = Field(
+        0.0, description="Keep a superseded version at least this long (for clients that read, close, connect later)."
+    )
 
     @model_validator(mode="before")
     @classmethod

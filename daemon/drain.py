@@ -28,7 +28,7 @@ from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import event
 from daemon.render import render_env
 from daemon.report.base import Holder, NodeReport
-from daemon.usage.consumers import match_all
+from daemon.usage.consumers import match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
 
@@ -123,6 +123,7 @@ class Tracker:
                 self.creds_of.setdefault(c.name, []).append(cred.name)
         self.opens: OpenWatcher | None = None
         self._on_disk: dict[str, list[OnDisk]] = {}
+        self._scanned_current: dict[str, str | None] = {}
 
     def poke(self) -> None:
         """Something changed: rescan soon."""
@@ -179,6 +180,9 @@ class Tracker:
 
     async def scan_once(self) -> None:
         states = self.agent.credentials
+        # Reports pair holders with the current version as it was when the scan
+        # began: a swap during the scan must not read as "new current, no old holders".
+        current_at_start = {n: s.version for n, s in states.items()}
         on_disk: dict[str, list[OnDisk]] = {}
         files: list[VersionFiles] = []
         env_names: set[str] = set()
@@ -200,10 +204,11 @@ class Tracker:
             started: dict[int, float] = {}
             exes: dict[int, str] = {}
             for pid in {p for ps in pids.values() for p in ps}:
+                born = process_start(pid)
+                if born is not None:
+                    started[pid] = born
                 with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(pid)
-                    started[pid] = proc.create_time()
-                    exes[pid] = proc.exe()
+                    exes[pid] = psutil.Process(pid).exe()
             return sightings, pids, started, exes
 
         sightings, pids, started, exes = await asyncio.to_thread(blocking)
@@ -226,6 +231,7 @@ class Tracker:
             creds_of=self.creds_of,
         )
         self._on_disk = on_disk
+        self._scanned_current = current_at_start
         for name in states:
             usage = self.usage.get(name, Usage())
             for d in on_disk[name]:
@@ -238,7 +244,7 @@ class Tracker:
         return NodeReport(
             node=self.config.node_id,
             credential=name,
-            current=state.version,
+            current=self._scanned_current.get(name),
             in_use={v: len(h) for v, h in usage.holders.items() if h},
             holders=tuple(holders[: self.config.report.max_holders]),
             heartbeat=time.time(),

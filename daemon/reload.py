@@ -41,7 +41,7 @@ from daemon import metrics
 from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
 from daemon.errors import ReloadError
 from daemon.logs import event
-from daemon.usage.consumers import find_processes, unit_of
+from daemon.usage.consumers import find_processes, process_start, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -511,6 +511,7 @@ FAILURE = "failure"
 NOT_NEEDED = "not_needed"
 NO_PROCESSES = "no_processes"
 GONE = "gone"
+FRESH = "fresh"  # started after the change: it loaded the new version by itself
 
 
 @dataclass(frozen=True)
@@ -558,6 +559,8 @@ class _State:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     pending: dict[str, str] = field(default_factory=dict)  # credential -> version
     first_at: float = 0.0
+    last_wall: float = 0.0  # wall time of the latest change in the batch
+    batch_wall: float = 0.0  # last_wall of the batch being rolled
     last_at: float = 0.0
     last_roll: float | None = None  # monotonic start of the last roll that acted
     running: bool = False
@@ -622,6 +625,7 @@ class Reloader:
             if not st.pending:
                 st.first_at = now
             st.last_at = now
+            st.last_wall = self._wall()
             st.pending[credential] = version
             st.wake.set()
         if names:
@@ -693,6 +697,7 @@ class Reloader:
     def _take(self, st: _State) -> tuple[frozenset[str], dict[str, str]]:
         versions = dict(st.pending)
         st.pending.clear()
+        st.batch_wall = st.last_wall
         return frozenset(versions), versions
 
     def _due(self, st: _State) -> float:
@@ -757,6 +762,13 @@ class Reloader:
                 # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
                 reloaded.append(PidReload(pid, self._wall(), GONE))
                 self._event(cons.name, pid, GONE, creds, versions)
+                continue
+            born = process_start(pid) if pid and not per_consumer else None
+            if born is not None and born >= st.batch_wall:
+                # Started after the new files were in place: it read them at start. A
+                # signal now could reach it before it installs its handler, and kill it.
+                reloaded.append(PidReload(pid, born, FRESH))
+                self._event(cons.name, pid, FRESH, creds, versions)
                 continue
             try:
                 new_pid = await action.reload(pid)

@@ -7,7 +7,8 @@ A version is retired only when all of these hold:
   unknown, and unknown blocks);
 - every node reports the new version as its current one;
 - no node reports a holder of the old version;
-- the provider reports no session on the old credential.
+- the provider reports no session on the old credential;
+- it was superseded at least ``min_drain`` ago (default 0).
 
 The answer carries every reason it is not yet, and who still holds the version,
 so ``baton status --pending`` can show it.
@@ -52,8 +53,12 @@ def decide(
     now: float,
     ttl: float,
     sessions: Sequence[Session] = (),
+    superseded_for: float | None = None,
+    min_drain: float = 0.0,
 ) -> Decision:
     reasons: list[str] = []
+    if superseded_for is not None and superseded_for < min_drain:
+        reasons.append(f"superseded {superseded_for:.0f}s ago; min_drain is {min_drain:.0f}s")
     holders: dict[str, tuple[Holder, ...]] = {}
     latest: dict[str, NodeReport] = {}
     for r in reports:

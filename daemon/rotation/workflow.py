@@ -12,6 +12,7 @@ with two slots never reuses a slot that is still in use).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -217,6 +218,9 @@ class CredentialRotator:
                     await self.forget(r.node)
                     known.discard(r.node)
             reports = [r for r in reports if r.node in known]
+        # A version is superseded when the next one was created (promote follows at once).
+        ordered = sorted(versions, key=lambda x: x.created)
+        successor = {a.id: b.created for a, b in itertools.pairwise(ordered)}
         decisions = []
         for v in waiting:
             try:
@@ -234,6 +238,8 @@ class CredentialRotator:
                     now=now,
                     ttl=self.config.report.report_ttl,
                     sessions=sessions,
+                    superseded_for=now - successor.get(v.id, now),
+                    min_drain=self.rotation.min_drain,
                 )
             )
         self.last_decisions = decisions

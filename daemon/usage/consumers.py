@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +25,29 @@ def _pidfile(path: Path) -> list[int]:
     except (OSError, ValueError, IndexError):
         return []
     return [pid] if psutil.pid_exists(pid) else []
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def process_start(pid: int) -> float | None:
+    """Wall time ``pid`` started, to about 10 ms.
+
+    psutil's create_time adds the start tick to a boot time rounded to the
+    second, so it can be off by up to a second: too coarse to tell whether a
+    process started before or after a version was swapped in. Here the start
+    tick is set against /proc/uptime, read at the same moment as the clock.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        now = time.time()
+        start_ticks = int(stat.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+    return now - uptime + start_ticks / _CLK_TCK
 
 
 def unit_of(pid: int) -> str | None:

@@ -289,3 +289,21 @@ async def test_an_http_health_check_gates_the_roll(procs: Procs) -> None:
     assert r.status()["app"].result == "ok"
     st = r.status()["bad"]
     assert st.result == "failure" and st.error is not None and "503" in st.error
+
+
+async def test_a_process_started_after_the_change_is_not_signalled_it_loaded_the_new_version_itself(
+    procs: Procs,
+) -> None:
+    old = await procs.child("old")
+    cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
+    pids: list[int] = [old.pid]
+    r = Reloader({"db": [cons]}, debounce=0.3, find=lambda m: list(pids))
+    async with running(r):
+        r.changed("db", "2")
+        new = await procs.child("new")  # starts during the debounce, after the change
+        pids.append(new.pid)
+        await idle(r)
+    assert len(lines(procs.tmp / "old.log", "hup")) == 1
+    assert lines(procs.tmp / "new.log", "hup") == []
+    results = {p.pid: p.result for p in r.status()["app"].reloaded}
+    assert results == {old.pid: "ok", new.pid: "fresh"}

@@ -123,3 +123,13 @@ async def test_a_secret_value_never_shows_in_outcomes(tmp_path: Path, store: Loc
     value = (await store.read("k")).payload.reveal()
     assert value not in repr(outcome)
     assert isinstance((await store.read("k")).payload, Secret)
+
+
+def test_min_drain_holds_a_version_that_was_superseded_too_recently() -> None:
+    from daemon.rotation.gate import decide
+
+    report = NodeReport(node="n", credential="db", current="2", heartbeat=100.0)
+    young = decide(old="1", new="2", reports=[report], known=(), now=100.0, ttl=90, superseded_for=3, min_drain=10)
+    assert not young.retire and "min_drain" in young.reasons[0]
+    old = decide(old="1", new="2", reports=[report], known=(), now=100.0, ttl=90, superseded_for=11, min_drain=10)
+    assert old.retire
