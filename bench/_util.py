@@ -84,6 +84,18 @@ def sample(pid: int) -> ProcSample:
     return ProcSample(time.monotonic(), (utime + stime) / CLK_TCK, rss_pages * PAGE)
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds of each thread of ``pid``: tid -> (name, utime+stime); threads gone meanwhile are skipped."""
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            head, _, rest = (task / "stat").read_text().rpartition(")")
+            fields = rest.split()
+            name = head.split("(", 1)[1]
+            out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    return out
+
+
 def vm_hwm(pid: int) -> int | None:
     """The kernel's own peak RSS of ``pid`` (VmHWM), in bytes."""
     with contextlib.suppress(OSError):
@@ -112,12 +124,22 @@ def start_agent(config: Path, *, cwd: Path, log: Path, env: dict[str, str] | Non
         )
 
 
-def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 10.0) -> None:
-    """SIGTERM every process, SIGKILL what is still there after ``grace`` seconds; reap all."""
+def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 10.0, groups: bool = False) -> None:
+    """SIGTERM every process, SIGKILL what is still there after ``grace`` seconds; reap all.
+
+    ``groups``: each process leads its own process group (start_new_session) and
+    the whole group is signalled, so that its children (a shell's ``sleep``) go too.
+    """
+
+    def send(p: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if groups:
+                os.killpg(p.pid, sig)
+            elif p.poll() is None:
+                p.send_signal(sig)
+
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                p.send_signal(signal.SIGTERM)
+        send(p, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         try:
@@ -125,3 +147,5 @@ def stop(procs: Sequence[subprocess.Popen[bytes]], *, grace: float = 10.0) -> No
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        if groups:
+            send(p, signal.SIGKILL)  # anything of the group still left
