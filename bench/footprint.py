@@ -427,7 +427,7 @@ def breakdown(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or NAME).splitlines()[0])
     p.add_argument("--seconds", type=float, default=60.0, help="idle window after ready")
     p.add_argument("--every", type=float, default=1.0, help="sampling interval")
     p.add_argument("--credentials", type=int, default=100)

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or NAME).splitlines()[0])
     p.add_argument("--rotations", type=int, default=100)
     p.add_argument("--consumers", type=int, default=5)
     p.add_argument("--gap", type=float, default=0.2, help="seconds between rotations")

@@ -172,7 +172,8 @@ async def test_two_rotations_expose_agent_and_rotator_metrics_and_json_events_wi
             assert asyncio.get_running_loop().time() < deadline, f"{versions - 1} rotations, {retired} retired"
             await asyncio.sleep(0.05)
         # The consumer's reload of the last version may still be in its health gate.
-        await asyncio.wait_for(agent.reloader.wait_idle(), 10)  # type: ignore[union-attr]
+        assert agent.reloader is not None
+        await asyncio.wait_for(agent.reloader.wait_idle(), 10)
 
         assert agent.api is not None and agent.api.address is not None
         async with aiohttp.ClientSession() as http:
