@@ -57,7 +57,7 @@ def decide(
     min_drain: float = 0.0,
 ) -> Decision:
     reasons: list[str] = []
-    if superseded_for is not None and superseded_for < min_drain:
+    if min_drain > 0 and superseded_for is not None and superseded_for < min_drain:
         reasons.append(f"superseded {superseded_for:.0f}s ago; min_drain is {min_drain:.0f}s")
     holders: dict[str, tuple[Holder, ...]] = {}
     latest: dict[str, NodeReport] = {}
