@@ -83,7 +83,7 @@ def decide(
             reasons.append(f"{node}: current version is {report.current}, not {new}")
         if count:
             reasons.append(f"{node}: {count} holder(s) of version {old}")
-    if fresh == 0 and not reasons:
+    if not latest and not known:  # no node at all (a min_drain reason must not hide it)
         reasons.append("no node has reported yet (unknown)")
     if sessions:
         total = sum(s.count for s in sessions)
