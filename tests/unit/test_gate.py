@@ -238,3 +238,34 @@ def test_the_gate_is_pure_and_does_not_touch_its_inputs() -> None:
     assert first == second
     assert known == {"a"}
     assert reports[0].in_use == {OLD: 1}
+
+
+# ---------------------------------------------------------------- min_drain
+
+
+def test_a_version_superseded_less_than_min_drain_ago_waits() -> None:
+    d = decide(old=OLD, new=NEW, reports=[report("a")], known={"a"}, now=NOW, ttl=TTL, superseded_for=30, min_drain=60)
+
+    assert not d.retire
+    assert d.reasons == ("superseded 30s ago; min_drain is 60s",)
+
+
+def test_a_version_superseded_at_least_min_drain_ago_may_go() -> None:
+    d = decide(old=OLD, new=NEW, reports=[report("a")], known={"a"}, now=NOW, ttl=TTL, superseded_for=60, min_drain=60)
+
+    assert d.retire
+
+
+def test_without_min_drain_a_successor_stamped_slightly_ahead_of_our_clock_does_not_block() -> None:
+    # The successor's creation time comes from the store (another host's clock for Vault/AWS);
+    # with min_drain off, a few seconds of clock skew must not hold a retirement.
+    d = decide(old=OLD, new=NEW, reports=[report("a")], known={"a"}, now=NOW, ttl=TTL, superseded_for=-3, min_drain=0)
+
+    assert d.retire, d.reasons
+
+
+def test_min_drain_does_not_hide_that_no_node_has_reported() -> None:
+    d = decide(old=OLD, new=NEW, reports=[], known=set(), now=NOW, ttl=TTL, superseded_for=5, min_drain=60)
+
+    assert not d.retire
+    assert d.reasons == ("superseded 5s ago; min_drain is 60s", "no node has reported yet (unknown)")

@@ -25,7 +25,7 @@ from daemon.providers.base import Session
 from daemon.providers.password import PasswordProvider
 from daemon.report.base import REPORT_PREFIX, Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
-from daemon.rotation.workflow import LAST_KEY, NODES_KEY, STATE_KEY, CredentialRotator, Outcome, superseded
+from daemon.rotation.workflow import LAST_KEY, STATE_KEY, CredentialRotator, Outcome, superseded
 from daemon.stores.local import LocalStore
 
 KEY = "app/db"
@@ -44,6 +44,7 @@ class FlakyProvider:
         self.retired: list[Secret] = []
         self.session_list: list[Session] = []
         self.sessions_fail = False
+        self.slots: int | None = None
 
     def _maybe_fail(self, step: str) -> None:
         if self.fail.get(step, 0) > 0:
@@ -448,7 +449,22 @@ async def test_a_node_once_seen_is_remembered_and_its_lost_report_blocks(tmp_pat
     assert rotator.last_decisions[0].reasons == ("node-a: no report (unknown)",)
 
 
-async def test_forget_removes_the_report_and_the_known_node_and_logs_an_event(
+async def test_an_unreadable_report_blocks_as_an_unknown_node(tmp_path: Path, store: FlakyStore) -> None:
+    await store.put(KEY, Secret("first-value-0000"))
+    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    await rotator.rotate()
+    await publish(store, "node-b", current="2")
+    await store.merge_metadata(KEY, {REPORT_PREFIX + "node-a": "{not json"})
+
+    assert await rotator.retire_ready() == []
+    [reason] = rotator.last_decisions[0].reasons
+    assert reason.startswith("node-a: report is stale")
+
+    await publish(store, "node-a", current="2")
+    assert await rotator.retire_ready() == ["1"]
+
+
+async def test_forget_removes_the_report_so_the_node_is_no_longer_known_and_logs_an_event(
     tmp_path: Path, store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -459,15 +475,31 @@ async def test_forget_removes_the_report_and_the_known_node_and_logs_an_event(
     await publish(store, "node-b", current="2")
     assert await rotator.retire_ready() == []
     assert await rotator.known_nodes() == {"node-a", "node-b"}
+    assert {r.node for r in events(caplog, "node_joined")} == {"node-a", "node-b"}  # type: ignore[attr-defined]
 
     await rotator.forget("node-a")
 
     meta = await store.read_metadata(KEY)
     assert REPORT_PREFIX + "node-a" not in meta
     assert REPORT_PREFIX + "node-b" in meta
-    assert json.loads(meta[NODES_KEY]) == ["node-b"]
+    assert await rotator.known_nodes() == {"node-b"}
     [record] = events(caplog, "node_forgotten")
     assert (record.node, record.credential) == ("node-a", "db")  # type: ignore[attr-defined]
+    assert await rotator.retire_ready() == ["1"]
+
+
+async def test_a_forgotten_node_is_not_remembered_as_unknown_by_the_rotator_that_saw_it(
+    tmp_path: Path, store: FlakyStore
+) -> None:
+    await store.put(KEY, Secret("first-value-0000"))
+    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    await rotator.rotate()
+    await publish(store, "node-a", current="1")
+    await publish(store, "node-b", current="2")
+    assert await rotator.retire_ready() == []  # the rotator has now seen node-a
+
+    await rotator.forget("node-a")
+
     assert await rotator.retire_ready() == ["1"]
 
 
@@ -477,7 +509,7 @@ async def test_forgetting_an_unknown_node_changes_nothing_but_is_still_logged(
     caplog.set_level(logging.INFO)
     await store.put(KEY, Secret("first-value-0000"))
     rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
-    await store.merge_metadata(KEY, {NODES_KEY: json.dumps(["node-b"])})
+    await publish(store, "node-b", current="1")
 
     await rotator.forget("nobody")
 
