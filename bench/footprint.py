@@ -267,7 +267,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def imports_rss() -> float | None:
     """RSS of a Python that only imports what the agent imports, then exits: the floor of the agent's RSS."""
     code = (
-        "import daemon.cli, daemon.app, daemon.stores.local, daemon.usage.scan, daemon.reload, watchfiles, sqlite3;"
+        "import daemon.cli, daemon.app, daemon.stores.local, daemon.usage.scan, daemon.reload, sqlite3;"
         "print(open('/proc/self/status').read())"
     )
     try:
@@ -369,7 +369,6 @@ IMPORT_GROUPS = [
     ("jinja2, psutil, sqlite3, yaml", "import jinja2.sandbox, psutil, sqlite3, yaml"),
     ("prometheus_client", "import prometheus_client"),
     ("aiohttp (api server, http health check)", "import aiohttp.web"),
-    ("watchfiles", "import watchfiles"),
     ("the rest of daemon (app, drain, reload, ...)", "import daemon.cli, daemon.app, daemon.stores.local"),
 ]
 

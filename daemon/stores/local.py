@@ -1,8 +1,10 @@
 """The embedded store: SQLite in WAL mode, one file, many readers and writers.
 
 Owns the schema and every SQL statement on it. Change detection never reads a
-payload: a watch on the database file (watchfiles, inotify) wakes watchers,
-which then read only the id of the current version. Metadata entries are
+payload: an inotify watch on the database file (daemon.inotify) wakes one
+watcher task, which reads the current version ids of all keys in one query
+(only after ``PRAGMA data_version`` says another connection committed), so an
+idle agent costs nothing and 100 credentials cost one query. Metadata entries are
 merged in one transaction per call, so two nodes writing their own report
 keys can never overwrite each other. A retired version's payload is erased.
 """
@@ -50,8 +52,10 @@ CREATE TABLE IF NOT EXISTS metadata (
 );
 """
 
-# Re-check even without a file event: covers file systems without inotify.
-_FALLBACK_RECHECK = 5.0
+# Look again even without a file event: covers file systems without inotify
+# (a slow poll), and is the only cost of an idle watch.
+_FALLBACK_RECHECK = 30.0
+_POLL_WITHOUT_INOTIFY = 1.0
 
 
 class LocalStore:
@@ -62,11 +66,12 @@ class LocalStore:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._watch_files = watch_files
-        # A wake-up generation: watchers note it before they look, and wait
-        # for the next one only if nothing changed while they were looking.
-        self._gen = 0
-        self._wake: asyncio.Event | None = None
-        self._stop_watch: asyncio.Event | None = None
+        # One watcher task serves every watched key: it reads the current
+        # version of all keys in one query when the database changed, and
+        # wakes the per-key watches through ``_changed`` (replaced on each use).
+        self._currents: dict[str, VersionInfo] = {}
+        self._changed: asyncio.Event | None = None
+        self._poke: asyncio.Event | None = None
         self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
@@ -99,10 +104,8 @@ class LocalStore:
                 raise StoreError(f"local store {self.path}: {e}") from e
 
     def _bump(self) -> None:
-        self._gen += 1
-        if self._wake is not None:
-            wake, self._wake = self._wake, asyncio.Event()
-            wake.set()
+        if self._poke is not None:
+            self._poke.set()
 
     async def _write(self, fn: Callable[[], T]) -> T:
         result = await asyncio.to_thread(fn)
@@ -157,14 +160,20 @@ class LocalStore:
     def keys_sync(self) -> list[str]:
         return [r[0] for r in self._run(lambda c: c.execute("SELECT DISTINCT key FROM versions").fetchall())]
 
-    def _current_id(self, key: str) -> VersionInfo | None:
-        def q(c: sqlite3.Connection) -> tuple[Any, ...] | None:
-            sql = "SELECT id, digest, stage, created, retired FROM versions WHERE key=? AND stage='current'"
-            row: tuple[Any, ...] | None = c.execute(sql, (key,)).fetchone()
-            return row
+    def _all_current(self) -> tuple[int, dict[str, VersionInfo]]:
+        """``PRAGMA data_version`` and the current version of every key, in one go."""
 
-        row = self._run(q)
-        return self._info(row) if row else None
+        def q(c: sqlite3.Connection) -> tuple[int, list[tuple[Any, ...]]]:
+            (data_version,) = c.execute("PRAGMA data_version").fetchone()
+            sql = "SELECT key, id, digest, stage, created, retired FROM versions WHERE stage='current'"
+            return int(data_version), c.execute(sql).fetchall()
+
+        data_version, rows = self._run(q)
+        return data_version, {r[0]: self._info(r[1:]) for r in rows}
+
+    def _data_version(self) -> int:
+        (value,) = self._run(lambda c: c.execute("PRAGMA data_version").fetchone())
+        return int(value)
 
     # ------------------------------------------------------------ writes
 
@@ -293,52 +302,66 @@ class LocalStore:
 
     # ------------------------------------------------------------ watch
 
-    async def _watch_file(self, stop: asyncio.Event) -> None:
-        import watchfiles
+    async def _follow(self) -> None:
+        """The one watcher task: re-read the current versions when the database changed."""
+        from daemon.inotify import DirWatch
 
-        names = {self.path.name, self.path.name + "-wal"}
-
-        def interesting(_change: Any, path: str) -> bool:
-            return Path(path).name in names
-
-        # step=20 ms keeps put -> notice latency low; inotify costs nothing idle.
-        async for _ in watchfiles.awatch(
-            self.path.resolve().parent,
-            watch_filter=interesting,
-            debounce=100,
-            step=20,
-            stop_event=stop,
-            recursive=False,
-        ):
-            self._bump()
+        assert self._poke is not None and self._changed is not None
+        poke = self._poke
+        names = (self.path.name, self.path.name + "-wal")
+        inotify = DirWatch.open(str(self.path.resolve().parent), names, poke.set) if self._watch_files else None
+        idle = _FALLBACK_RECHECK if inotify is not None else _POLL_WITHOUT_INOTIFY
+        seen_version = -1
+        try:
+            while True:
+                # data_version changes only when another connection committed; our
+                # own commits poke us directly. Either way one query serves all keys.
+                data_version = await asyncio.to_thread(self._data_version)
+                if data_version != seen_version or poke.is_set():
+                    poke.clear()
+                    seen_version, currents = await asyncio.to_thread(self._all_current)
+                    if currents != self._currents:
+                        self._currents = currents
+                        changed, self._changed = self._changed, asyncio.Event()
+                        changed.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(poke.wait(), idle)
+        finally:
+            if inotify is not None:
+                inotify.close()
+            if self._changed is not None:
+                self._changed.set()  # watches wake, see this task ended, and end too
 
     async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
         # A local database error is not an outage to poll through: it ends the watch.
-        if self._wake is None:
-            self._wake = asyncio.Event()
+        if self._watcher is None or self._watcher.done():
+            self._poke = asyncio.Event()
+            self._changed = asyncio.Event()
+            self._currents = {}
             await asyncio.to_thread(self._run, lambda c: None)  # the file must exist to be watched
-            if self._watch_files:
-                self._stop_watch = asyncio.Event()
-                self._watcher = asyncio.create_task(self._watch_file(self._stop_watch), name="local-store-watch")
+            self._watcher = asyncio.create_task(self._follow(), name="local-store-watch")
         last: VersionInfo | None = None
         while True:
-            seen = self._gen
-            current = await asyncio.to_thread(self._current_id, key)
+            changed = self._changed
+            assert changed is not None
+            current = self._currents.get(key)
             if current is not None and (last is None or current.id != last.id):
                 last = current
                 yield current
-            if self._gen == seen and self._wake is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), _FALLBACK_RECHECK)
+            watcher = self._watcher
+            if watcher is None or watcher.cancelled():
+                return  # the store was closed
+            if watcher.done():
+                watcher.result()  # a database error ends every watch, as it should
+            await changed.wait()
 
     async def aclose(self) -> None:
-        if self._watcher is not None and self._stop_watch is not None:
-            self._stop_watch.set()
+        if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._watcher
             self._watcher = None
-        self._wake = None
+        self._poke = self._changed = None
         with self._lock:
             if self._conn is not None:
                 self._conn.close()
