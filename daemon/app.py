@@ -54,8 +54,10 @@ class CredentialState:
     last_error: str | None = None
     # The store outage a watch is riding out, if any (shown before last_error).
     store_error: str | None = None
-    # Store time of the change being propagated (for baton_propagation_seconds).
+    # The change being propagated (baton_propagation_seconds): when the store
+    # made it, and the consumers that have yet to take it.
     changed_at: float | None = None
+    waiting_for: set[str] = field(default_factory=set)
     swapped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def status(self) -> dict[str, Any]:
@@ -300,7 +302,9 @@ class Agent:
         metrics.credential_version_info.labels(cred.name, info.id).set(1)
         if changed:
             state.last_change = time.time()
-            state.changed_at = received
+            # The store's own time of the change where it has one, else when we saw it.
+            state.changed_at = info.created if 0 < info.created <= received else received
+            state.waiting_for = {c.name for c in cred.consumers if c.loads != "per-use"}
             metrics.writes_total.labels(cred.name, "ok").inc()
             metrics.last_change_timestamp_seconds.labels(cred.name).set(state.last_change)
             event(log, "version_written", version=info.id, previous=previous)
@@ -310,13 +314,18 @@ class Agent:
             self.tracker.poke()
 
     def _reloaded(self, consumer: str, credentials: Any, ok: bool) -> None:
+        """Observe propagation once per change: when its last consumer is reloaded."""
         if not ok:
             return
         now = time.time()
         for name in credentials:
             state = self.credentials.get(name)
-            if state is not None and state.changed_at is not None:
+            if state is None or state.changed_at is None:
+                continue
+            state.waiting_for.discard(consumer)
+            if not state.waiting_for:
                 metrics.propagation_seconds.observe(now - state.changed_at)
+                state.changed_at = None
 
     # ------------------------------------------------------------ status
 

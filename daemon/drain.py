@@ -142,8 +142,12 @@ class Tracker:
                     await self.cleanup_retired()
                     last_cleanup = now
                 await self.publish_all()
+                # Holders only matter while an old version is on disk; otherwise a
+                # scan per heartbeat keeps the status fresh at almost no cost.
+                draining = any(len(v) > 1 for v in self._on_disk.values())
+                wait = interval if draining else max(interval, self.config.report.heartbeat)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poke.wait(), interval)
+                    await asyncio.wait_for(self._poke.wait(), wait)
         finally:
             if self.opens is not None:
                 await asyncio.to_thread(self.opens.close)
@@ -183,11 +187,10 @@ class Tracker:
         # Reports pair holders with the current version as it was when the scan
         # began: a swap during the scan must not read as "new current, no old holders".
         current_at_start = {n: s.version for n, s in states.items()}
-        on_disk: dict[str, list[OnDisk]] = {}
         files: list[VersionFiles] = []
         env_names: set[str] = set()
+        on_disk = await asyncio.to_thread(lambda: {n: s.writer.versions() for n, s in states.items()})
         for name, state in states.items():
-            on_disk[name] = await asyncio.to_thread(state.writer.versions)
             env_names.update(state.config.output.env)
             for d in on_disk[name]:
                 fps = await self._env_fingerprints(state, d.version)

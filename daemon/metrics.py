@@ -60,7 +60,7 @@ drain_seconds = Histogram(
 )
 propagation_seconds = Histogram(
     "baton_propagation_seconds",
-    "Time from a store change to every consumer reloaded.",
+    "Time from a store change to every consumer of the credential reloaded (once per change).",
     buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 300),
     registry=REGISTRY,
 )

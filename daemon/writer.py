@@ -19,6 +19,7 @@ version is retired. Blocking: call it in a thread.
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import hashlib
 import json
@@ -27,10 +28,12 @@ import pwd
 import secrets
 import shutil
 import stat
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Concatenate, ParamSpec, TypeVar
 
 from daemon.config import OutputConfig
 from daemon.errors import WriteError
@@ -39,6 +42,8 @@ from daemon.model import VersionId, version_label
 STATE = "..baton-state.json"
 CURRENT_LINK = "..current"
 _TMP = ".tmp-"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _locked(method: Callable[Concatenate[Writer, P], R]) -> Callable[Concatenate[Writer, P], R]:
+    @functools.wraps(method)
+    def wrapper(self: Writer, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Writer:
-    """Owns one output directory. Not thread-safe: one writer per directory."""
+    """Owns one output directory; one writer per directory. The public methods
+    hold a lock, so the tracker may read ``versions()`` while the agent writes."""
 
     def __init__(self, output: OutputConfig) -> None:
         self.output = output
@@ -97,6 +112,7 @@ class Writer:
         self.uid, self.gid = _uid_gid(output)
         self._state: dict[str, dict[str, object]] | None = None
         self._current: str | None = None
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------ checks
 
@@ -176,10 +192,12 @@ class Writer:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / STATE)
 
+    @_locked
     def current(self) -> str | None:
         self._load()
         return self._current
 
+    @_locked
     def versions(self) -> list[OnDisk]:
         state = self._load()
         out = []
@@ -198,6 +216,7 @@ class Writer:
 
     # ------------------------------------------------------------ writing
 
+    @_locked
     def recover(self) -> None:
         """Remove temp leftovers of an interrupted write (kill -9 at any point)."""
         if not self.dir.is_dir():
@@ -225,6 +244,7 @@ class Writer:
         finally:
             os.close(fd)
 
+    @_locked
     def write(self, version: VersionId, files: Mapping[str, bytes]) -> bool:
         """Lay ``version`` down and swap it in. False when the content is already current."""
         self._check_dir()
@@ -294,6 +314,7 @@ class Writer:
         _fsync_dir(self.dir)
         return {"dir": None, "inodes": inodes}
 
+    @_locked
     def remove(self, version: str) -> None:
         """Delete a retired version's files. The current version is never removed."""
         state = self._load()
