@@ -139,9 +139,15 @@ class Rotator:
             await asyncio.gather(*tasks, *watchers, return_exceptions=True)
 
     async def _lost(self, election: Any) -> None:
-        while election.is_leader:
+        """Return when the lease is lost or a stop is requested."""
+        # The stop check is in the loop condition, not left to cancellation: on 3.11
+        # wait_for drops a cancel that races with should_exit being set, and this loop
+        # then spun forever (a leading rotator never stopped). Polled no slower than the
+        # election retries, so a lost lease stops the schedules before another can win.
+        every = min(1.0, float(getattr(election, "retry_period", 1.0)))
+        while election.is_leader and not self.should_exit.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.should_exit.wait(), 1.0)
+                await asyncio.wait_for(self.should_exit.wait(), every)
 
     async def schedule(self, rotator: CredentialRotator) -> None:
         every = rotator.rotation.every
