@@ -150,3 +150,12 @@ class RolloutAction(RolloutRestart):
             namespace=default_namespace(rollout.namespace or os.environ.get("POD_NAMESPACE")),
             timeout=rollout.timeout,
         )
+
+    async def _apps(self) -> Any:
+        # The client is made on first use, inside reload(): a config that cannot be
+        # loaded (no in-cluster account, no kubeconfig) is this reload's failure, a
+        # ReloadError like every other, not an unexpected StoreAuthError.
+        try:
+            return await super()._apps()
+        except StoreError as e:
+            raise ReloadError(f"rollout restart of {self.kind}/{self.namespace}/{self.name}: {e}") from e
