@@ -308,6 +308,7 @@ class LocalStore:
 
         assert self._poke is not None and self._changed is not None
         poke = self._poke
+        await asyncio.to_thread(self._run, lambda c: None)  # the file must exist to be watched
         names = (self.path.name, self.path.name + "-wal")
         inotify = DirWatch.open(str(self.path.resolve().parent), names, poke.set) if self._watch_files else None
         idle = _FALLBACK_RECHECK if inotify is not None else _POLL_WITHOUT_INOTIFY
@@ -335,10 +336,11 @@ class LocalStore:
     async def watch(self, key: str, *, on_status: StatusHook | None = None) -> AsyncIterator[VersionInfo]:
         # A local database error is not an outage to poll through: it ends the watch.
         if self._watcher is None or self._watcher.done():
+            # Set up without an await in between: many watches start at once, and
+            # they must all share this one watcher.
             self._poke = asyncio.Event()
             self._changed = asyncio.Event()
             self._currents = {}
-            await asyncio.to_thread(self._run, lambda c: None)  # the file must exist to be watched
             self._watcher = asyncio.create_task(self._follow(), name="local-store-watch")
         last: VersionInfo | None = None
         while True:
