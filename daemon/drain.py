@@ -28,7 +28,7 @@ from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import event
 from daemon.render import render_env
 from daemon.report.base import Holder, NodeReport
-from daemon.usage.consumers import match_all, process_start
+from daemon.usage.consumers import START_SLACK, match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
 
@@ -85,7 +85,9 @@ def attribute(
             for pid in consumer_pids.get(name, ()):
                 if any(pid in holders for holders in seen.values()):
                     continue
-                loaded_at = max(started.get(pid, 0.0), reloaded.get(pid, 0.0))
+                # A start within the clock's slack of a swap counts as before it:
+                # when unsure, a process holds the older version (and blocks).
+                loaded_at = max(started.get(pid, 0.0) - START_SLACK, reloaded.get(pid, 0.0))
                 held = None
                 for d in versions:
                     if d.swapped_in <= loaded_at:

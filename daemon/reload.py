@@ -41,7 +41,7 @@ from daemon import metrics
 from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
 from daemon.errors import ReloadError
 from daemon.logs import event
-from daemon.usage.consumers import find_processes, process_start, unit_of
+from daemon.usage.consumers import START_SLACK, find_processes, process_start, unit_of
 
 log = logging.getLogger(__name__)
 
@@ -764,7 +764,7 @@ class Reloader:
                 self._event(cons.name, pid, GONE, creds, versions)
                 continue
             born = process_start(pid) if pid and not per_consumer else None
-            if born is not None and born >= st.batch_wall:
+            if born is not None and born >= st.batch_wall + START_SLACK:
                 # Started after the new files were in place: it read them at start. A
                 # signal now could reach it before it installs its handler, and kill it.
                 reloaded.append(PidReload(pid, born, FRESH))

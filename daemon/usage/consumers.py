@@ -28,6 +28,9 @@ def _pidfile(path: Path) -> list[int]:
 
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+# process_start() is good to a tick and the /proc/uptime resolution (10 ms
+# each): callers deciding "started before or after a swap" allow this much.
+START_SLACK = 0.05
 
 
 def process_start(pid: int) -> float | None:
