@@ -198,8 +198,14 @@ class Tracker:
                 fps = await self._env_fingerprints(state, d.version)
                 files.append(VersionFiles(name, d.version, d.inodes, fps))
         if self.opens is not None:
-            dirs = [os.fspath(s.writer.dir) for s in states.values()]
-            await asyncio.to_thread(self.opens.watch, dirs)
+            # Open events are marked on the directories that hold the files: each
+            # version's own dir, or the output dir itself in copy layout.
+            dirs = {
+                os.fspath(states[name].writer.dir / d.dirname if d.dirname else states[name].writer.dir)
+                for name, versions in on_disk.items()
+                for d in versions
+            }
+            await asyncio.to_thread(self.opens.watch, sorted(dirs))
         matches = {name: c.match for name, c in self.consumers.items()}
         reloader = self.agent.reloader
 
