@@ -1,89 +1,38 @@
 """Node reports as DynamoDB items: one item per (credential, node), for fleets past 50 tags.
 
-Owns the reporter's own aiobotocore DynamoDB client (lazy, closed in ``aclose``)
-and the table layout: partition key ``credential``, sort key ``node``, plus
-``key`` (the store key), ``report`` (``NodeReport.to_json()``) and ``heartbeat``
-(a Number). Each node writes only its own item, with a condition so that an
+Owns the reporter's own DynamoDB client (a ``daemon.stores.awsclient`` client,
+lazy, closed in ``aclose``), the DynamoDB error codes and wording that
+``awsclient`` does not share, and the table layout: partition key
+``credential``, sort key ``node``, plus ``key`` (the store key), ``report``
+(``NodeReport.to_json()``) and ``heartbeat`` (a Number). Each node writes only its own item, with a condition so that an
 older heartbeat never replaces a newer one. It must never import a store
-(``daemon.stores.aws`` has its own client; the few lines are duplicated on
-purpose), never create the table unless asked, never log a response body.
+(``daemon.stores.awsclient`` is the shared client plumbing, not a store), never
+create the table unless asked, never log a response body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    HTTPClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
-
-from daemon.errors import StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
+from daemon.errors import StoreConflict, StoreError, StoreNotFound
 from daemon.report.base import NodeReport
+from daemon.stores.awsclient import AwsClient, ErrorRules
 
 if TYPE_CHECKING:
     from daemon.config import Config
 
 log = logging.getLogger(__name__)
 
-# botocore logs whole request and response bodies at DEBUG; pinned at WARNING
-# (as in daemon.stores.aws) so a debug-level daemon never echoes them.
-for _name in ("botocore", "aiobotocore"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-
-_AUTH_CODES = {
-    "AccessDenied",
-    "AccessDeniedException",
-    "UnrecognizedClientException",
-    "InvalidSignatureException",
-    "IncompleteSignature",
-    "MissingAuthenticationToken",
-    "ExpiredTokenException",
-}
-_TRANSIENT_CODES = {
-    "ThrottlingException",
-    "Throttling",
-    "ProvisionedThroughputExceededException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-    "LimitExceededException",
-}
-
-
-def _map_error(e: Exception, *, op: str, table: str) -> StoreError:
-    """A botocore error as a Baton store error: code and status only, never a body."""
-    what = f"DynamoDB {op} on table {table!r}"
-    if isinstance(e, ClientError):
-        code = str(e.response.get("Error", {}).get("Code", "Unknown"))
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        text = f"{what} failed: {code} (HTTP {status})"
-        if code in _AUTH_CODES or status in (401, 403):
-            return StoreAuthError(text)
-        if code == "ResourceNotFoundException":
-            return StoreNotFound(f"{what}: the table does not exist (create it, or run with table creation on)")
-        if code in ("ConditionalCheckFailedException", "TransactionConflictException"):
-            return StoreConflict(text)
-        if code in _TRANSIENT_CODES or status >= 500:
-            return StoreUnavailable(text)
-        return StoreError(text)
-    if isinstance(e, NoCredentialsError | PartialCredentialsError):
-        return StoreAuthError(f"{what}: no usable AWS credentials ({type(e).__name__})")
-    if isinstance(e, BotoConnectionError | HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
-        return StoreUnavailable(f"{what}: store unreachable ({type(e).__name__})")
-    return StoreError(f"{what} failed ({type(e).__name__})")
+# DynamoDB's own codes and wording; the ones every AWS API shares are in awsclient.
+# LimitExceededException is DynamoDB's "too many control-plane calls at once"
+# (worth a retry); in Secrets Manager the same code is a hard quota.
+_RULES = ErrorRules(
+    conflict=frozenset({"ConditionalCheckFailedException", "TransactionConflictException"}),
+    transient=frozenset({"LimitExceededException"}),
+    not_found="the table does not exist (create it, or run with table creation on)",
+)
 
 
 class DynamoReporter:
@@ -109,9 +58,14 @@ class DynamoReporter:
         self.max_attempts = max_attempts
         self.create_table = create_table
         self.page_size = page_size
-        self._stack: AsyncExitStack | None = None
-        self._client: Any = None
-        self._lock: asyncio.Lock | None = None
+        self._aws = AwsClient(
+            "dynamodb",
+            region=region,
+            endpoint_url=endpoint_url,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            rules=_RULES,
+        )
         self._table_checked = False
 
     @classmethod
@@ -130,24 +84,8 @@ class DynamoReporter:
         )
 
     async def _get_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._client is None:
-                stack = AsyncExitStack()
-                config = AioConfig(
-                    connect_timeout=self.timeout,
-                    read_timeout=self.timeout,
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                )
-                ctx = get_session().create_client(
-                    "dynamodb", region_name=self.region, endpoint_url=self.endpoint_url, config=config
-                )
-                self._client = await stack.enter_async_context(ctx)
-                self._stack = stack
-        return self._client
+        # The raw aiobotocore client, for tools that hook its events (bench/fleet.py counts requests).
+        return await self._aws.client()
 
     async def _call(self, op: str, **params: Any) -> dict[str, Any]:
         if self.create_table and not self._table_checked:
@@ -155,12 +93,7 @@ class DynamoReporter:
         return await self._raw(op, **params)
 
     async def _raw(self, op: str, **params: Any) -> dict[str, Any]:
-        client = await self._get_client()
-        try:
-            result: dict[str, Any] = await getattr(client, op)(**params)
-        except (TimeoutError, BotoCoreError, ClientError, OSError) as e:
-            raise _map_error(e, op=op, table=self.table) from e
-        return result
+        return await self._aws.call(op, what=f"DynamoDB {op} on table {self.table!r}", **params)
 
     async def ensure_table(self) -> None:
         """Create the table (on-demand billing) if it is missing, and wait until it is active."""
@@ -264,6 +197,4 @@ class DynamoReporter:
             params["ExclusiveStartKey"] = last
 
     async def aclose(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await self._aws.aclose()

@@ -1,10 +1,12 @@
-"""AWS Secrets Manager store (aiobotocore): versions, staging labels, per-node tags.
+"""AWS Secrets Manager store: versions, staging labels, per-node tags.
 
-Owns the one aiobotocore Secrets Manager client of a process (created lazily in
-the running loop, closed in ``aclose``) and the mapping of AWS staging labels
-onto Baton stages. It must never put a payload or a response body in a log line
-or an exception, never read-modify-write a shared object (node reports are one
-tag set per node, merged by TagResource), and never import another store.
+Owns the one Secrets Manager client of a process (a ``daemon.stores.awsclient``
+client: created lazily in the running loop, closed in ``aclose``), the Secrets
+Manager error codes that ``awsclient`` does not share, and the mapping of AWS
+staging labels onto Baton stages. It must never put a payload or a response
+body in a log line or an exception, never read-modify-write a shared object
+(node reports are one tag set per node, merged by TagResource), and never
+import another store.
 
 Stages, as AWS's own rotation uses them::
 
@@ -29,32 +31,11 @@ import re
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    HTTPClientError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
-from botocore.exceptions import (
-    ConnectionError as BotoConnectionError,
-)
-
-from daemon.errors import (
-    PayloadError,
-    StoreAuthError,
-    StoreConflict,
-    StoreError,
-    StoreNotFound,
-    StoreUnavailable,
-)
+from daemon.errors import PayloadError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
+from daemon.stores.awsclient import AwsClient, ErrorRules, classify
 from daemon.stores.base import StatusHook, check_payload
 
 if TYPE_CHECKING:
@@ -62,48 +43,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# botocore logs request and response bodies at DEBUG (PutSecretValue's
-# SecretString, GetSecretValue's answer). A daemon run with `level: debug` must
-# still never log a secret, so these loggers are pinned at WARNING whatever the
-# root level is (their INFO lines are credential-discovery chatter anyway).
-for _name in ("botocore", "aiobotocore"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-
 AWSCURRENT = "AWSCURRENT"
 AWSPREVIOUS = "AWSPREVIOUS"
 AWSPENDING = "AWSPENDING"
 DRAINING = "draining"
 _STAGE_NAMES = {AWSCURRENT: CURRENT, AWSPREVIOUS: PREVIOUS, AWSPENDING: PENDING}
 
-_AUTH_CODES = {
-    "AccessDenied",
-    "AccessDeniedException",
-    "UnrecognizedClientException",
-    "InvalidSignatureException",
-    "IncompleteSignature",
-    "InvalidClientTokenId",
-    "MissingAuthenticationToken",
-    "ExpiredTokenException",
-    "UnauthorizedOperation",
-}
-_NOT_FOUND_CODES = {"ResourceNotFoundException"}
-_CONFLICT_CODES = {
-    "ResourceExistsException",
-    "ConditionalCheckFailedException",
-    "TransactionConflictException",
-    "PreconditionNotMetException",
-}
-_TRANSIENT_CODES = {
-    "Throttling",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "TooManyRequestsException",
-    "ProvisionedThroughputExceededException",
-    "InternalServiceError",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "RequestTimeout",
-}
+# Secrets Manager's own codes; the ones every AWS API shares are in awsclient.
+_RULES = ErrorRules(conflict=frozenset({"ResourceExistsException", "PreconditionNotMetException"}))
 
 # ---------------------------------------------------------------- tags
 #
@@ -190,30 +137,13 @@ def _owned(tags: Mapping[str, str], key: str) -> set[str]:
 # ---------------------------------------------------------------- errors
 
 
-def map_error(e: Exception, *, op: str, key: str) -> StoreError:
+def map_error(e: BaseException, *, op: str, key: str) -> StoreError:
     """A botocore error as a Baton store error: code and status only, never a body."""
-    what = f"AWS {op} on {key!r}"
-    if isinstance(e, ClientError):
-        err = e.response.get("Error", {})
-        code = str(err.get("Code", "Unknown"))
-        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        text = f"{what} failed: {code} (HTTP {status})"
-        if code in _AUTH_CODES or status in (401, 403):
-            return StoreAuthError(text)
-        if code in _NOT_FOUND_CODES:
-            return StoreNotFound(f"{what}: not found ({code})")
-        if code in _CONFLICT_CODES:
-            return StoreConflict(text)
-        if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-            return StoreUnavailable(text)
-        return StoreError(text)
-    if isinstance(e, NoCredentialsError | PartialCredentialsError):
-        return StoreAuthError(f"{what}: no usable AWS credentials ({type(e).__name__})")
-    if isinstance(e, BotoConnectionError | HTTPClientError | ConnectionClosedError | TimeoutError | OSError):
-        return StoreUnavailable(f"{what}: store unreachable ({type(e).__name__})")
-    if isinstance(e, BotoCoreError):
-        return StoreError(f"{what} failed ({type(e).__name__})")
-    return StoreError(f"{what} failed ({type(e).__name__})")
+    return classify(e, what=_what(op, key), rules=_RULES)
+
+
+def _what(op: str, key: str) -> str:
+    return f"AWS {op} on {key!r}"
 
 
 def _stages(labels: list[str] | tuple[str, ...], draining_label: str) -> frozenset[str]:
@@ -253,9 +183,14 @@ class AwsStore:
         self.draining_label = draining_label
         self.timeout = timeout
         self.max_attempts = max_attempts
-        self._stack: AsyncExitStack | None = None
-        self._client: Any = None
-        self._lock: asyncio.Lock | None = None
+        self._aws = AwsClient(
+            "secretsmanager",
+            region=region,
+            endpoint_url=endpoint_url,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            rules=_RULES,
+        )
 
     @classmethod
     def from_config(cls, config: Config) -> AwsStore:
@@ -274,37 +209,14 @@ class AwsStore:
     # ------------------------------------------------------------ plumbing
 
     async def _get_client(self) -> Any:
-        if self._client is not None:
-            return self._client
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            if self._client is None:
-                stack = AsyncExitStack()
-                config = AioConfig(
-                    connect_timeout=self.timeout,
-                    read_timeout=self.timeout,
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                )
-                ctx = get_session().create_client(
-                    "secretsmanager", region_name=self.region, endpoint_url=self.endpoint_url, config=config
-                )
-                self._client = await stack.enter_async_context(ctx)
-                self._stack = stack
-        return self._client
+        # The raw aiobotocore client, for tools that hook its events (bench/fleet.py counts requests).
+        return await self._aws.client()
 
     async def _call(self, op: str, key: str, **params: Any) -> dict[str, Any]:
-        client = await self._get_client()
-        try:
-            result: dict[str, Any] = await getattr(client, op)(**params)
-        except (TimeoutError, BotoCoreError, ClientError, OSError) as e:
-            raise map_error(e, op=op, key=key) from e
-        return result
+        return await self._aws.call(op, what=_what(op, key), **params)
 
     async def aclose(self) -> None:
-        stack, self._stack, self._client = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        await self._aws.aclose()
 
     async def _labels(self, key: str) -> dict[str, list[str]]:
         """VersionId -> staging labels (DescribeSecret: cheap, no payload)."""
