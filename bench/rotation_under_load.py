@@ -1,10 +1,10 @@
 """Benchmark: PostgreSQL credential rotation under load, for each provider strategy.
 
-Starts a private PostgreSQL 15 cluster (the fixture's recipe: initdb as the
-``postgres`` OS user, scram-sha-256, a free loopback port), then for each
-strategy in turn (alternating-users, role-per-version, single-user) an agent
-and a rotator (in this process, on the embedded local store) and real consumer
-processes (bench/pg_consumer.py):
+Starts a private PostgreSQL 15 cluster (``PgCluster.start`` of
+tests/fixtures/postgres.py: initdb as the ``postgres`` OS user, scram-sha-256,
+a free loopback port), then for each strategy in turn (alternating-users,
+role-per-version, single-user) an agent and a rotator (in this process, on the
+embedded local store) and real consumer processes (bench/pg_consumer.py):
 
 - ``per-use``: 4 processes that open a NEW connection for every request,
   reading the credential file each time;
@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import platform
-import pwd
 import secrets
 import shutil
 import signal
@@ -65,15 +64,7 @@ from daemon.logs import setup  # noqa: E402
 from daemon.model import PENDING  # noqa: E402
 from daemon.rotation.service import Rotator  # noqa: E402
 from daemon.stores.local import LocalStore  # noqa: E402
-from tests.fixtures.postgres import (  # noqa: E402
-    PG_BIN,
-    PG_OS_USER,
-    READY_DEADLINE,
-    PgCluster,
-    _as_postgres,
-    _free_port,
-    _wait_ready,
-)
+from tests.fixtures.postgres import PG_BIN, PgCluster  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONSUMER = Path(__file__).resolve().parent / "pg_consumer.py"
@@ -109,74 +100,14 @@ class Load:
 
 @contextlib.contextmanager
 def private_cluster(*, max_connections: int = 100) -> Iterator[PgCluster]:
-    """The recipe of tests/fixtures/postgres.py's ``pg_cluster``, outside pytest."""
+    """The test fixtures' cluster, outside pytest, sized for the bench's load."""
     if not (PG_BIN / "initdb").exists():
         raise SystemExit(f"PostgreSQL 15 binaries not found in {PG_BIN}")
-    pw = pwd.getpwnam(PG_OS_USER)
-    root = Path(tempfile.mkdtemp(prefix="baton-bench-pg-"))
-    os.chown(root, pw.pw_uid, pw.pw_gid)
-    os.chmod(root, 0o700)
-    cluster = PgCluster(
-        host="127.0.0.1",
-        port=_free_port(),
-        admin_user="baton_admin",
-        admin_password="adm-" + secrets.token_hex(16),
-        socket_dir=root,
-        data_dir=root / "data",
-        log_file=root / "server.log",
-    )
-    pwfile = root / "pwfile"
-    pwfile.write_text(cluster.admin_password + "\n")
-    os.chown(pwfile, pw.pw_uid, pw.pw_gid)
-    os.chmod(pwfile, 0o600)
-    started = False
+    cluster = PgCluster.start(prefix="baton-bench-pg-", max_connections=max_connections, shared_buffers="32MB")
     try:
-        _as_postgres(
-            str(PG_BIN / "initdb"),
-            "-D",
-            str(cluster.data_dir),
-            f"--username={cluster.admin_user}",
-            "--auth=scram-sha-256",
-            f"--pwfile={pwfile}",
-            "--no-sync",
-            "--no-instructions",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        )
-        pwfile.unlink()
-        options = " ".join(
-            [
-                f"-c port={cluster.port}",
-                f"-c listen_addresses={cluster.host}",
-                f"-c unix_socket_directories={root}",
-                "-c fsync=off",
-                "-c synchronous_commit=off",
-                "-c full_page_writes=off",
-                "-c shared_buffers=32MB",
-                f"-c max_connections={max_connections}",
-            ]
-        )
-        _as_postgres(
-            str(PG_BIN / "pg_ctl"),
-            "start",
-            "-D",
-            str(cluster.data_dir),
-            "-l",
-            str(cluster.log_file),
-            "-o",
-            options,
-            "-w",
-            "-t",
-            str(int(READY_DEADLINE)),
-        )
-        started = True
-        _wait_ready(cluster, time.monotonic() + READY_DEADLINE)
         yield cluster
     finally:
-        if started:
-            _as_postgres(str(PG_BIN / "pg_ctl"), "stop", "-D", str(cluster.data_dir), "-m", "fast", "-w")
-        shutil.rmtree(root, ignore_errors=True)
+        cluster.stop()
 
 
 def admin_sql(cluster: PgCluster, query: sql.Composed | str, *, dbname: str = "postgres") -> list[tuple[Any, ...]]:
