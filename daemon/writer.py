@@ -170,12 +170,15 @@ class Writer:
             target = os.readlink(self.dir / CURRENT_LINK)
         for entry in os.scandir(self.dir):
             if entry.name.startswith("..v") and entry.is_dir(follow_symlinks=False):
+                # The label may be a shortened id: the entry is found again by its
+                # digest when the store names the version (see write()).
                 label = entry.name[3:].rsplit("-", 1)[0]
+                files = {f.name: Path(f.path).read_bytes() for f in os.scandir(entry.path)}
                 inodes = [[s.st_dev, s.st_ino] for s in (os.stat(f.path) for f in os.scandir(entry.path))]
                 versions[label] = {
                     "dir": entry.name,
                     "inodes": inodes,
-                    "digest": "",
+                    "digest": content_digest(files),
                     "swapped_in": entry.stat(follow_symlinks=False).st_mtime,
                 }
                 if entry.name == target:
@@ -270,9 +273,15 @@ class Writer:
         return True
 
     def _stable_links_ok(self, names: list[str]) -> bool:
+        """The current files are really there: links resolve, ``..current`` points at the recorded dir."""
         if self.output.layout == "copy":
             return all((self.dir / n).is_file() for n in names)
-        return all(os.path.lexists(self.dir / n) for n in names) and os.path.lexists(self.dir / CURRENT_LINK)
+        entry = (self._state or {}).get(self._current or "", {})
+        try:
+            target = os.readlink(self.dir / CURRENT_LINK)
+        except OSError:
+            return False
+        return target == entry.get("dir") and all((self.dir / n).is_file() for n in names)
 
     def _write_versioned(self, version: VersionId, files: Mapping[str, bytes], digest: str) -> dict[str, object]:
         final = self.dir / f"..v{version_label(version)}-{digest[:8]}"
@@ -324,6 +333,10 @@ class Writer:
         if entry is None:
             return
         dirname = entry.get("dir")
-        if isinstance(dirname, str) and dirname.startswith("..v"):
+        in_use = {e.get("dir") for e in state.values()}
+        with contextlib.suppress(OSError):
+            in_use.add(os.readlink(self.dir / CURRENT_LINK))
+        # Never delete a directory that another version (or ..current) still names.
+        if isinstance(dirname, str) and dirname.startswith("..v") and dirname not in in_use:
             shutil.rmtree(self.dir / dirname, ignore_errors=True)
         self._save()
