@@ -519,7 +519,7 @@ class PidReload:
     """One process handled by a roll."""
 
     pid: int
-    at: float  # wall time
+    at: float  # wall time: when the reload was sent (ok), found gone, or started (fresh)
     result: str
     new_pid: int | None = None
 
@@ -641,7 +641,7 @@ class Reloader:
         return out
 
     def reloaded_at(self, pid: int) -> float | None:
-        """Wall time this pid was last reloaded (or started) by us."""
+        """Wall time the last reload was sent to this pid (or to the process it replaced)."""
         return self._reloaded_at.get(pid)
 
     async def wait_idle(self) -> None:
@@ -770,6 +770,10 @@ class Reloader:
                 reloaded.append(PidReload(pid, born, FRESH))
                 self._event(cons.name, pid, FRESH, creds, versions)
                 continue
+            # The tracker credits a process with the newest version swapped in before
+            # this time: it must be when the reload went out, not when the health
+            # check passed (a version swapped in during the check was never loaded).
+            sent = self._wall()
             try:
                 new_pid = await action.reload(pid)
                 if per_consumer:
@@ -796,10 +800,9 @@ class Reloader:
                 # The roll stops here: the remaining processes keep the old version.
                 await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=tuple(reloaded))
                 return
-            now = self._wall()
-            self._remember(now, pid, new_pid, serving)
+            self._remember(sent, pid, new_pid, serving)
             replacement = new_pid or (serving if serving != pid else None)
-            reloaded.append(PidReload(pid, now, OK, new_pid=replacement))
+            reloaded.append(PidReload(pid, sent, OK, new_pid=replacement))
             self._event(cons.name, pid or None, OK, creds, versions, new_pid=replacement)
         await self._finish(st, creds, versions, result=OK, error=None, reloaded=tuple(reloaded))
 

@@ -308,3 +308,40 @@ async def test_a_process_started_after_the_change_is_not_signalled_it_loaded_the
     assert lines(procs.tmp / "new.log", "hup") == []
     results = {p.pid: p.result for p in r.status()["app"].reloaded}
     assert results == {old.pid: "ok", new.pid: "fresh"}
+
+
+class TimedSignal:
+    """The real signal action, noting the wall time it was called at."""
+
+    per_consumer = False
+
+    def __init__(self, cons: Any) -> None:
+        from daemon.reload import SignalAction
+
+        self.inner = SignalAction(cons)
+        self.called: list[float] = []
+
+    async def reload(self, pid: int) -> int | None:
+        self.called.append(time.time())
+        return await self.inner.reload(pid)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_the_reload_time_is_when_the_reload_was_sent_not_when_the_health_check_passed(procs: Procs) -> None:
+    child = await procs.child("a")
+    cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.5})
+    action = TimedSignal(cons)
+    r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [child.pid], action_factory=lambda c: action)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    finished = time.time()
+    assert r.status()["app"].result == "ok"
+    at = r.reloaded_at(child.pid)
+    assert at is not None and len(action.called) == 1
+    # A version swapped in during the 0.5 s health check must not be credited to this process.
+    assert action.called[0] - 0.05 <= at <= action.called[0] + 0.05
+    assert finished - at >= 0.5
+    assert r.status()["app"].reloaded[0].at == at
