@@ -35,9 +35,13 @@ def report_annotation(credential: str) -> str:
 
 
 class PodReporter:
-    """``Reporter`` on Pod annotations."""
+    """``Reporter`` on Pod annotations.
 
-    # A node (pod) without a report is a deleted pod: gone, not unknown.
+    ``collect`` returns one report per live agent pod: a pod with no (or an
+    unreadable) report for the credential gets a stale stand-in, so it blocks.
+    """
+
+    # A node (pod) missing from the collected reports is a deleted or finished pod: gone, not unknown.
     absent_means_gone = True
 
     def __init__(
@@ -115,18 +119,26 @@ class PodReporter:
         reports: list[NodeReport] = []
         for pod in listing.get("items") or []:
             meta = pod.get("metadata") or {}
-            if (pod.get("status") or {}).get("phase") in _FINISHED:
-                continue
+            name = meta.get("name")
+            if (pod.get("status") or {}).get("phase") in _FINISHED or not isinstance(name, str):
+                continue  # will never run again: gone with its report
             text = (meta.get("annotations") or {}).get(wanted)
             if text is None:
+                # A live pod (pending, running, or terminating with its containers
+                # still up) with no report yet may be about to read, or already
+                # hold, the old version: unknown, and unknown blocks until it reports.
+                reports.append(NodeReport(node=name, credential=credential, current=None))
                 continue
             try:
                 report = NodeReport.from_json(text)
-            except (ValueError, TypeError):
-                log.warning("unreadable pod report", extra={"pod": meta.get("name")})
-                continue
-            if report.credential == credential:
-                reports.append(report)
+                if report.credential != credential:  # the annotation key says otherwise
+                    raise ValueError("report for another credential")
+            except (KeyError, ValueError, TypeError):
+                # An unreadable report is an unknown node, and unknown blocks:
+                # stand in a report that is stale from the start (node id = pod name).
+                log.warning("unreadable pod report", extra={"pod": name})
+                report = NodeReport(node=name, credential=credential, current=None)
+            reports.append(report)
         return reports
 
     async def forget(self, key: str, node: str) -> None:

@@ -8,8 +8,9 @@ secret value: versions are ids, holders are pids, exes and names.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
 REPORT_PREFIX = "baton.node."
 
@@ -41,11 +42,40 @@ class NodeReport:
 
     @classmethod
     def from_json(cls, text: str) -> NodeReport:
-        data: dict[str, Any] = json.loads(text)
-        holders = tuple(Holder(**h) for h in data.pop("holders", []))
-        errors = tuple(data.pop("errors", []))
-        in_use = {str(k): int(v) for k, v in data.pop("in_use", {}).items()}
-        return cls(holders=holders, errors=errors, in_use=in_use, **data)
+        """Parse a report; fields this version does not know are ignored.
+
+        A newer agent may add fields, and an older rotator reading its report
+        must still see the fields it gates on. A missing required field or a
+        value that is not a JSON object still raises (TypeError, ValueError or
+        KeyError), and the caller then treats the node as unknown.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise TypeError(f"a node report is a JSON object, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
+        holder_fields = {f.name for f in fields(Holder)}
+        raw_holders = data.pop("holders", [])
+        if not isinstance(raw_holders, list) or not all(isinstance(h, dict) for h in raw_holders):
+            raise TypeError("report holders are a list of objects")
+        holders = tuple(Holder(**{k: v for k, v in h.items() if k in holder_fields}) for h in raw_holders)
+        errors = tuple(str(e) for e in data.pop("errors", []))
+        raw_in_use = data.pop("in_use", {})
+        if not isinstance(raw_in_use, dict):
+            raise TypeError("report in_use is an object")
+        in_use = {str(k): int(v) for k, v in raw_in_use.items()}
+        report = cls(holders=holders, errors=errors, in_use=in_use, **data)
+        # The gate keys and sorts on these and compares heartbeats: a wrong type is unreadable, not a crash later.
+        if not isinstance(report.node, str) or not isinstance(report.credential, str):
+            raise TypeError("report node and credential are strings")
+        if report.current is not None and not isinstance(report.current, str):
+            raise TypeError("report current is a string or null")
+        if isinstance(report.heartbeat, bool) or not isinstance(report.heartbeat, int | float):
+            raise TypeError("report heartbeat is a number")
+        if not math.isfinite(report.heartbeat):
+            # NaN would never compare as stale, so the gate would take it as fresh.
+            raise ValueError("report heartbeat is a finite number")
+        return report
 
     def same_state(self, other: NodeReport | None) -> bool:
         """True when only the heartbeat differs (no need to publish on change)."""

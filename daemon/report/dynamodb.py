@@ -162,10 +162,21 @@ class DynamoReporter:
         while True:
             resp = await self._call("query", **params)
             for item in resp.get("Items") or []:
+                node = (item.get("node") or {}).get("S")
                 try:
-                    reports.append(NodeReport.from_json(item["report"]["S"]))
+                    report = NodeReport.from_json(item["report"]["S"])
+                    if report.credential != credential:  # the partition key says otherwise
+                        raise ValueError("report for another credential")
                 except (KeyError, ValueError, TypeError):
-                    log.warning("unreadable node report", extra={"table": self.table, "credential": credential})
+                    log.warning(
+                        "unreadable node report", extra={"table": self.table, "credential": credential, "node": node}
+                    )
+                    if not isinstance(node, str):
+                        continue  # no sort key: not an item this table layout can hold
+                    # An unreadable report is an unknown node, and unknown blocks:
+                    # stand in a report that is stale from the start.
+                    report = NodeReport(node=node, credential=credential, current=None)
+                reports.append(report)
             last = resp.get("LastEvaluatedKey")
             if not last:
                 return reports

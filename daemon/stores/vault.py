@@ -782,24 +782,33 @@ class VaultStatusReporter(Generic[R]):
             except StoreNotFound:
                 return None  # forgotten between list and read
         data = resp["data"]["data"]
-        return data if isinstance(data, dict) else None
+        # An entry that is there but not an object is unreadable, not absent ({} has no report).
+        return data if isinstance(data, dict) else {}
 
-    async def _one(self, path: str) -> R | None:
+    async def _one(self, folder: str, node: str, credential: str) -> R | None:
+        """The node's report; None if the entry vanished since the listing (then the
+        rotator's own memory of the node keeps it unknown); a stale stand-in if unreadable."""
+        path = f"{folder}/{node}"
         data = await self._entry(path)
         if data is None:
             return None
         try:
-            return self.parse(str(data["report"]))
+            report = self.parse(str(data["report"]))
+            if report.credential != credential:  # the folder says otherwise
+                raise ValueError("report for another credential")
+            return report
         except (KeyError, TypeError, ValueError):
             log.warning("unreadable node report", extra={"path": path})
-            return None
+        # An unreadable report is an unknown node, and unknown blocks: stand in a
+        # report that is stale from the start (heartbeat 0), made by the same parser.
+        return self.parse(NodeReport(node=node, credential=credential, current=None).to_json())
 
     async def collect(self, key: str, credential: str) -> list[R]:
         folder = self._path(credential, "x").rpartition("/")[0]
         self._credential_of[key] = credential
         names = [n for n in await self.store._list(folder) if not n.endswith("/")]
-        found = await asyncio.gather(*(self._one(f"{folder}/{n}") for n in names))
-        return [r for r in found if r is not None and r.credential == credential]
+        found = await asyncio.gather(*(self._one(folder, n, credential) for n in names))
+        return [r for r in found if r is not None]
 
     async def forget(self, key: str, node: str) -> None:
         self._path("x", node)  # validates the node name

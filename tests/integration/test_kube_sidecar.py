@@ -82,7 +82,8 @@ async def test_a_deleted_pod_simply_disappears_from_the_collected_reports(
     assert [r.node for r in await a.collect("db", "db")] == ["agent-a"]
     await a.forget("db", "agent-b")  # already gone: not an error
     await b.forget("db", "agent-a")
-    assert await a.collect("db", "db") == []
+    # agent-a's report is cleared but its pod still runs: a stale stand-in (unknown), not gone.
+    assert [(r.node, r.current, r.heartbeat) for r in await a.collect("db", "db")] == [("agent-a", None, 0.0)]
 
 
 async def test_pod_reporter_from_config_takes_the_selector_and_namespace(kube_api: KubeApi) -> None:

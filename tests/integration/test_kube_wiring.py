@@ -288,7 +288,11 @@ async def test_pod_reports_go_on_the_agents_own_pod_and_a_deleted_pod_is_gone_no
                 reporter=rotator_side,
                 provider=open_provider(config.credential("db").rotation),  # type: ignore[arg-type]
             )
-            assert [(r.node, r.current) for r in await rotator_side.collect("db", "db")] == [("web-1", v1)]
+            # web-2 runs but has not reported yet: a stale stand-in (unknown), so it blocks until it reports.
+            assert [(r.node, r.current) for r in await rotator_side.collect("db", "db")] == [
+                ("web-1", v1),
+                ("web-2", None),
+            ]
 
             # A rotation: the agent picks up v2; web-2 (another agent) still reports v1.
             outcome = await rotator.rotate()
