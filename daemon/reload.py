@@ -12,8 +12,9 @@ pidfile polls run in threads; process exits are awaited on a pidfd).
 An action is chosen by name from ``ACTIONS`` ("module:Class", imported lazily)
 and constructed as ``Cls(consumer: ConsumerConfig)``. Actions whose class
 attribute ``per_consumer`` is true (systemd, and any that acts on a whole
-workload) are called once per roll with the consumer's first pid. When no
-process is found the roll is skipped, unless the action sets ``needs_process =
+workload) are called once per roll with the first of the consumer's processes
+still running. When no process is found (or all have exited since) the roll is
+skipped as ``no_processes``, unless the action sets ``needs_process =
 False`` (a rollout of a remote workload): it is then called with pid 0, which it
 must never treat as a process. ``replaces = True`` says the action stops the
 process and something else starts the replacement (the health check looks for it).
@@ -82,6 +83,11 @@ def _start_time(pid: int) -> float | None:
         return psutil.Process(pid).create_time()
     except psutil.Error:
         return None
+
+
+def _same_process(pid: int, started: float | None) -> bool:
+    """``pid`` is still the process that had start time ``started`` (alive, and not a recycled pid)."""
+    return is_alive(pid) and _start_time(pid) == started
 
 
 async def wait_exit(pid: int, within: float) -> bool:
@@ -749,16 +755,22 @@ class Reloader:
             self._event(cons.name, None, FAILURE, creds, versions, error=error)
             await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=())
             return
-        if not pids and getattr(action, "needs_process", True):
+        needs_process = bool(getattr(action, "needs_process", True))
+        per_consumer = bool(getattr(action, "per_consumer", False))
+        replaced = bool(getattr(action, "replaces", False))
+        targets = pids
+        if per_consumer:
+            # The action acts on the whole consumer: any live process of it will do
+            # (the first one found may have exited since; the others still hold the old version).
+            live = next((p for p in pids if _same_process(p, started.get(p))), None)
+            targets = [live] if live is not None else ([] if needs_process else [0])
+        if not targets and needs_process:
             self._event(cons.name, None, NO_PROCESSES, creds, versions)
             await self._finish(st, creds, versions, result=NO_PROCESSES, error=None, reloaded=())
             return
         st.last_roll = self._clock()
-        per_consumer = bool(getattr(action, "per_consumer", False))
-        replaced = bool(getattr(action, "replaces", False))
-        targets = [pids[0] if pids else 0] if per_consumer else pids
         for pid in targets:
-            if pid and (not is_alive(pid) or _start_time(pid) != started.get(pid)):
+            if pid and not per_consumer and not _same_process(pid, started.get(pid)):
                 # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
                 reloaded.append(PidReload(pid, self._wall(), GONE))
                 self._event(cons.name, pid, GONE, creds, versions)

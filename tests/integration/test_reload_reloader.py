@@ -345,3 +345,41 @@ async def test_the_reload_time_is_when_the_reload_was_sent_not_when_the_health_c
     assert action.called[0] - 0.05 <= at <= action.called[0] + 0.05
     assert finished - at >= 0.5
     assert r.status()["app"].reloaded[0].at == at
+
+
+async def test_a_systemd_consumer_whose_first_process_exited_is_still_reloaded_through_a_live_one(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = await procs.child("gone")
+    gone.kill()
+    await gone.wait()
+    b = await procs.child("b")
+    bin_dir = procs.tmp / "bin"
+    bin_dir.mkdir()
+    calls = procs.tmp / "calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
+    # The first pid found has exited by the time the roll looks at it; the unit still runs b.
+    r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [gone.pid, b.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    st = r.status()["app"]
+    assert calls.exists() and calls.read_text().splitlines() == ["reload api.service"]
+    assert st.result == "ok", st.error
+    assert [(p.pid, p.result) for p in st.reloaded] == [(b.pid, "ok")]
+
+
+async def test_a_systemd_consumer_whose_processes_all_exited_is_not_reported_reloaded(procs: Procs) -> None:
+    gone = await procs.child("gone")
+    gone.kill()
+    await gone.wait()
+    cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
+    r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [gone.pid])
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert r.status()["app"].result == "no_processes"
