@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -26,15 +27,16 @@ from daemon.api import ApiServer
 from daemon.backoff import Backoff
 from daemon.config import Config, CredentialConfig, load_config
 from daemon.drain import Tracker
-from daemon.errors import BatonError, ConfigError, PayloadError, StoreError
+from daemon.errors import BatonError, ConfigError, PayloadError, StoreError, WriteError
 from daemon.logs import bound, event
 from daemon.model import VersionInfo
 from daemon.reload import Reloader
-from daemon.render import render
+from daemon.render import render, render_env
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
+from daemon.usage.environ import fingerprint
 from daemon.writer import Writer
 
 log = logging.getLogger(__name__)
@@ -58,14 +60,17 @@ class CredentialState:
     # made it, and the consumers that have yet to take it.
     changed_at: float | None = None
     waiting_for: set[str] = field(default_factory=set)
+    # Keyed fingerprints of each version's rendered env values (for ``baton exec``
+    # holders), computed from the payload in hand when the version is written.
+    fingerprints: dict[str, tuple[str, ...]] = field(default_factory=dict)
     swapped: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, on_disk: list[str]) -> dict[str, Any]:
         return {
             "key": self.config.key,
             "current": self.version,
             "written": self.written,
-            "on_disk": [v.version for v in self.writer.versions()],
+            "on_disk": on_disk,
             "last_change": self.last_change,
             "last_error": self.store_error or self.last_error,
             "output": str(self.config.output.dir),
@@ -90,6 +95,8 @@ class Agent:
         self.reporter: Reporter = open_reporter(config, self.store)
         self.install_signals = install_signals
         self.started = time.time()
+        # Key of the env fingerprints: lives as long as this process, never stored.
+        self.env_key = secrets.token_bytes(32)
         self.credentials: dict[str, CredentialState] = {}
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
@@ -184,13 +191,18 @@ class Agent:
         config = self.config
         old, self.credentials = self.credentials, {}
         for c in config.credentials:
-            state = CredentialState(c, Writer(c.output))
             before = old.get(c.name)
             if before is not None and (before.config.key, before.config.output) == (c.key, c.output):
-                # Same credential, same files: what we know of it stays true across a reload.
+                # Same credential, same files: what we know of it stays true across a
+                # reload, and the same Writer (its lock) keeps serving the directory, so
+                # a write still running in a thread never meets a second writer.
+                state = CredentialState(c, before.writer)
                 state.version, state.written, state.last_change = before.version, before.written, before.last_change
+                state.fingerprints = before.fingerprints
                 if before.written:
                     state.swapped.set()
+            else:
+                state = CredentialState(c, Writer(c.output))
             self.credentials[c.name] = state
         if any(c.required and not self.credentials[c.name].written for c in config.credentials):
             self.ready.clear()
@@ -271,15 +283,23 @@ class Agent:
                     delay = backoff.next()
                     log.warning("store error; keeping the last good files", extra={"error": str(e), "retry_in": delay})
                     await asyncio.sleep(delay)
+                except (PayloadError, WriteError, OSError) as e:
+                    # A version the store cannot even hand over, or a write that failed
+                    # (disk full...): keep the last good files and try the same again.
+                    state.last_error = str(e)
+                    delay = backoff.next()
+                    log.warning("version not written; retrying", extra={"error": str(e), "retry_in": delay})
+                    await asyncio.sleep(delay)
 
     async def _apply(self, state: CredentialState, info: VersionInfo) -> None:
         cred = state.config
         if info.id == state.version and state.written:
             return
         received = time.time()
-        secret = await self.store.read(cred.key, info.id)
         try:
+            secret = await self.store.read(cred.key, info.id)
             files = render(cred.output.files, secret.payload)
+            env = render_env(cred.output.env, secret.payload)
         except PayloadError as e:
             metrics.writes_total.labels(cred.name, "rejected").inc()
             state.last_error = f"version {info.id}: {e}"
@@ -289,9 +309,10 @@ class Agent:
             changed = await asyncio.to_thread(state.writer.write, info.id, files)
         except (BatonError, OSError) as e:
             metrics.writes_total.labels(cred.name, "failed").inc()
-            state.last_error = f"version {info.id}: {e}"
             event(log, "write_failed", logging.ERROR, version=info.id, error=str(e))
-            return
+            raise WriteError(f"version {info.id}: {e}") from None  # follow() backs off and tries again
+        if env:
+            state.fingerprints[info.id] = tuple(fingerprint(self.env_key, k, v) for k, v in env.items())
         previous, state.version = state.version, info.id
         state.written = True
         state.last_error = None
@@ -335,7 +356,10 @@ class Agent:
             "agent_version": __version__,
             "ready": self.ready.is_set(),
             "started": self.started,
-            "credentials": {name: s.status() for name, s in self.credentials.items()},
+            "credentials": {
+                name: s.status(self.tracker.on_disk(name) if self.tracker else [])
+                for name, s in self.credentials.items()
+            },
         }
         if self.tracker is not None:
             self.tracker.add_status(out)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -111,9 +110,8 @@ class Tracker:
     def __init__(self, *, config: Config, agent: Agent) -> None:
         self.config = config
         self.agent = agent
-        self.env_key = secrets.token_bytes(32)  # fingerprints are useless outside this process
+        self.env_key = agent.env_key  # fingerprints are useless outside this process
         self._poke = asyncio.Event()
-        self._fingerprints: dict[tuple[str, str], tuple[str, ...]] = {}
         self.usage: dict[str, Usage] = {}
         self._published: dict[str, NodeReport] = {}
         self._last_publish: dict[str, float] = {}
@@ -170,19 +168,24 @@ class Tracker:
 
     # ------------------------------------------------------------ scanning
 
-    async def _env_fingerprints(self, state: CredentialState, version: str) -> tuple[str, ...]:
+    async def _env_fingerprints(self, state: CredentialState, version: str) -> tuple[str, ...] | None:
+        """The version's env fingerprints; None when they cannot be known (then it counts as held)."""
         cred = state.config
         if not cred.output.env:
             return ()
-        key = (cred.name, version)
-        if key not in self._fingerprints:
+        if version not in state.fingerprints:
+            # Written before this process started: render it again from the store.
             try:
                 secret = await self.agent.store.read(cred.key, version)  # type: ignore[arg-type]
                 values = render_env(cred.output.env, secret.payload)
             except (StoreError, PayloadError):
-                return ()
-            self._fingerprints[key] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
-        return self._fingerprints[key]
+                return None
+            state.fingerprints[version] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
+        return state.fingerprints[version]
+
+    def on_disk(self, name: str) -> list[str]:
+        """Versions of a credential on disk as of the last scan (no I/O: for the status API)."""
+        return [d.version for d in self._on_disk.get(name, [])]
 
     async def scan_once(self) -> None:
         states = self.agent.credentials
@@ -190,13 +193,16 @@ class Tracker:
         # began: a swap during the scan must not read as "new current, no old holders".
         current_at_start = {n: s.version for n, s in states.items()}
         files: list[VersionFiles] = []
+        unknown: list[tuple[str, str]] = []  # versions whose env holders cannot be seen now
         env_names: set[str] = set()
         on_disk = await asyncio.to_thread(lambda: {n: s.writer.versions() for n, s in states.items()})
         for name, state in states.items():
             env_names.update(state.config.output.env)
             for d in on_disk[name]:
                 fps = await self._env_fingerprints(state, d.version)
-                files.append(VersionFiles(name, d.version, d.inodes, fps))
+                if fps is None:
+                    unknown.append((name, d.version))
+                files.append(VersionFiles(name, d.version, d.inodes, fps or ()))
         if self.opens is not None:
             # Open events are marked on the directories that hold the files: each
             # version's own dir, or the output dir itself in copy layout.
@@ -241,6 +247,12 @@ class Tracker:
             exes=exes,
             creds_of=self.creds_of,
         )
+        for name, version in unknown:
+            if version == current_at_start.get(name):
+                continue
+            # Cannot tell who has it in their environment: count it as held (blocks retirement).
+            holders = self.usage.setdefault(name, Usage()).holders.setdefault(version, [])
+            holders.append(Holder(0, "", None, "env-unknown", version))
         self._on_disk = on_disk
         self._scanned_current = current_at_start
         for name in states:
@@ -298,7 +310,7 @@ class Tracker:
                 info = known.get(d.version)  # type: ignore[call-overload]
                 if info is None or info.retired:
                     await asyncio.to_thread(state.writer.remove, d.version)
-                    self._fingerprints.pop((name, d.version), None)
+                    state.fingerprints.pop(d.version, None)
                     with contextlib.suppress(KeyError):
                         metrics.versions_in_use.remove(name, d.version)
                     event(log, "version_removed", credential=name, version=d.version)
