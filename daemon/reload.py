@@ -583,6 +583,8 @@ class Reloader:
     name -> consumers. A consumer (by name) may appear under several
     credentials; it is one consumer, reloaded once per batch.
     ``changed()`` and ``status()`` are called from the event loop's thread.
+    ``reloaded_at`` carries the reload times of a previous Reloader
+    (its ``reloaded_pids``) over a config reload.
     """
 
     def __init__(
@@ -596,6 +598,7 @@ class Reloader:
         wall: Callable[[], float] = time.time,
         on_done: OnDone | None = None,
         action_factory: Callable[[ConsumerConfig], ReloadAction] = make_action,
+        reloaded_at: Mapping[int, float] | None = None,
     ) -> None:
         mapping: Mapping[str, Sequence[ConsumerConfig]] = (
             credentials if isinstance(credentials, Mapping) else {c.name: c.consumers for c in credentials}
@@ -616,7 +619,10 @@ class Reloader:
         self._on_done = on_done
         self._make = action_factory
         self._actions: dict[str, ReloadAction] = {}
-        self._reloaded_at: dict[int, float] = {}
+        # Carried over from the Reloader this one replaces (config reload): without it,
+        # the tracker would date every process reloaded so far by its start time alone
+        # and count it as holding a version it has dropped. Dead pids are left behind.
+        self._reloaded_at: dict[int, float] = {p: t for p, t in (reloaded_at or {}).items() if is_alive(p)}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -649,6 +655,11 @@ class Reloader:
     def reloaded_at(self, pid: int) -> float | None:
         """Wall time the last reload was sent to this pid (or to the process it replaced)."""
         return self._reloaded_at.get(pid)
+
+    @property
+    def reloaded_pids(self) -> dict[int, float]:
+        """A copy of every pid -> reload time known, to pass as ``reloaded_at`` to the next Reloader."""
+        return dict(self._reloaded_at)
 
     async def wait_idle(self) -> None:
         """Return when no consumer has a pending change or a roll in progress."""

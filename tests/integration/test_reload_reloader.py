@@ -383,3 +383,27 @@ async def test_a_systemd_consumer_whose_processes_all_exited_is_not_reported_rel
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "no_processes"
+
+
+async def test_reload_times_carry_over_to_the_next_reloader_without_dead_processes(procs: Procs) -> None:
+    child = await procs.child("a")
+    dead = await procs.child("dead")
+    dead.kill()
+    await dead.wait()
+    cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
+    first = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [child.pid])
+    async with running(first):
+        first.changed("db", "2")
+        await idle(first)
+    at = first.reloaded_at(child.pid)
+    assert at is not None
+    carried = first.reloaded_pids
+    assert carried == {child.pid: at}
+    carried[child.pid] = 0.0  # a copy: the caller cannot change the Reloader's record
+    assert first.reloaded_at(child.pid) == at
+
+    # The agent re-reads its config (SIGHUP) and builds a new Reloader from the old one's record.
+    second = Reloader({"db": [cons]}, reloaded_at={**first.reloaded_pids, dead.pid: 1.0})
+    assert second.reloaded_at(child.pid) == at
+    assert second.reloaded_at(dead.pid) is None
+    assert second.reloaded_pids == {child.pid: at}
