@@ -435,6 +435,10 @@ class Config(Model):
             if d in dirs:
                 problems.append(f"credentials.{i}.output.dir: same output dir as credentials.{dirs[d]}")
             dirs.setdefault(d, i)
+            if self.store.kind == "kubernetes" and cred.rotation is not None and cred.rotation.max_draining > 1:
+                problems.append(
+                    f"credentials.{i}.rotation.max_draining: the kubernetes store keeps one previous version; use 1"
+                )
             for j, cons in enumerate(cred.consumers):
                 seen = consumers.setdefault(cons.name, cons)
                 if seen != cons:

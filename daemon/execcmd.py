@@ -46,8 +46,8 @@ async def exec_with_credential(config: Config, *, credential: str, argv: list[st
                 async for info in store.watch(cred.key):
                     if info.id == current:
                         continue
-                    secret = await store.read(cred.key, info.id)
                     try:
+                        secret = await store.read(cred.key, info.id)
                         files = render(cred.output.files, secret.payload)
                         env = render_env(cred.output.env, secret.payload)
                         await asyncio.to_thread(writer.write, info.id, files)
@@ -76,7 +76,18 @@ async def exec_with_credential(config: Config, *, credential: str, argv: list[st
                 waiter.cancel()
                 task.result()
                 return 1
-            return await sup.wait()
+            child = asyncio.create_task(sup.wait())
+            await asyncio.wait([task, child], return_when=asyncio.FIRST_COMPLETED)
+            if not child.done():
+                # Following the credential ended (a restart could not start the command):
+                # say why, stop what runs, and fail rather than hang.
+                child.cancel()
+                error = task.exception() if not task.cancelled() else None
+                event(log, "exec_failed", logging.ERROR, error=str(error) if error else "stopped following")
+                with contextlib.suppress(BatonError, TimeoutError):
+                    await asyncio.wait_for(sup.stop(), sup.grace + 5)
+                return 1
+            return child.result()
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, BatonError):

@@ -18,7 +18,17 @@ from jinja2.sandbox import SandboxedEnvironment
 from daemon.errors import PayloadError
 from daemon.model import Secret
 
-_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+def _finalize(value: Any) -> Any:
+    # A null field would render as the text "None": refuse it like a missing one.
+    if value is None:
+        raise PayloadError("a field used by the template is null")
+    return value
+
+
+_ENV = SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize
+)
 
 
 def fields_of(payload: Secret) -> dict[str, Any]:
@@ -68,10 +78,12 @@ def _render_all(templates: Mapping[str, str], payload: Secret) -> dict[str, str]
             raise PayloadError(f"template for {name!r} {what}") from None
         except jinja2.TemplateSyntaxError as e:
             raise PayloadError(f"template for {name!r}: syntax error on line {e.lineno}: {e.message}") from None
+        except PayloadError as e:
+            raise PayloadError(f"template for {name!r}: {e}") from None
         except Exception as e:
             # Other template errors may quote a value in their message: say only the kind.
             raise PayloadError(f"template for {name!r} failed: {type(e).__name__}") from None
-        if not text:
+        if not text.strip():
             raise PayloadError(f"template for {name!r} rendered an empty file")
         out[name] = text
     return out

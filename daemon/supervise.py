@@ -31,7 +31,19 @@ log = logging.getLogger(__name__)
 FORWARDED = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 ENDING = (signal.SIGINT, signal.SIGTERM)
 # Credentials Baton itself may have been started with: they are Baton's, not the child's.
-SCRUBBED_ENV = ("VAULT_TOKEN", "VAULT_SECRET_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+SCRUBBED_ENV = (
+    "VAULT_TOKEN",
+    "VAULT_SECRET_ID",
+    "VAULT_ROLE_ID",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "KUBECONFIG",
+)
 
 
 def exit_status(returncode: int) -> int:

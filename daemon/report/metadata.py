@@ -22,6 +22,9 @@ def fit(report: NodeReport, limit: int | None) -> str:
     while limit is not None and len(text.encode()) > limit and holders:
         holders.pop()
         text = replace(report, holders=tuple(holders)).to_json()
+    if limit is not None and len(text.encode()) > limit and report.errors:
+        short = tuple(e[:60] for e in report.errors[:1])
+        text = replace(report, holders=(), errors=short).to_json()
     return text
 
 

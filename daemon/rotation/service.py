@@ -163,14 +163,16 @@ class Rotator:
                 self.rotate_now.clear()
             outcome = await rotator.rotate()
             if outcome.result == "postponed":
-                # Looked at again as soon as a retirement frees a slot, at the latest next interval.
+                # Looked at again as soon as a retirement frees a slot, at the latest next
+                # interval; never sooner than one retirement pass (no spinning).
+                await asyncio.sleep(self._retire_interval())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed(rotator), every)
             elif outcome.result == "failed":
                 await asyncio.sleep(every)  # retried at the next interval
 
     async def _slot_freed(self, rotator: CredentialRotator) -> None:
-        while len(rotator.last_decisions) >= rotator.rotation.max_draining:
+        while len(rotator.last_decisions) >= rotator.max_draining:
             rotator.retired_event.clear()
             await rotator.retired_event.wait()
 

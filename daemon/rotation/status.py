@@ -45,7 +45,7 @@ async def pending(config: Config) -> dict[str, Any]:
     try:
         out = {}
         for r in rotators:
-            decisions = await r.evaluate()
+            decisions = await r.evaluate(apply_policy=False)
             out[r.cred.name] = [d.as_dict() for d in decisions]
             await r.provider.aclose()
         return out

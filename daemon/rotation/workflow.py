@@ -199,8 +199,12 @@ class CredentialRotator:
         self._seen.discard(node)
         event(log, "node_forgotten", credential=self.cred.name, node=node)
 
-    async def evaluate(self) -> list[Decision]:
-        """The gate's answer for every superseded version (no side effects but node bookkeeping)."""
+    async def evaluate(self, *, apply_policy: bool = True) -> list[Decision]:
+        """The gate's answer for every superseded version.
+
+        With ``apply_policy`` (the rotator), nodes silent past ``forget_after`` are
+        forgotten; without it (``baton status --pending``) nothing is changed.
+        """
         versions = await self._versions()
         waiting = superseded(versions)
         current = [v for v in versions if v.is_current]
@@ -212,7 +216,7 @@ class CredentialRotator:
         known = self._remember(reports)
         now = time.time()
         forget_after = self.config.report.forget_after
-        if forget_after is not None:
+        if forget_after is not None and apply_policy:
             for r in reports:
                 if now - r.heartbeat > forget_after:
                     await self.forget(r.node)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -83,7 +84,14 @@ class LocalStore:
 
     def _connect(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.parent.exists():
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The database and its WAL hold payloads: create all three files 0600
+            # (SQLite would create -wal and -shm with the umask's mode).
+            for suffix in ("", "-wal", "-shm"):
+                fd = os.open(f"{self.path}{suffix}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                os.fchmod(fd, 0o600)
+                os.close(fd)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
