@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import boto3
@@ -14,6 +16,7 @@ from daemon.config import parse_config
 from daemon.errors import StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.report.base import Holder, NodeReport
 from daemon.report.dynamodb import DynamoReporter
+from daemon.rotation.gate import decide
 from tests.fixtures.moto import MotoServer
 
 pytestmark = pytest.mark.integration
@@ -150,3 +153,33 @@ async def test_a_stopped_server_is_store_unavailable_and_a_restart_heals(moto_ou
         assert [x.heartbeat for x in await r.collect(KEY, "db")] == [2.0]
     finally:
         await r.aclose()
+
+
+async def test_an_unreadable_item_stands_as_a_stale_report_of_its_node_and_blocks_the_gate(
+    reporter: DynamoReporter, ddb: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = time.time()
+    good = NodeReport(node="n1", credential="db", current="v2", heartbeat=now)  # would let v1 go on its own
+    await reporter.publish(KEY, good)  # creates the table
+    newer_agent = json.loads(replace(good, node="n2").to_json()) | {"added_by_a_newer_agent": [1, 2]}
+    items = {
+        "n2": {"report": {"S": json.dumps(newer_agent)}},  # readable: the extra field is ignored
+        "n3": {"report": {"S": '{"node": "n3", "credential": "db"'}},  # cut short
+        "n4": {},  # no report attribute at all
+        "n5": {"report": {"S": report("n5", now, credential="cache").to_json()}},  # under the wrong partition
+        "n6": {"report": {"S": '{"node": "n6", "credential": "db", "current": "v2", "heartbeat": NaN}'}},
+    }
+    for node, extra in items.items():
+        ddb.put_item(TableName=TABLE, Item={"credential": {"S": "db"}, "node": {"S": node}, "key": {"S": KEY}, **extra})
+
+    got = {r.node: r for r in await reporter.collect(KEY, "db")}
+    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5", "n6"]
+    assert got["n1"] == good and got["n2"] == replace(good, node="n2")
+    assert decide(old="v1", new="v2", reports=[good, got["n2"]], known={"n1", "n2"}, now=now, ttl=60).retire
+    for node in ("n3", "n4", "n5", "n6"):
+        assert got[node] == NodeReport(node=node, credential="db", current=None), node
+    decision = decide(old="v1", new="v2", reports=list(got.values()), known=set(got), now=now, ttl=60)
+    assert not decision.retire
+    for node in ("n3", "n4", "n5", "n6"):
+        assert any(r.startswith(f"{node}: report is stale") for r in decision.reasons), (node, decision.reasons)
+    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 4

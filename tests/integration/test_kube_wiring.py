@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from daemon.providers import open_provider
 from daemon.reload import Reloader, make_action
 from daemon.report import open_reporter
 from daemon.report.base import REPORT_PREFIX, NodeReport
+from daemon.rotation.gate import Decision, decide
 from daemon.rotation.service import Rotator
 from daemon.rotation.workflow import CredentialRotator
 from daemon.stores.kubernetes import CREATED, KubernetesStore, annotation_key
@@ -131,7 +134,7 @@ def agent_config(tmp_path: Path, kube_api: KubeApi, *, node: str = "node-1", **s
                     "name": "db",
                     "key": "db",
                     "output": {"dir": str(tmp_path / "out"), "mode": "0400"},
-                    "rotation": {"every": "1h", "max_draining": 10},
+                    "rotation": {"every": "1h", "max_draining": 1},  # the kubernetes store keeps one previous
                 }
             ],
         }
@@ -327,6 +330,56 @@ async def test_pod_reports_go_on_the_agents_own_pod_and_a_deleted_pod_is_gone_no
             await r.aclose()
         await rot_store.aclose()
     assert CANARY not in everything_logged(caplog)
+
+
+async def test_a_live_pod_without_a_report_or_with_an_unreadable_one_blocks_and_a_finished_or_deleted_pod_is_gone(
+    kube_api: KubeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    double = kube_api.hooks()
+    now = time.time()
+    good = NodeReport(node="web-1", credential="db", current="v2", heartbeat=now)
+    newer_agent = json.loads(good.to_json()) | {"node": "web-5", "added_by_a_newer_agent": {"x": 1}}
+
+    def pod(name: str, phase: str, annotations: dict[str, str] | None = None, **meta: str) -> None:
+        body = {"name": name, "namespace": NS, "labels": AGENT, "annotations": annotations or {}, **meta}
+        double.put("pods", {"metadata": body, "status": {"phase": phase}})
+
+    pod("web-1", "Running", {report_annotation("db"): good.to_json()})
+    pod("web-2", "Running", {report_annotation("db"): '{"node": "web-2", "credential": "db", "current": '})
+    pod("web-3", "Pending")  # starting: may be about to read the old version
+    pod("web-4", "Running", {report_annotation("other"): good.to_json()})  # reported, but not on this credential
+    pod("web-5", "Running", {report_annotation("db"): json.dumps(newer_agent)})
+    pod("web-6", "Running", deletionTimestamp="2026-01-01T00:00:00Z")  # terminating: its containers still run
+    pod("done-1", "Succeeded")
+    pod("done-2", "Failed", {report_annotation("db"): '{"unreadable'})
+    reporter = PodReporter(namespace=NS, selector="baton.io/agent=true", kubeconfig=kube_api.kubeconfig)
+    try:
+        collected = {r.node: r for r in await reporter.collect("db", "db")}
+        assert sorted(collected) == ["web-1", "web-2", "web-3", "web-4", "web-5", "web-6"]
+        assert collected["web-1"] == good
+        assert collected["web-5"].current == "v2" and collected["web-5"].heartbeat == now  # extra field ignored
+        for node in ("web-2", "web-3", "web-4", "web-6"):
+            assert (collected[node].current, collected[node].heartbeat) == (None, 0.0), node
+
+        def gate(reports: list[NodeReport]) -> Decision:
+            return decide(old="v1", new="v2", reports=reports, known={r.node for r in reports}, now=now, ttl=60)
+
+        blocked = gate(list(collected.values()))
+        assert not blocked.retire
+        for node in ("web-2", "web-3", "web-4", "web-6"):
+            assert any(r.startswith(f"{node}: report is stale") for r in blocked.reasons), (node, blocked.reasons)
+        assert not any(r.startswith(("web-1", "web-5", "done-")) for r in blocked.reasons), blocked.reasons
+
+        # Deleted pods are gone with their reports; the rest now reports v2 and the gate opens.
+        for name in ("web-2", "web-4", "web-6"):
+            del double.objects[("pods", NS, name)]
+        pod("web-3", "Running", {report_annotation("db"): replace(good, node="web-3").to_json()})
+        after = await reporter.collect("db", "db")
+        assert sorted(r.node for r in after) == ["web-1", "web-3", "web-5"]
+        assert gate(after).retire, gate(after).reasons
+    finally:
+        await reporter.aclose()
+    assert "unreadable pod report" in caplog.text
 
 
 # ---------------------------------------------------------------- 3. rollout reload through the Reloader

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
+from dataclasses import replace
 
 import pytest
 
@@ -12,6 +15,7 @@ from daemon.model import Secret
 from daemon.report import open_reporter
 from daemon.report.base import Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
+from daemon.rotation.gate import decide
 from daemon.stores.vault import MAX_METADATA_KEYS, VaultStatusReporter, VaultStore
 from tests.doubles.vault import VaultDouble
 from tests.fixtures.vault import MakeStore, VaultTarget
@@ -176,3 +180,34 @@ async def test_open_reporter_picks_the_status_path_reporter_for_vault(
     await reporter.publish("app/db", report("n1"))
     assert await reporter.collect("app/db", "db") == [report("n1")]
     assert [k for k in await store._list(f"{vault_prefix}/status/db")] == ["n1"]
+
+
+async def test_an_unreadable_status_entry_stands_as_a_stale_report_of_its_node_and_blocks_the_gate(
+    make_vault_store: MakeStore, vault_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    now = time.time()
+    good = NodeReport(node="n1", credential="db", current="2", heartbeat=now)  # would let "1" go on its own
+    await reporter.publish("app/db", good)
+    newer_agent = json.loads(replace(good, node="n2").to_json()) | {"added_by_a_newer_agent": True}
+    folder = f"{vault_prefix}/status/db"
+    await store._write(f"{folder}/n2", {"report": json.dumps(newer_agent), "key": "app/db"}, cas=None)
+    await store._write(f"{folder}/n3", {"report": '{"node": "n3", "credential": "db"', "key": "app/db"}, cas=None)
+    await store._write(f"{folder}/n4", {"key": "app/db"}, cas=None)  # no report field
+    await store._write(f"{folder}/n5", {"report": replace(good, credential="x").to_json()}, cas=None)
+
+    got = {r.node: r for r in await reporter.collect("app/db", "db")}
+    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5"]
+    assert got["n1"] == good and got["n2"] == replace(good, node="n2")
+    assert decide(old="1", new="2", reports=[good, got["n2"]], known={"n1", "n2"}, now=now, ttl=60).retire
+    for node in ("n3", "n4", "n5"):
+        assert got[node] == NodeReport(node=node, credential="db", current=None), node
+    decision = decide(old="1", new="2", reports=list(got.values()), known=set(got), now=now, ttl=60)
+    assert not decision.retire
+    for node in ("n3", "n4", "n5"):
+        assert any(r.startswith(f"{node}: report is stale") for r in decision.reasons), (node, decision.reasons)
+    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 3
+    # forget still finds the unreadable entry (by its recorded key) and removes it: then it is gone.
+    await VaultStatusReporter(store, parse=NodeReport.from_json).forget("app/db", "n3")
+    assert "n3" not in {r.node for r in await reporter.collect("app/db", "db")}
