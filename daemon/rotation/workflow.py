@@ -218,7 +218,9 @@ class CredentialRotator:
         forget_after = self.config.report.forget_after
         if forget_after is not None and apply_policy:
             for r in reports:
-                if now - r.heartbeat > forget_after:
+                # A stand-in for an unreadable or missing report (heartbeat 0) is not a
+                # silent node: it must keep blocking, never be forgotten by age.
+                if r.heartbeat > 0 and now - r.heartbeat > forget_after:
                     await self.forget(r.node)
                     known.discard(r.node)
             reports = [r for r in reports if r.node in known]
