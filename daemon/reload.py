@@ -18,6 +18,9 @@ skipped as ``no_processes``, unless the action sets ``needs_process =
 False`` (a rollout of a remote workload): it is then called with pid 0, which it
 must never treat as a process. ``replaces = True`` says the action stops the
 process and something else starts the replacement (the health check looks for it).
+``checks_start = True`` says ``reload(pid, *, started=...)`` takes the start time
+seen when the pid was found and refuses (``ReloadGone``) a pid that has another
+one; such actions signal through a pidfd opened before that check.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ import contextlib
 import importlib
 import logging
 import os
+import select
 import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import aiohttp
 import psutil
@@ -90,20 +94,49 @@ def _same_process(pid: int, started: float | None) -> bool:
     return is_alive(pid) and _start_time(pid) == started
 
 
-async def wait_exit(pid: int, within: float) -> bool:
-    """True when ``pid`` exits within ``within`` seconds (or is gone already).
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid``; None where the kernel or sandbox has no pidfd_open (pid numbers then).
 
-    Awaits the process's pidfd, which becomes readable on exit, so nothing
-    polls; kernels or sandboxes without pidfd_open fall back to a slow poll.
+    ProcessLookupError when the process is gone. Refuses pid <= 0 (groups).
     """
-    if not is_alive(pid):
-        return True
+    if pid <= 0:
+        raise ReloadError(f"refusing to signal pid {pid}")
     try:
-        fd = os.pidfd_open(pid)
+        return os.pidfd_open(pid)
     except ProcessLookupError:
+        raise
+    except (OSError, AttributeError):
+        return None
+
+
+def _send(pid: int, fd: int | None, sig: signal.Signals) -> bool:
+    """Send ``sig`` through the pidfd (by number only without one); False when the process is gone.
+
+    A pidfd names one process: once it has exited, its recycled pid is out of reach.
+    """
+    try:
+        if fd is not None:
+            signal.pidfd_send_signal(fd, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError as e:
+        raise ReloadError(f"not allowed to send {sig.name} to pid {pid}") from e
+    return True
+
+
+def _exited(fd: int) -> bool:
+    """The pidfd is readable: its process has exited (a zombie included)."""
+    poller = select.poll()  # not select(): a busy agent's fds can pass FD_SETSIZE
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+async def _wait_fd(fd: int, within: float) -> bool:
+    """True when the pidfd's process exits within ``within`` seconds; awaited, nothing polls."""
+    if _exited(fd):
         return True
-    except OSError:
-        return await _poll_exit(pid, within)
     loop = asyncio.get_running_loop()
     exited = loop.create_future()
 
@@ -113,13 +146,31 @@ async def wait_exit(pid: int, within: float) -> bool:
 
     loop.add_reader(fd, _ready)
     try:
-        # The pidfd became readable, or the pid was a zombie already.
         await asyncio.wait_for(exited, within)
         return True
     except TimeoutError:
-        return not is_alive(pid)
+        return _exited(fd)
     finally:
         loop.remove_reader(fd)
+
+
+async def wait_exit(pid: int, within: float) -> bool:
+    """True when ``pid`` exits within ``within`` seconds (or is gone already).
+
+    Awaits the process's pidfd, which becomes readable on exit, so nothing
+    polls; kernels or sandboxes without pidfd_open fall back to a slow poll.
+    """
+    if not is_alive(pid):
+        return True
+    try:
+        fd = _pidfd(pid)
+    except ProcessLookupError:
+        return True
+    if fd is None:
+        return await _poll_exit(pid, within)
+    try:
+        return await _wait_fd(fd, within)
+    finally:
         os.close(fd)
 
 
@@ -152,29 +203,55 @@ async def first_exit(pids: Iterable[int], within: float) -> int | None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _kill(pid: int, sig: signal.Signals) -> bool:
-    """Send ``sig``; False when the process is gone. Refuses pid <= 0 (groups)."""
-    if pid <= 0:
-        raise ReloadError(f"refusing to signal pid {pid}")
+class ReloadGone(ReloadError):
+    """The process exited, or its pid now names another process: nothing holds the old version there."""
+
+
+def _recycled(pid: int, started: float | None) -> bool | None:
+    """Whether ``pid`` now names another process than the one started at ``started``; None: gone.
+
+    Called with a pidfd open: if the start time matches, that pidfd names the
+    very process that was checked, however soon its pid is recycled afterwards.
+    """
+    born = _start_time(pid)
+    if born is None:
+        return None
+    return started is not None and born != started
+
+
+async def _wait(pid: int, fd: int | None, within: float) -> bool:
+    return await (_wait_fd(fd, within) if fd is not None else _poll_exit(pid, within))
+
+
+async def stop_process(pid: int, *, stop_signal: signal.Signals, grace: float, started: float | None = None) -> None:
+    """``stop_signal``, then SIGKILL when the process is still there after ``grace`` seconds.
+
+    Every signal and the wait go through one pidfd opened before the first
+    signal, so the SIGKILL cannot reach a process that got the pid since.
+    ``started``: the start time the caller saw; a pid with another one is
+    ReloadGone and is left alone. A process already gone is not an error.
+    """
     try:
-        os.kill(pid, sig)
+        fd = _pidfd(pid)
     except ProcessLookupError:
-        return False
-    except PermissionError as e:
-        raise ReloadError(f"not allowed to send {sig.name} to pid {pid}") from e
-    return True
-
-
-async def stop_process(pid: int, *, stop_signal: signal.Signals, grace: float) -> None:
-    """``stop_signal``, then SIGKILL when the process is still there after ``grace`` seconds."""
-    if not _kill(pid, stop_signal):
         return
-    if await wait_exit(pid, grace):
-        return
-    log.warning("pid %d ignored %s for %.1fs; sending SIGKILL", pid, stop_signal.name, grace)
-    _kill(pid, signal.SIGKILL)
-    if not await wait_exit(pid, 10.0):
-        raise ReloadError(f"pid {pid} survived SIGKILL")
+    try:
+        recycled = _recycled(pid, started)
+        if recycled is None:
+            return
+        if recycled:
+            raise ReloadGone(f"pid {pid} is gone (the number now belongs to another process)")
+        if not _send(pid, fd, stop_signal):
+            return
+        if await _wait(pid, fd, grace):
+            return
+        log.warning("pid %d ignored %s for %.1fs; sending SIGKILL", pid, stop_signal.name, grace)
+        _send(pid, fd, signal.SIGKILL)
+        if not await _wait(pid, fd, 10.0):
+            raise ReloadError(f"pid {pid} survived SIGKILL")
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 async def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None = None) -> int:
@@ -246,18 +323,34 @@ class ReloadAction(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _StartChecked(Protocol):
+    """An action with ``checks_start = True``: it refuses a pid whose start time is not ``started``."""
+
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None: ...
+
+
 class SignalAction:
     """Send the configured signal to each process (``nginx`` SIGHUP, ...)."""
 
     per_consumer: ClassVar[bool] = False
+    checks_start: ClassVar[bool] = True
 
     def __init__(self, consumer: ConsumerConfig) -> None:
         assert consumer.reload.signal is not None
         self.signal = signal.Signals[consumer.reload.signal]
 
-    async def reload(self, pid: int) -> int | None:
-        if not _kill(pid, self.signal):
-            raise ReloadError(f"pid {pid} is gone")
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
+        """Signal ``pid`` through a pidfd; ReloadGone when it exited or is no longer the one started at ``started``."""
+        try:
+            fd = _pidfd(pid)
+        except ProcessLookupError:
+            raise ReloadGone(f"pid {pid} is gone") from None
+        try:
+            if _recycled(pid, started) is not False or not _send(pid, fd, self.signal):
+                raise ReloadGone(f"pid {pid} is gone")
+        finally:
+            if fd is not None:
+                os.close(fd)
         return None
 
     async def aclose(self) -> None:
@@ -299,6 +392,7 @@ class RestartAction:
 
     per_consumer: ClassVar[bool] = False
     replaces: ClassVar[bool] = True
+    checks_start: ClassVar[bool] = True
 
     def __init__(self, consumer: ConsumerConfig) -> None:
         cfg = consumer.reload.restart
@@ -308,13 +402,14 @@ class RestartAction:
         self.command = list(cfg.command) if cfg.command else None
         self.consumer = consumer.name
 
-    async def reload(self, pid: int) -> int | None:
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
+        """Stop ``pid`` (if it is still the process started at ``started``) and start the command."""
         env = safe_env({"BATON_CONSUMER": self.consumer})
         if self.command and shutil.which(self.command[0], path=env["PATH"]) is None:
             # Checked before stopping anything: a typo must not take a service down.
             raise ReloadError(f"restart command not found: {self.command[0]}")
         cwd = await asyncio.to_thread(_cwd_of, pid)
-        await stop_process(pid, stop_signal=self.stop_signal, grace=self.timeout)
+        await stop_process(pid, stop_signal=self.stop_signal, grace=self.timeout, started=started)
         if self.command is None:
             return None
         return await spawn_detached(self.command, env=env, cwd=cwd)
@@ -769,6 +864,7 @@ class Reloader:
         needs_process = bool(getattr(action, "needs_process", True))
         per_consumer = bool(getattr(action, "per_consumer", False))
         replaced = bool(getattr(action, "replaces", False))
+        checks_start = bool(getattr(action, "checks_start", False)) and not per_consumer
         targets = pids
         if per_consumer:
             # The action acts on the whole consumer: any live process of it will do
@@ -798,7 +894,11 @@ class Reloader:
             # check passed (a version swapped in during the check was never loaded).
             sent = self._wall()
             try:
-                new_pid = await action.reload(pid)
+                if checks_start:
+                    # It signals through a pidfd, after checking the pid is still the process seen here.
+                    new_pid = await cast(_StartChecked, action).reload(pid, started=started.get(pid))
+                else:
+                    new_pid = await action.reload(pid)
                 if per_consumer:
                     await check_consumer_health(
                         cons.health, match=cons.match, had_processes=bool(pids), find=self._find
@@ -814,6 +914,11 @@ class Reloader:
                         old=set(pids),
                         find=self._find,
                     )
+            except ReloadGone:
+                # Exited (or recycled) between the check above and the signal: as above.
+                reloaded.append(PidReload(pid, self._wall(), GONE))
+                self._event(cons.name, pid, GONE, creds, versions)
+                continue
             except Exception as e:
                 if not isinstance(e, ReloadError):
                     log.exception("reload of %s pid %d raised", cons.name, pid)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from daemon.errors import ReloadError
 from daemon.reload import (
     ExecAction,
     NoneAction,
+    ReloadGone,
     RestartAction,
     SignalAction,
     SystemdAction,
@@ -32,6 +34,7 @@ from daemon.reload import (
     check_http,
     is_alive,
     make_action,
+    stop_process,
     wait_exit,
 )
 
@@ -428,3 +431,75 @@ async def test_the_polling_fallback_of_wait_exit_sees_an_exit(procs: Procs) -> N
     child.terminate()
     assert await _poll_exit(child.pid, 5) is True
     await child.wait()
+
+
+# ---------------------------------------------------------------- pid reuse
+
+
+def no_kill_by_number(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Make os.kill fail loudly: a signal by pid number could reach a recycled pid."""
+    calls: list[tuple[int, int]] = []
+
+    def refuse(pid: int, sig: int) -> None:
+        calls.append((pid, sig))
+        raise AssertionError(f"os.kill({pid}, {sig}) used: signals must go through a pidfd")
+
+    monkeypatch.setattr(os, "kill", refuse)
+    return calls
+
+
+async def test_a_restart_signals_and_kills_through_a_pidfd_not_the_pid_number(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child = await procs.child("a", "ignore-term")
+    action = RestartAction(consumer(reload={"restart": {"timeout": 0.2}}))
+    with monkeypatch.context() as m:
+        calls = no_kill_by_number(m)
+        await action.reload(child.pid)
+    assert calls == []
+    assert await child.wait() == -signal.SIGKILL
+
+
+async def test_the_signal_action_signals_through_a_pidfd(procs: Procs, monkeypatch: pytest.MonkeyPatch) -> None:
+    child = await procs.child("a")
+    action = SignalAction(consumer(reload={"signal": "HUP"}))
+    with monkeypatch.context() as m:
+        calls = no_kill_by_number(m)
+        await action.reload(child.pid, started=psutil.Process(child.pid).create_time())
+    assert calls == []
+    await until(lambda: lines(procs.tmp / "a.log", "hup"))
+
+
+async def test_the_signal_action_refuses_a_pid_that_now_belongs_to_another_process(procs: Procs) -> None:
+    # The child stands in for a process that got a recycled pid: its start time is not the snapshot's.
+    child = await procs.child("a")
+    snapshot = psutil.Process(child.pid).create_time() - 60
+    action = SignalAction(consumer(reload={"signal": "HUP"}))
+    with pytest.raises(ReloadGone, match="gone"):
+        await action.reload(child.pid, started=snapshot)
+    await action.reload(child.pid, started=snapshot + 60)  # the right process is signalled
+    await until(lambda: lines(procs.tmp / "a.log", "hup"))
+    assert len(lines(procs.tmp / "a.log", "hup")) == 1
+
+
+async def test_a_restart_leaves_a_pid_that_now_belongs_to_another_process_running(procs: Procs) -> None:
+    child = await procs.child("a")
+    snapshot = psutil.Process(child.pid).create_time() - 60
+    action = RestartAction(consumer(reload={"restart": {"timeout": 5}}))
+    with pytest.raises(ReloadGone):
+        await action.reload(child.pid, started=snapshot)
+    assert is_alive(child.pid) and lines(procs.tmp / "a.log", "term") == []
+
+
+async def test_stop_process_falls_back_to_pid_numbers_without_pidfd_open(
+    procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child = await procs.child("a", "ignore-term")
+
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open not implemented")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "pidfd_open", no_pidfd)
+        await stop_process(child.pid, stop_signal=signal.SIGTERM, grace=0.2)
+    assert await child.wait() == -signal.SIGKILL

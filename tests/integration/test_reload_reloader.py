@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from daemon import metrics
-from daemon.reload import Reloader, is_alive
+from daemon.reload import Reloader, ReloadGone, SignalAction, is_alive
 from daemon.usage.consumers import find_processes
 from tests.integration.test_reload_actions import Procs, consumer, lines, until
 
@@ -316,8 +317,6 @@ class TimedSignal:
     per_consumer = False
 
     def __init__(self, cons: Any) -> None:
-        from daemon.reload import SignalAction
-
         self.inner = SignalAction(cons)
         self.called: list[float] = []
 
@@ -407,3 +406,41 @@ async def test_reload_times_carry_over_to_the_next_reloader_without_dead_process
     assert second.reloaded_at(child.pid) == at
     assert second.reloaded_at(dead.pid) is None
     assert second.reloaded_pids == {child.pid: at}
+
+
+class StartChecking:
+    """A checks_start action: records the start time it is given; the first pid turns out recycled."""
+
+    per_consumer = False
+    checks_start = True
+
+    def __init__(self, recycled: int) -> None:
+        self.recycled = recycled
+        self.calls: list[tuple[int, float | None]] = []
+
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
+        self.calls.append((pid, started))
+        if pid == self.recycled:
+            raise ReloadGone(f"pid {pid} is gone")
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_the_snapshot_start_time_reaches_the_action_and_a_recycled_pid_is_skipped_as_gone(
+    procs: Procs,
+) -> None:
+    a = await procs.child("a")
+    b = await procs.child("b")
+    cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
+    action = StartChecking(recycled=a.pid)
+    r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [a.pid, b.pid], action_factory=lambda c: action)
+    async with running(r):
+        r.changed("db", "2")
+        await idle(r)
+    assert action.calls == [(p, psutil.Process(p).create_time()) for p in (a.pid, b.pid)]
+    st = r.status()["app"]
+    assert st.result == "ok", st.error
+    assert [(p.pid, p.result) for p in st.reloaded] == [(a.pid, "gone"), (b.pid, "ok")]
+    assert r.reloaded_at(a.pid) is None
