@@ -206,7 +206,13 @@ class Agent:
             self.credentials[c.name] = state
         if any(c.required and not self.credentials[c.name].written for c in config.credentials):
             self.ready.clear()
-        self.reloader = Reloader(config.credentials, debounce=config.agent.debounce, on_done=self._reloaded)
+        self.reloader = Reloader(
+            config.credentials,
+            debounce=config.agent.debounce,
+            on_done=self._reloaded,
+            # Who was reloaded when stays true across a config reload (start-time attribution).
+            reloaded_at=self.reloader.reloaded_pids if self.reloader is not None else None,
+        )
         self.tracker = Tracker(config=config, agent=self)
         self._tasks = [self._guard(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()]
         self._tasks.append(self._guard("reloader", self.reloader.run()))
