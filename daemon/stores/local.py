@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -86,19 +87,21 @@ class LocalStore:
         if self._conn is None:
             if not self.path.parent.exists():
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            # The database and its WAL hold payloads: create all three files 0600
-            # (SQLite would create -wal and -shm with the umask's mode).
-            for suffix in ("", "-wal", "-shm"):
-                fd = os.open(f"{self.path}{suffix}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-                os.fchmod(fd, 0o600)
-                os.close(fd)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.executescript(_SCHEMA)
-            with contextlib.suppress(OSError):
-                self.path.chmod(0o600)
+            # The database and its WAL hold payloads; SQLite creates the WAL and
+            # shm files with the umask's mode. They exist now (WAL mode is on, the
+            # schema was read): make all three private, by path. Never open and
+            # close them here: closing any fd of a file drops this process's POSIX
+            # locks on it, SQLite's included (shm truncated under others: SIGBUS).
+            for suffix in ("", "-wal", "-shm"):
+                path = f"{self.path}{suffix}"
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.lstat(path).st_mode):
+                        os.chmod(path, 0o600)
             self._conn = conn
         return self._conn
 
