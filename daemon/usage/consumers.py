@@ -59,6 +59,11 @@ def unit_of(pid: int) -> str | None:
         text = Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return None
+    return unit_from_cgroup(text)
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """The innermost ``.service``/``.scope`` in a /proc/<pid>/cgroup text (v1 or v2)."""
     for line in text.splitlines():
         path = line.split(":", 2)[-1]
         for part in reversed(path.split("/")):
