@@ -37,8 +37,10 @@ import os, signal, sys, time
 marker, mode = sys.argv[1], sys.argv[2]
 if mode == "stubborn":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-WORKER = "import os, sys, time\\nparent = os.getppid()\\nwhile os.getppid() == parent:\\n    time.sleep(0.05)\\n"
-os.posix_spawn(sys.executable, [sys.executable, "-c", WORKER, marker + "-worker"], os.environ)
+# The app's pid comes in argv: read with getppid() at start, a worker that starts after
+# the app already died would see init as its parent and never notice.
+WORKER = "import os, sys, time\\nparent = int(sys.argv[2])\\nwhile os.getppid() == parent:\\n    time.sleep(0.05)\\n"
+os.posix_spawn(sys.executable, [sys.executable, "-c", WORKER, marker + "-worker", str(os.getpid())], os.environ)
 while True:
     time.sleep(1)
 '''
@@ -171,10 +173,21 @@ async def test_a_pid_that_is_already_gone_is_a_quiet_no_op(make_pod: MakePod) ->
     pod = await make_pod("polite")
     (worker,) = pod.pids("-app-worker")
     (app_before,) = pod.pids("-app")
+    born = psutil.Process(worker).create_time()
+
+    def worker_gone() -> list[int]:
+        # Gone, a zombie waiting for init, or its pid number already reused: all "gone".
+        try:
+            proc = psutil.Process(worker)
+            alive = proc.status() != psutil.STATUS_ZOMBIE and proc.create_time() == born
+        except psutil.NoSuchProcess:
+            alive = False
+        return [] if alive else [worker]
+
     action = ContainerRestart(timeout=5)
     await action.reload(app_before)
     # The worker of the container just stopped is the second pid of the same batch.
-    await until(lambda: [] if psutil.pid_exists(worker) else [worker])
+    await until(worker_gone)
     await action.reload(worker)
     (app_after,) = await until(lambda: [p for p in pod.pids("-app") if p != app_before])
     assert pod.pids("-app") == [app_after], "exactly one restart for the batch"
