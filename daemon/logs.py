@@ -1,6 +1,6 @@
 """Logging setup: JSON or text lines, with context bound per task.
 
-``bind(credential=..., version=...)`` sets context for the current task (a
+``bound(credential=..., version=...)`` sets context for the current task (a
 contextvar), and every record logged from it carries those fields. Events
 (rotation, reload, drain, retirement) are records with an ``event`` field.
 Nothing here ever formats a secret: callers pass names and ids only.
@@ -30,11 +30,6 @@ def bound(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
-
-
-def bind(**fields: Any) -> None:
-    """Bind fields for the rest of the current task."""
-    _context.set({**_context.get(), **fields})
 
 
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:

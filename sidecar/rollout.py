@@ -17,7 +17,7 @@ from typing import Any
 
 from kubernetes_asyncio import client
 
-from daemon.config import ConsumerConfig, RolloutConfig
+from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError, StoreError
 from daemon.stores.kubernetes import default_namespace, kube_call, new_api_client
 
@@ -68,18 +68,6 @@ class RolloutRestart:
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
         self._api: client.ApiClient | None = None
-
-    @classmethod
-    def from_config(
-        cls, rollout: RolloutConfig, *, kubeconfig: Path | None = None, namespace: str | None = None
-    ) -> RolloutRestart:
-        return cls(
-            kind=rollout.kind,
-            name=rollout.name,
-            namespace=default_namespace(rollout.namespace or namespace),
-            timeout=rollout.timeout,
-            kubeconfig=kubeconfig,
-        )
 
     async def _apps(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
         if self._api is None:

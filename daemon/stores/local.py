@@ -168,9 +168,6 @@ class LocalStore:
     async def versions(self, key: str) -> list[VersionInfo]:
         return await asyncio.to_thread(self.versions_sync, key)
 
-    def keys_sync(self) -> list[str]:
-        return [r[0] for r in self._run(lambda c: c.execute("SELECT DISTINCT key FROM versions").fetchall())]
-
     def _all_current(self) -> tuple[int, dict[str, VersionInfo]]:
         """``PRAGMA data_version`` and the current version of every key, in one go."""
 
