@@ -88,10 +88,11 @@ class LocalStore:
             if not self.path.parent.exists():
                 self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
-            conn.executescript(_SCHEMA)
+            try:
+                self._setup(conn)
+            except BaseException:
+                conn.close()
+                raise
             # The database and its WAL hold payloads; SQLite creates the WAL and
             # shm files with the umask's mode. They exist now (WAL mode is on, the
             # schema was read): make all three private, by path. Never open and
@@ -104,6 +105,26 @@ class LocalStore:
                         os.chmod(path, 0o600)
             self._conn = conn
         return self._conn
+
+    @staticmethod
+    def _setup(conn: sqlite3.Connection) -> None:
+        """WAL mode and the schema. While another connection opens or closes the
+        database (WAL recovery, the last close's checkpoint), SQLite can answer
+        "locked" at once, without waiting on the busy timeout: try again briefly."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+                if str(mode).lower() != "wal":
+                    conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute("PRAGMA busy_timeout=10000")
+                conn.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as e:
+                if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         with self._lock:
