@@ -149,11 +149,17 @@ class Agent:
     async def shutdown(self) -> None:
         sdnotify.stopping()
         await self._stop_generation()
+        # Each close is bounded, so SIGTERM ends the agent in bounded time.
+        closes = [self.reporter.aclose()]
         if self.api is not None:
-            await self.api.stop()
-        await self.reporter.aclose()
+            closes.append(self.api.stop())
         if self._own_store:
-            await self.store.aclose()
+            closes.append(self.store.aclose())
+        for close in closes:
+            try:
+                await asyncio.wait_for(close, STOP_GRACE)
+            except TimeoutError:
+                log.error("closing took too long; going on")
         event(log, "agent_stopped", node=self.config.node_id)
 
     def request_stop(self) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,16 @@ class Rotator:
                 event(log, "rotator_leading", credentials=sorted(self.rotators))
                 failed = await self._lead(election)
         finally:
+            # Each close is bounded: a stop must end in bounded time (SIGTERM, systemd).
             if election is not None:
-                await election.stop()
+                await _bounded(election.stop(), "leader election")
             if self.api is not None:
-                await self.api.stop()
-            for r in self.rotators.values():
-                await r.provider.aclose()
-            await self.reporter.aclose()
+                await _bounded(self.api.stop(), "api")
+            for name, r in self.rotators.items():
+                await _bounded(r.provider.aclose(), f"provider of {name}")
+            await _bounded(self.reporter.aclose(), "reporter")
             if self._own_store:
-                await self.store.aclose()
+                await _bounded(self.store.aclose(), "store")
         return 1 if failed else 0
 
     def _election(self) -> Any:
@@ -134,9 +136,7 @@ class Rotator:
                 event(log, "rotator_lost_lease", logging.WARNING)
             return bool(failed)
         finally:
-            for t in [*tasks, *watchers]:
-                t.cancel()
-            await asyncio.gather(*tasks, *watchers, return_exceptions=True)
+            await _cancel_all([*tasks, *watchers])
 
     async def _lost(self, election: Any) -> None:
         """Return when the lease is lost or a stop is requested."""
@@ -151,7 +151,7 @@ class Rotator:
 
     async def schedule(self, rotator: CredentialRotator) -> None:
         every = rotator.rotation.every
-        while True:
+        while not self.should_exit.is_set():
             try:
                 delay = max(0.0, await rotator.due_at() - time.time())
             except BatonError as e:
@@ -180,7 +180,7 @@ class Rotator:
         return max(0.05, min(self.config.report.heartbeat / 2, 5.0))
 
     async def retire_loop(self, rotator: CredentialRotator) -> None:
-        while True:
+        while not self.should_exit.is_set():
             try:
                 await rotator.retire_ready()
             except BatonError as e:
@@ -200,6 +200,33 @@ class Rotator:
                 for name, r in self.rotators.items()
             },
         }
+
+
+async def _bounded(coro: Coroutine[Any, Any, None], what: str, limit: float = 5.0) -> None:
+    try:
+        await asyncio.wait_for(coro, limit)
+    except TimeoutError:
+        log.error("closing took too long; going on", extra={"what": what})
+    except Exception as e:
+        log.warning("closing failed", extra={"what": what, "error": str(e)})
+
+
+async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel and wait; cancel again if a task lives on. On Python 3.11 ``wait_for``
+    can swallow a cancel that lands as its inner wait completes, and the task then
+    carries on: one cancel is not always the end of a task."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(50):
+        if not pending:
+            break
+        for t in pending:
+            t.cancel()
+        _done, pending = await asyncio.wait(pending, timeout=0.2)
+    for t in pending:
+        log.error("task did not stop", extra={"task": t.get_name()})
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            t.exception()  # retrieved: a failure was logged where it mattered
 
 
 def run_rotator(config: Config, *, config_path: str | Path | None = None) -> int:

@@ -298,16 +298,18 @@ async def baton(setup: Setup) -> AsyncIterator[Running]:
             await running.stop_consumer(c)
         rotator.should_exit.set()
         agent.should_exit.set()
-        await asyncio.gather(rotator_task, agent_task, return_exceptions=True)
+        # asyncio.wait, not gather: a stop that hangs fails here, naming what hung.
+        _done, hung = await asyncio.wait({rotator_task, agent_task}, timeout=30)
+        assert not hung, f"did not stop: {sorted(t.get_name() for t in hung)}"
 
 
 async def rotate_exactly(running: Running, captured: Captured, n: int, *, timeout: float) -> None:
     """Let the schedule run until ``n`` rotations, and no more.
 
-    The schedule times the next rotation as soon as one completes, so it is
-    slowed down right after rotation n-1 (the n-th is then already timed). If
+    The schedule is slowed down right after rotation n-1 and the n-th is asked
+    for at once (the schedule may have timed it with the slowed interval). If
     that n-th one is put off (the previous version still drains) or fails, it
-    would then wait an hour: it is asked for at once instead.
+    would then wait an hour: it is asked for again.
     """
     slowed = False
 
@@ -318,6 +320,9 @@ async def rotate_exactly(running: Running, captured: Captured, n: int, *, timeou
             slowed = True
             for r in running.rotator.rotators.values():
                 r.rotation = r.rotation.model_copy(update={"every": 3600.0})
+            # The schedule may already have timed the n-th rotation with the hour:
+            # ask for it now (once; a schedule that timed it short just runs it now).
+            running.rotator.rotate_now.set()
         if slowed and done < n:
             names = [getattr(r, "event", None) for r in captured.records]
             last_rotated = max((i for i, e in enumerate(names) if e == "rotated"), default=-1)
