@@ -49,7 +49,7 @@ class DynamoReporter:
         timeout: float = 10.0,
         max_attempts: int = 3,
         create_table: bool = False,
-        page_size: int = 100,
+        page_size: int | None = None,
     ) -> None:
         self.table = table
         self.region = region
@@ -150,15 +150,23 @@ class DynamoReporter:
             ) from None
 
     async def collect(self, key: str, credential: str) -> list[NodeReport]:
+        """Every node's report for ``credential``: one Query, paged by DynamoDB (1 MB a page).
+
+        Only ``node`` and ``report`` are read. ``page_size`` (None: DynamoDB's own
+        pages) caps the items per page; a small cap multiplies the requests, and
+        some servers (moto) pay for the whole partition on every page.
+        """
         reports: list[NodeReport] = []
         params: dict[str, Any] = {
             "TableName": self.table,
             "KeyConditionExpression": "#c = :c",
-            "ExpressionAttributeNames": {"#c": "credential"},
+            "ProjectionExpression": "#n, #r",
+            "ExpressionAttributeNames": {"#c": "credential", "#n": "node", "#r": "report"},
             "ExpressionAttributeValues": {":c": {"S": credential}},
             "ConsistentRead": True,
-            "Limit": self.page_size,
         }
+        if self.page_size is not None:
+            params["Limit"] = self.page_size
         while True:
             resp = await self._call("query", **params)
             for item in resp.get("Items") or []:

@@ -110,6 +110,40 @@ async def test_collect_pages_through_many_nodes(moto: MotoServer) -> None:
         await r.aclose()
 
 
+def count_queries(client: Any) -> list[set[str]]:
+    """Record each Query the client sends, as the set of attributes of each item it got back."""
+    pages: list[set[str]] = []
+
+    def after_call(parsed: dict[str, Any], **_: Any) -> None:
+        pages.append(set().union(*(item.keys() for item in parsed.get("Items") or [])))
+
+    client.meta.events.register("after-call.dynamodb.Query", after_call)
+    return pages
+
+
+async def test_collect_reads_all_nodes_in_one_query_and_only_the_attributes_it_needs(
+    reporter: DynamoReporter,
+) -> None:
+    reports = [report(f"node-{i:02d}", float(i)) for i in range(25)]
+    await asyncio.gather(*(reporter.publish(KEY, rep) for rep in reports))
+    pages = count_queries(await reporter._get_client())
+    assert sorted(await reporter.collect(KEY, "db"), key=lambda x: x.node) == reports
+    assert pages == [{"node", "report"}]  # one page; no key, heartbeat or credential attributes
+
+
+async def test_collect_with_a_page_size_pages_and_still_reads_each_node_once(moto: MotoServer) -> None:
+    r = DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, create_table=True, page_size=3)
+    try:
+        reports = [report(f"node-{i:02d}", float(i)) for i in range(10)]
+        await asyncio.gather(*(r.publish(KEY, rep) for rep in reports))
+        pages = count_queries(await r._get_client())
+        got = await r.collect(KEY, "db")
+        assert sorted(got, key=lambda x: x.node) == reports and len(got) == 10
+        assert len(pages) == 4  # 3 + 3 + 3 + 1
+    finally:
+        await r.aclose()
+
+
 async def test_forget_removes_only_that_nodes_items_for_the_key(reporter: DynamoReporter) -> None:
     await reporter.publish(KEY, report("n1", 1.0))
     await reporter.publish(KEY, report("n2", 1.0))
