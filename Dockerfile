@@ -11,6 +11,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# A C compiler for daemon/usage/_fdscan.c (the agent's fd walk, ~2.5x faster
+# than the pure Python fallback); it stays in this stage. Not pinned: libc6-dev
+# must match the image's libc6, which Debian point releases move.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/baton
 # Only what the distribution needs: the package sources and its metadata.
 COPY pyproject.toml README.md ./

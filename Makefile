@@ -10,7 +10,9 @@ QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || tru
 
 .PHONY: install lint test test-fast demo bench clean tools system-deps
 
-$(STAMP): pyproject.toml
+# The editable install also builds daemon/usage/_fdscan.c in place (optional:
+# without a C compiler the pure Python fd walk is used).
+$(STAMP): pyproject.toml daemon/usage/_fdscan.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
 	$(PY) -m pip install -q -e '.[all,test]' 2>&1 | $(QUIET_PIP)
@@ -50,7 +52,7 @@ bench: $(STAMP) system-deps
 	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(PY) bench/$$b.py; done
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build daemon/usage/_fdscan.*.so
 
 # Packaging lint tools (tests/integration/test_packaging.py) in a venv of their
 # own: checkov's pinned dependencies clash with the main venv's (boto3/botocore).

@@ -3,9 +3,10 @@
 Spawns --procs `cat` processes that each hold --files open regular files (the
 parent opens a pool once and passes a different window of it to each child);
 a handful of them also hold the 3 credential files. Then times, in the same
-run on the same files, daemon.usage.fdscan.scan_fds, `fuser <3 files>` and
-`lsof -t <3 files>` (median of several repeats), checks that all three find
-the same pids, prints ONE JSON object on stdout and writes bench/results/scan.json.
+run on the same files, daemon.usage.fdscan.scan_fds (the C walk the agent uses
+when built, and the pure Python fallback), `fuser <3 files>` and `lsof -t <3
+files>` (median of several repeats), checks that all find the same pids, prints
+ONE JSON object on stdout and writes bench/results/scan.json.
 
 Every child reads stdin from one pipe whose write end only this process holds,
 so the children also exit on EOF if this process dies without cleaning up.
@@ -33,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.usage.fdscan import scan_fds
+from daemon.usage.fdscan import NATIVE, scan_fds
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scan.json"
 TARGET_BATON_OVER_FUSER = 1.5
@@ -153,62 +154,54 @@ def bench(args: argparse.Namespace, children: Children, workdir: Path) -> dict[s
     def baton() -> set[int]:
         return set(scan_fds(index))
 
-    def baton_single() -> set[int]:
-        return set(scan_fds(index, workers=1))
+    def python_walk(workers: int) -> Callable[[], set[int]]:
+        return lambda: set(scan_fds(index, workers=workers, native=False))
 
     baton()  # warm the dentry cache for everyone alike: each tool then runs warm
     # Interleaved rounds, so a burst of other load on the node hits every tool alike.
-    runs: dict[str, list[float]] = {"baton": [], "single": [], "fuser": [], "lsof": []}
+    # "baton" is what the agent runs (the C walk when built); the pure Python walk
+    # (the fallback without a C compiler) is timed too, on 2 threads and on 1.
+    tools: dict[str, Callable[[], set[int]]] = {"baton": baton}
+    if NATIVE:
+        tools["python_walk"] = python_walk(2)
+    tools["python_walk_single_thread"] = python_walk(1)
+    tools["fuser"] = lambda: run_fuser(creds)
+    tools["lsof"] = lambda: run_lsof(creds)
+    runs: dict[str, list[float]] = {name: [] for name in tools}
     pids: dict[str, set[int]] = {}
-    tools: dict[str, Callable[[], set[int]]] = {
-        "baton": baton,
-        "single": baton_single,
-        "fuser": lambda: run_fuser(creds),
-        "lsof": lambda: run_lsof(creds),
-    }
     load_before = os.getloadavg()[0]
     for r in range(args.repeats):
-        log(f"round {r + 1}/{args.repeats}: baton, baton 1-thread, fuser" + (", lsof" if r < args.lsof_repeats else ""))
-        for name, fn in tools.items():
-            if name == "lsof" and r >= args.lsof_repeats:
-                continue
+        names = [n for n in tools if n != "lsof" or r < args.lsof_repeats]
+        log(f"round {r + 1}/{args.repeats}: {', '.join(names)}")
+        for name in names:
             t0 = time.perf_counter()
-            pids[name] = fn()
+            pids[name] = tools[name]()
             runs[name].append(time.perf_counter() - t0)
-    baton_s, single_s, fuser_s, lsof_s = (statistics.median(runs[k]) for k in ("baton", "single", "fuser", "lsof"))
-    baton_all, single_all, fuser_all, lsof_all = (runs[k] for k in ("baton", "single", "fuser", "lsof"))
-    baton_pids, single_pids, fuser_pids, lsof_pids = (pids[k] for k in ("baton", "single", "fuser", "lsof"))
+    med = {name: statistics.median(ts) for name, ts in runs.items()}
 
-    same = baton_pids == single_pids == fuser_pids == lsof_pids == expected
+    same = all(found == expected for found in pids.values())
     if not same:
-        log(
-            "pid sets differ: "
-            f"expected={sorted(expected)} baton={sorted(baton_pids)} fuser={sorted(fuser_pids)} "
-            f"lsof={sorted(lsof_pids)}"
-        )
+        log("pid sets differ: " + " ".join(f"{k}={sorted(v)}" for k, v in {"expected": expected, **pids}.items()))
     nprocs = len([n for n in os.listdir("/proc") if n.isdigit()])
-    ratio_bf = baton_s / fuser_s
-    ratio_lb = lsof_s / baton_s
+    ratio_bf = med["baton"] / med["fuser"]
+    ratio_lb = med["lsof"] / med["baton"]
     return {
         "benchmark": "scan",
         "procs_spawned": args.procs,
         "procs_on_node": nprocs,
         "files_per_proc": files_per_proc,
+        "fds_scanned": sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in (p.pid for p in children.procs)),
         "credential_files": len(creds),
         "holders": len(expected),
         "repeats": args.repeats,
         "lsof_repeats": args.lsof_repeats,
         "spawn_s": round(spawn_s, 3),
-        "baton_s": round(baton_s, 4),
-        "baton_single_thread_s": round(single_s, 4),
-        "fuser_s": round(fuser_s, 4),
-        "lsof_s": round(lsof_s, 4),
-        "baton_runs_s": [round(t, 4) for t in baton_all],
-        "baton_single_thread_runs_s": [round(t, 4) for t in single_all],
-        "fuser_runs_s": [round(t, 4) for t in fuser_all],
-        "lsof_runs_s": [round(t, 4) for t in lsof_all],
+        "baton_walk": "c" if NATIVE else "python",
+        **{f"{name}_s": round(t, 4) for name, t in med.items()},
+        **{f"{name}_runs_s": [round(t, 4) for t in ts] for name, ts in runs.items()},
         "ratio_baton_over_fuser": round(ratio_bf, 3),
         "ratio_lsof_over_baton": round(ratio_lb, 2),
+        "ratio_lsof_over_python_walk": round(med["lsof"] / med.get("python_walk", med["baton"]), 2),
         "targets": {
             "baton_over_fuser_max": TARGET_BATON_OVER_FUSER,
             "lsof_over_baton_min": TARGET_LSOF_OVER_BATON,

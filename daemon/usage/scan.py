@@ -1,6 +1,6 @@
 """One usage scan: which live process holds which credential version, and how we know.
 
-Combines the three sources in one pass over /proc: open fds matched by
+Combines three sources over one listing of /proc: open fds matched by
 (dev, ino) (fdscan), environment fingerprints (environ), and the last file each
 live process opened under a watched directory (fanotify, when a watcher is
 given). Blocking; the agent calls ``scan`` through ``asyncio.to_thread``.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from daemon.usage.environ import encode_names, pid_environ
 from daemon.usage.fanotify import OpenWatcher
-from daemon.usage.fdscan import PROC, inode_numbers, list_pids, map_pids, pid_fds
+from daemon.usage.fdscan import PROC, list_pids, map_pids, scan_fds
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +92,13 @@ def scan(
     excluded = {os.getpid(), *exclude_pids}
     names = encode_names(env_names) if prints else frozenset()
     pids = [p for p in list_pids() if p not in excluded]
-    inos = inode_numbers(inodes)
-
-    def one(pid: int) -> list[tuple[_Key, str]]:
-        hits = [(key, FD) for key in pid_fds(pid, inodes, inos)] if inodes else []
-        if names:
-            hits.extend((key, ENVIRON) for key in pid_environ(pid, prints, key=env_key, names=names))
-        return hits
 
     seen: set[tuple[int, _Key, str]] = set()
-    for pid, hits in map_pids(one, pids):
-        seen.update((pid, key, how) for key, how in hits)
+    for pid, keys in scan_fds(inodes, pids=pids).items():
+        seen.update((pid, key, FD) for key in keys)
+    if names:
+        for pid, keys in map_pids(lambda p: pid_environ(p, prints, key=env_key, names=names), pids):
+            seen.update((pid, key, ENVIRON) for key in keys)
     if opens is not None and inodes:
         live = set(pids)
         for pid, inode in opens.opened().items():

@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from daemon.usage import fdscan
 from daemon.usage.fdscan import list_pids, pid_fds, scan_fds
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs against both walks: the C extension and the pure Python one."""
+    if request.param == "c" and fdscan._fdscan is None:
+        pytest.skip("daemon.usage._fdscan is not built (no C compiler at install)")
+    monkeypatch.setattr(fdscan, "NATIVE", request.param == "c")
+    return str(request.param)
+
 
 # A child that opens (and reads) each path, keeps it open ("hold") or closes it
 # at once ("peek"), says "ready", then obeys "open <path>" lines until stdin closes.
@@ -218,3 +229,27 @@ def test_a_process_in_another_mount_namespace_matches_by_inode_not_path(
     found = scan_fds({inode(versioned / "..v7-3f2a/password"): "v7"})
 
     assert found == {child.pid: {"v7"}}
+
+
+def test_the_c_walk_is_built_where_a_compiler_is() -> None:
+    # The extension is optional at install; where cc exists a missing one means a broken build.
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here: the pure Python walk is the one in use")
+    assert fdscan._fdscan is not None
+
+
+def test_the_c_walk_reports_each_pid_and_file_once_and_checks_the_device(
+    versioned: Path, tmp_path: Path, children: Children, walk: str
+) -> None:
+    if walk != "c":
+        pytest.skip("about the C walk's own matching")
+    assert fdscan._fdscan is not None
+    path = versioned / "..v7-3f2a/password"
+    many = children("hold", path, path, path)  # three fds on one file
+    dev, ino = inode(path)
+    pairs = fdscan._fdscan.scan([many.pid, -1, 0], [(dev + 1, ino), (dev, ino)])
+    assert pairs == [(many.pid, 1)]  # once, and not for the same inode number on another device
+    with pytest.raises(TypeError):
+        fdscan._fdscan.scan(["1"], [(dev, ino)])
+    with pytest.raises(TypeError):
+        fdscan._fdscan.scan([many.pid], [(dev,)])
