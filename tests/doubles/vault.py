@@ -37,11 +37,17 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -598,3 +604,114 @@ class VaultServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------ in its own process
+
+ROOT_TOKEN_ENV = "VAULT_DOUBLE_ROOT_TOKEN"
+COUNTS_PATH = "/_double/counts"
+
+
+def _counts_route(double: VaultDouble) -> Any:
+    """``GET /_double/counts`` (root token only): the request counters as {"METHOD kind": n}."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.headers.get("X-Vault-Token") != double.root_token:
+            return _err(403, "permission denied")
+        with double._lock:
+            counts = {f"{m} {k}": n for (m, k), n in sorted(double.counts.items()) if k}  # k "": this route
+        return _json(counts)
+
+    return handler
+
+
+def serve(*, port: int = 0) -> None:
+    """Serve a ``VaultDouble`` on loopback until SIGTERM/SIGINT; print ``{"url": ...}`` on stdout once listening.
+
+    The root token comes from ``$VAULT_DOUBLE_ROOT_TOKEN`` (else a random one
+    nobody can use), so it never appears in output.
+    """
+    double = VaultDouble(root_token=os.environ.get(ROOT_TOKEN_ENV) or None)
+    app = double.app()
+    app.router.add_get(COUNTS_PATH, _counts_route(double))
+
+    async def main() -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        bound = server.sockets[0].getsockname()[1]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        sys.stdout.write(json.dumps({"url": f"http://127.0.0.1:{bound}"}) + "\n")
+        sys.stdout.flush()
+        try:
+            await stop.wait()
+        finally:
+            double.release()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+class VaultProcess:
+    """A ``VaultDouble`` in a child process (``python -m tests.doubles.vault``), so it gets its own core.
+
+    For benchmarks: no test hooks but the counters, read over HTTP with ``counts()``.
+    """
+
+    def __init__(self, *, python: str | None = None) -> None:
+        self.python = python or sys.executable
+        self.root_token = "root-" + secrets.token_hex(8)
+        self.url = ""
+        self._proc: Any = None
+
+    def start(self) -> VaultProcess:
+        root = Path(__file__).resolve().parents[2]
+        self._proc = subprocess.Popen(
+            [self.python, "-m", "tests.doubles.vault"],
+            cwd=root,
+            env={**os.environ, ROOT_TOKEN_ENV: self.root_token, "PYTHONPATH": str(root)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait(10)
+            self._proc.stdout.close()
+            raise RuntimeError(f"vault double process exited ({self._proc.returncode}) before listening")
+        self.url = json.loads(line)["url"]
+        return self
+
+    def counts(self) -> dict[str, int]:
+        req = urllib.request.Request(self.url + COUNTS_PATH, headers={"X-Vault-Token": self.root_token})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return {str(k): int(v) for k, v in json.loads(resp.read()).items()}
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    def __enter__(self) -> VaultProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    serve()

@@ -147,6 +147,19 @@ async def test_status_path_entries_keep_at_most_two_versions(
     assert [r.heartbeat for r in await reporter.collect("app/db", "db")] == [4.0]
 
 
+async def test_collect_lists_once_and_reads_each_entry_once(
+    vault_double: VaultDouble, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    nodes = [f"node-{i:03d}" for i in range(40)]
+    await asyncio.gather(*(reporter.publish("app/db", report(n)) for n in nodes))
+    before = dict(vault_double.counts)
+    assert sorted(r.node for r in await reporter.collect("app/db", "db")) == nodes
+    spent = {k: n - before.get(k, 0) for k, n in vault_double.counts.items() if n != before.get(k, 0)}
+    assert spent == {("LIST", "metadata"): 1, ("GET", "data"): 40}
+
+
 async def test_collect_of_a_credential_nobody_reported_is_empty(make_vault_store: MakeStore, vault_prefix: str) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
