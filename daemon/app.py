@@ -34,6 +34,7 @@ from daemon.reload import Reloader
 from daemon.render import render, render_env
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
+from daemon.stopping import cancel_all, close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 from daemon.usage.environ import fingerprint
@@ -150,16 +151,11 @@ class Agent:
         sdnotify.stopping()
         await self._stop_generation()
         # Each close is bounded, so SIGTERM ends the agent in bounded time.
-        closes = [self.reporter.aclose()]
+        await close_bounded(self.reporter.aclose(), "reporter", STOP_GRACE)
         if self.api is not None:
-            closes.append(self.api.stop())
+            await close_bounded(self.api.stop(), "api", STOP_GRACE)
         if self._own_store:
-            closes.append(self.store.aclose())
-        for close in closes:
-            try:
-                await asyncio.wait_for(close, STOP_GRACE)
-            except TimeoutError:
-                log.error("closing took too long; going on")
+            await close_bounded(self.store.aclose(), "store", STOP_GRACE)
         event(log, "agent_stopped", node=self.config.node_id)
 
     def request_stop(self) -> None:
@@ -229,12 +225,7 @@ class Agent:
 
     async def _stop_generation(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE)
-            for t in pending:
-                log.error("task did not stop in time", extra={"task": t.get_name()})
+        await cancel_all(tasks, STOP_GRACE)
         if self.reloader is not None:
             await self.reloader.aclose()
 

@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.rotation.workflow import CredentialRotator
+from daemon.stopping import cancel_all, close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
@@ -88,14 +88,14 @@ class Rotator:
         finally:
             # Each close is bounded: a stop must end in bounded time (SIGTERM, systemd).
             if election is not None:
-                await _bounded(election.stop(), "leader election")
+                await close_bounded(election.stop(), "leader election")
             if self.api is not None:
-                await _bounded(self.api.stop(), "api")
+                await close_bounded(self.api.stop(), "api")
             for name, r in self.rotators.items():
-                await _bounded(r.provider.aclose(), f"provider of {name}")
-            await _bounded(self.reporter.aclose(), "reporter")
+                await close_bounded(r.provider.aclose(), f"provider of {name}")
+            await close_bounded(self.reporter.aclose(), "reporter")
             if self._own_store:
-                await _bounded(self.store.aclose(), "store")
+                await close_bounded(self.store.aclose(), "store")
         return 1 if failed else 0
 
     def _election(self) -> Any:
@@ -136,7 +136,7 @@ class Rotator:
                 event(log, "rotator_lost_lease", logging.WARNING)
             return bool(failed)
         finally:
-            await _cancel_all([*tasks, *watchers])
+            await cancel_all([*tasks, *watchers])
 
     async def _lost(self, election: Any) -> None:
         """Return when the lease is lost or a stop is requested."""
@@ -200,33 +200,6 @@ class Rotator:
                 for name, r in self.rotators.items()
             },
         }
-
-
-async def _bounded(coro: Coroutine[Any, Any, None], what: str, limit: float = 5.0) -> None:
-    try:
-        await asyncio.wait_for(coro, limit)
-    except TimeoutError:
-        log.error("closing took too long; going on", extra={"what": what})
-    except Exception as e:
-        log.warning("closing failed", extra={"what": what, "error": str(e)})
-
-
-async def _cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel and wait; cancel again if a task lives on. On Python 3.11 ``wait_for``
-    can swallow a cancel that lands as its inner wait completes, and the task then
-    carries on: one cancel is not always the end of a task."""
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(50):
-        if not pending:
-            break
-        for t in pending:
-            t.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=0.2)
-    for t in pending:
-        log.error("task did not stop", extra={"task": t.get_name()})
-    for t in tasks:
-        if t.done() and not t.cancelled():
-            t.exception()  # retrieved: a failure was logged where it mattered
 
 
 def run_rotator(config: Config, *, config_path: str | Path | None = None) -> int:
