@@ -201,6 +201,9 @@ class RolloutConfig(Model):
     name: str = Field(description="Workload name.")
     namespace: str | None = Field(None, description="Namespace; default: the pod's own.")
     timeout: Duration = Field(600.0, description="How long to wait for the rollout to become available.")
+    kubeconfig: Path | None = Field(
+        None, description="kubeconfig file; default: in-cluster config, else $KUBECONFIG (as kubectl)."
+    )
 
 
 class ReloadConfig(Model):

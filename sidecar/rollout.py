@@ -137,6 +137,7 @@ class RolloutAction(RolloutRestart):
             name=rollout.name,
             namespace=default_namespace(rollout.namespace or os.environ.get("POD_NAMESPACE")),
             timeout=rollout.timeout,
+            kubeconfig=rollout.kubeconfig,
         )
 
     async def _apps(self) -> Any:

@@ -13,7 +13,7 @@ from daemon.report.base import NodeReport
 from sidecar.identity import PodIdentity
 from sidecar.leader import LeaderElection
 from sidecar.podreport import PodReporter, report_annotation
-from sidecar.rollout import RESTARTED_AT, RolloutRestart
+from sidecar.rollout import RESTARTED_AT, RolloutAction, RolloutRestart
 from tests.doubles.kubernetes import KubeDouble
 from tests.fixtures.kube import KubeApi
 
@@ -142,6 +142,50 @@ async def test_rollout_patches_once_and_waits_until_the_rollout_is_available(
         deployment.advance_rollout("default", "web")
         await asyncio.wait_for(task, 5)
         assert deployment.count("PATCH", "/deployments/web") == 1
+    finally:
+        await action.aclose()
+
+
+async def test_the_rollout_reload_action_uses_the_consumers_kubeconfig(
+    kube_api: KubeApi, deployment: KubeDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No $KUBECONFIG and no in-cluster account: only reload.rollout.kubeconfig leads to the cluster.
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    config = parse_config(
+        {
+            "node_id": "vm-1",
+            "store": {"kind": "local", "path": "/nonexistent/store.db"},
+            "credentials": [
+                {
+                    "name": "db",
+                    "key": "db",
+                    "output": {"dir": "/nonexistent/out"},
+                    "consumers": [
+                        {
+                            "name": "web",
+                            "match": {"cmdline": "web"},
+                            "reload": {
+                                "rollout": {
+                                    "name": "web",
+                                    "namespace": "default",
+                                    "timeout": "5s",
+                                    "kubeconfig": str(kube_api.kubeconfig),
+                                }
+                            },
+                        }
+                    ],
+                }
+            ],
+        }
+    )
+    action = RolloutAction(config.credentials[0].consumers[0])
+    action.poll_interval = 0.02
+    try:
+        task = asyncio.ensure_future(action.reload(0))
+        await deployment.until(lambda: deployment.count("PATCH", "/deployments/web") == 1)
+        deployment.advance_rollout("default", "web")
+        await asyncio.wait_for(task, 5)
     finally:
         await action.aclose()
 
