@@ -40,7 +40,9 @@ that is a JSON object writes the object's fields as KV data.
 
 Auth: ``token`` (env ``VAULT_TOKEN``), ``token_file``, ``approle``, ``kubernetes``.
 The token is renewed once two thirds of its TTL have passed (checked before
-each call), and a 403 causes one fresh login before ``StoreAuthError``.
+each call), and a 403 on a token that Vault no longer knows causes one fresh
+login before ``StoreAuthError``; a 403 on a live token (a policy denial) is an
+error at once, so a limited-use AppRole secret_id is never spent on it.
 """
 
 from __future__ import annotations
@@ -382,6 +384,14 @@ class VaultStore:
             try:
                 return await asyncio.to_thread(self._run, fn, token)
             except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+                # A 403 is either a dead token (expired, revoked: log in again) or a
+                # policy that denies this path (a new login cannot help, and with a
+                # limited-use AppRole secret_id each login spends one). The token's
+                # own lookup tells which, and costs no login.
+                if await self._token_alive(token):
+                    raise StoreAuthError(
+                        f"vault {what}: permission denied by policy (the token itself is valid)"
+                    ) from None
                 log.warning("vault refused the token; logging in again", extra={"auth_method": self.auth.method})
                 token = await self._relogin(stale=token)
                 return await asyncio.to_thread(self._run, fn, token)
@@ -390,6 +400,14 @@ class VaultStore:
             if mapped is e:
                 raise
             raise mapped from e
+
+    async def _token_alive(self, token: str) -> bool:
+        """True when Vault still accepts ``token`` (``lookup-self`` answers)."""
+        try:
+            await asyncio.to_thread(self._run, lambda c: c.auth.token.lookup_self(), token)
+        except Exception:
+            return False  # refused (dead token, or no default policy) or unreachable: try a login
+        return True
 
     async def _token(self) -> str:
         async with self._auth_lock:

@@ -153,6 +153,7 @@ class VaultDouble:
         self._approles: dict[str, str] = {}
         self._kube_roles: dict[str, str] = {}
         self._fail_status: int | None = None
+        self._denied: str | None = None
         self._fail_times: int | None = None
         self._delay = 0.0
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -171,6 +172,12 @@ class VaultDouble:
         """Delay every response by ``seconds`` (0 turns it off)."""
         with self._lock:
             self._delay = seconds
+
+    def deny(self, path: str | None) -> None:
+        """Answer 403 to every KV request under ``path`` whatever the token (a policy
+        without that capability); the tokens stay valid. ``None`` lifts it."""
+        with self._lock:
+            self._denied = path.strip("/") if path is not None else None
 
     def revoke_all_tokens(self, *, keep_root: bool = True) -> None:
         with self._lock:
@@ -308,6 +315,8 @@ class VaultDouble:
             kind, _, path = rest.partition("/")
             if mount != self.mount or kind not in ("data", "metadata", "delete", "destroy"):
                 return _err(404, f"no handler for route {tail!r}. route entry not found.")
+            if self._denied is not None and (path + "/").startswith(self._denied + "/"):
+                return _err(403, "permission denied")
             if method == "LIST" and kind == "metadata":
                 return self._list(path)
             if not path:

@@ -166,8 +166,8 @@ async def test_a_revoked_static_token_fails_with_an_auth_error_after_one_retry(
     with pytest.raises(StoreAuthError) as err:
         await store.read(key)
     assert token not in str(err.value)
-    # One lookup at start, one for the re-login attempt.
-    assert vault_double.count("GET", "auth/token/lookup-self") == 2
+    # One lookup at start, one to tell a dead token from a policy denial, one for the re-login attempt.
+    assert vault_double.count("GET", "auth/token/lookup-self") == 3
 
 
 async def test_concurrent_calls_after_a_revocation_log_in_once(
@@ -181,3 +181,21 @@ async def test_concurrent_calls_after_a_revocation_log_in_once(
     got = await asyncio.gather(*(store.read(key) for _ in range(6)))
     assert {g.payload.reveal() for g in got} == {"v"}
     assert vault_double.count(*LOGIN) == 2
+
+
+async def test_a_policy_denial_on_a_live_token_never_spends_a_login(
+    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
+    key = f"{vault_prefix}/db"
+    vault_server.write(key, {"value": "v"})
+    await store.read(key)
+    assert vault_double.count(*LOGIN) == 1
+    vault_double.deny(key)
+    for _ in range(3):  # e.g. three polls: a limited-use secret_id must not pay for any of them
+        with pytest.raises(StoreAuthError, match="denied by policy"):
+            await store.read(key)
+    assert vault_double.count(*LOGIN) == 1
+    vault_double.deny(None)
+    assert (await store.read(key)).payload.reveal() == "v"
+    assert vault_double.count(*LOGIN) == 1
