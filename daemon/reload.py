@@ -4,8 +4,8 @@ Owns: how a consumer's processes learn about a new credential version (signal,
 exec, restart, systemd, none; container_restart and rollout live in ``sidecar``),
 whether they came back healthy, and the pacing of it all (debounce, batching per
 consumer, one process at a time behind a health gate, a minimum interval between
-restarts). Must never: pass Baton's own environment (store tokens) to a command
-it runs, log a command's output (it may print secrets), signal pid 0 or a pid
+restarts). The process work itself (pidfd signals, waiting for exits, stopping,
+starting, running commands) is daemon/processes.py. Must never: signal a pid
 that was recycled since it was found, or block the event loop (/proc reads and
 pidfile polls run in threads; process exits are awaited on a pidfd).
 
@@ -30,11 +30,10 @@ import contextlib
 import importlib
 import logging
 import os
-import select
 import shutil
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
@@ -46,269 +45,28 @@ from daemon import metrics
 from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
 from daemon.errors import ReloadError
 from daemon.logs import event
+from daemon.processes import (
+    ReloadGone,
+    first_exit,
+    is_alive,
+    open_pidfd,
+    recycled,
+    run_command,
+    safe_env,
+    same_process,
+    send_signal,
+    spawn_detached,
+    start_time,
+    stop_process,
+    wait_exit,
+)
 from daemon.usage.consumers import START_SLACK, find_processes, process_start, unit_of
 
 log = logging.getLogger(__name__)
 
-# Only these variables of Baton's own environment reach a command Baton runs:
-# Baton may hold store credentials (VAULT_TOKEN, AWS_*) in its environment.
-SAFE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
-
 # systemctl waits for the job; systemd's own default stop timeout is 90 s.
 SYSTEMCTL_TIMEOUT = 120.0
 _POLL = 0.05  # interval for the few things that cannot be awaited (pidfile, /proc)
-
-
-def safe_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a command Baton runs: a few harmless variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
-    env.setdefault("PATH", os.defpath)
-    env.update(extra or {})
-    return env
-
-
-# ---------------------------------------------------------------- processes
-
-
-def is_alive(pid: int) -> bool:
-    """Running and not a zombie (a zombie has exited; it only waits to be reaped)."""
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    except psutil.Error:  # pragma: no cover - /proc unreadable: assume alive, the kill says more
-        return True
-
-
-def _start_time(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def _same_process(pid: int, started: float | None) -> bool:
-    """``pid`` is still the process that had start time ``started`` (alive, and not a recycled pid)."""
-    return is_alive(pid) and _start_time(pid) == started
-
-
-def _pidfd(pid: int) -> int | None:
-    """A pidfd for ``pid``; None where the kernel or sandbox has no pidfd_open (pid numbers then).
-
-    ProcessLookupError when the process is gone. Refuses pid <= 0 (groups).
-    """
-    if pid <= 0:
-        raise ReloadError(f"refusing to signal pid {pid}")
-    try:
-        return os.pidfd_open(pid)
-    except ProcessLookupError:
-        raise
-    except (OSError, AttributeError):
-        return None
-
-
-def _send(pid: int, fd: int | None, sig: signal.Signals) -> bool:
-    """Send ``sig`` through the pidfd (by number only without one); False when the process is gone.
-
-    A pidfd names one process: once it has exited, its recycled pid is out of reach.
-    """
-    try:
-        if fd is not None:
-            signal.pidfd_send_signal(fd, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError as e:
-        raise ReloadError(f"not allowed to send {sig.name} to pid {pid}") from e
-    return True
-
-
-def _exited(fd: int) -> bool:
-    """The pidfd is readable: its process has exited (a zombie included)."""
-    poller = select.poll()  # not select(): a busy agent's fds can pass FD_SETSIZE
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-async def _wait_fd(fd: int, within: float) -> bool:
-    """True when the pidfd's process exits within ``within`` seconds; awaited, nothing polls."""
-    if _exited(fd):
-        return True
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-
-    def _ready() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    loop.add_reader(fd, _ready)
-    try:
-        await asyncio.wait_for(exited, within)
-        return True
-    except TimeoutError:
-        return _exited(fd)
-    finally:
-        loop.remove_reader(fd)
-
-
-async def wait_exit(pid: int, within: float) -> bool:
-    """True when ``pid`` exits within ``within`` seconds (or is gone already).
-
-    Awaits the process's pidfd, which becomes readable on exit, so nothing
-    polls; kernels or sandboxes without pidfd_open fall back to a slow poll.
-    """
-    if not is_alive(pid):
-        return True
-    try:
-        fd = _pidfd(pid)
-    except ProcessLookupError:
-        return True
-    if fd is None:
-        return await _poll_exit(pid, within)
-    try:
-        return await _wait_fd(fd, within)
-    finally:
-        os.close(fd)
-
-
-async def _poll_exit(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    delay = _POLL
-    while is_alive(pid):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, 0.5)
-    return True
-
-
-async def first_exit(pids: Iterable[int], within: float) -> int | None:
-    """The first of ``pids`` to exit within ``within`` seconds, or None when all stay alive."""
-    tasks = {asyncio.ensure_future(wait_exit(p, within)): p for p in pids}
-    try:
-        waiting = set(tasks)
-        while waiting:
-            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            for t in done:
-                if t.result():
-                    return tasks[t]
-        return None
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class ReloadGone(ReloadError):
-    """The process exited, or its pid now names another process: nothing holds the old version there."""
-
-
-def _recycled(pid: int, started: float | None) -> bool | None:
-    """Whether ``pid`` now names another process than the one started at ``started``; None: gone.
-
-    Called with a pidfd open: if the start time matches, that pidfd names the
-    very process that was checked, however soon its pid is recycled afterwards.
-    """
-    born = _start_time(pid)
-    if born is None:
-        return None
-    return started is not None and born != started
-
-
-async def _wait(pid: int, fd: int | None, within: float) -> bool:
-    return await (_wait_fd(fd, within) if fd is not None else _poll_exit(pid, within))
-
-
-async def stop_process(pid: int, *, stop_signal: signal.Signals, grace: float, started: float | None = None) -> None:
-    """``stop_signal``, then SIGKILL when the process is still there after ``grace`` seconds.
-
-    Every signal and the wait go through one pidfd opened before the first
-    signal, so the SIGKILL cannot reach a process that got the pid since.
-    ``started``: the start time the caller saw; a pid with another one is
-    ReloadGone and is left alone. A process already gone is not an error.
-    """
-    try:
-        fd = _pidfd(pid)
-    except ProcessLookupError:
-        return
-    try:
-        recycled = _recycled(pid, started)
-        if recycled is None:
-            return
-        if recycled:
-            raise ReloadGone(f"pid {pid} is gone (the number now belongs to another process)")
-        if not _send(pid, fd, stop_signal):
-            return
-        if await _wait(pid, fd, grace):
-            return
-        log.warning("pid %d ignored %s for %.1fs; sending SIGKILL", pid, stop_signal.name, grace)
-        _send(pid, fd, signal.SIGKILL)
-        if not await _wait(pid, fd, 10.0):
-            raise ReloadError(f"pid {pid} survived SIGKILL")
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-async def spawn_detached(argv: Sequence[str], *, env: Mapping[str, str], cwd: str | None = None) -> int:
-    """Start ``argv`` in a new session, not as our child; return its pid.
-
-    A tiny ``sh`` starts it in the background and exits, so the process is
-    reparented (to init or the nearest subreaper) and outlives Baton like a
-    service would. Its stdout and stderr go to Baton's stderr (the journal).
-    """
-    if shutil.which(argv[0], path=env.get("PATH")) is None:
-        raise ReloadError(f"restart command not found: {argv[0]}")
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "/bin/sh",
-            "-c",
-            '"$@" </dev/null >&2 & echo $!',
-            "baton-restart",
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-        )
-    except OSError as e:
-        raise ReloadError(f"could not start {argv[0]}: {e.strerror}") from e
-    out, _ = await proc.communicate()
-    try:
-        return int(out.split()[0])
-    except (ValueError, IndexError):
-        raise ReloadError(f"could not start {argv[0]} (sh exit {proc.returncode})") from None
-
-
-async def run_command(argv: Sequence[str], *, env: Mapping[str, str], limit: float) -> None:
-    """Run ``argv`` to completion; ReloadError when it runs longer than ``limit`` seconds or a non-zero exit.
-
-    The output is read and dropped: it may hold secrets, so it is never logged.
-    """
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
-        )
-    except OSError as e:
-        raise ReloadError(f"cannot run {argv[0]}: {e.strerror}") from e
-    try:
-        await asyncio.wait_for(proc.communicate(), limit)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise ReloadError(f"{argv[0]} did not finish within {limit:.1f}s") from None
-    if proc.returncode != 0:
-        raise ReloadError(f"{argv[0]} exited with status {proc.returncode}")
 
 
 # ---------------------------------------------------------------- actions
@@ -342,11 +100,11 @@ class SignalAction:
     async def reload(self, pid: int, *, started: float | None = None) -> int | None:
         """Signal ``pid`` through a pidfd; ReloadGone when it exited or is no longer the one started at ``started``."""
         try:
-            fd = _pidfd(pid)
+            fd = open_pidfd(pid)
         except ProcessLookupError:
             raise ReloadGone(f"pid {pid} is gone") from None
         try:
-            if _recycled(pid, started) is not False or not _send(pid, fd, self.signal):
+            if recycled(pid, started) is not False or not send_signal(pid, fd, self.signal):
                 raise ReloadGone(f"pid {pid} is gone")
         finally:
             if fd is not None:
@@ -839,7 +597,7 @@ class Reloader:
     def _snapshot(self, match: MatchConfig) -> tuple[list[int], dict[int, float | None]]:
         """The consumer's pids and their start times (to notice a recycled pid later). Blocking."""
         pids = self._find(match)
-        return pids, {p: _start_time(p) for p in pids}
+        return pids, {p: start_time(p) for p in pids}
 
     def _action(self, consumer: ConsumerConfig) -> ReloadAction:
         action = self._actions.get(consumer.name)
@@ -869,7 +627,7 @@ class Reloader:
         if per_consumer:
             # The action acts on the whole consumer: any live process of it will do
             # (the first one found may have exited since; the others still hold the old version).
-            live = next((p for p in pids if _same_process(p, started.get(p))), None)
+            live = next((p for p in pids if same_process(p, started.get(p))), None)
             targets = [live] if live is not None else ([] if needs_process else [0])
         if not targets and needs_process:
             self._event(cons.name, None, NO_PROCESSES, creds, versions)
@@ -877,7 +635,7 @@ class Reloader:
             return
         st.last_roll = self._clock()
         for pid in targets:
-            if pid and not per_consumer and not _same_process(pid, started.get(pid)):
+            if pid and not per_consumer and not same_process(pid, started.get(pid)):
                 # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
                 reloaded.append(PidReload(pid, self._wall(), GONE))
                 self._event(cons.name, pid, GONE, creds, versions)

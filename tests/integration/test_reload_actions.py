@@ -23,19 +23,16 @@ import pytest
 
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError
+from daemon.processes import ReloadGone, is_alive, stop_process, wait_exit
 from daemon.reload import (
     ExecAction,
     NoneAction,
-    ReloadGone,
     RestartAction,
     SignalAction,
     SystemdAction,
     check_health,
     check_http,
-    is_alive,
     make_action,
-    stop_process,
-    wait_exit,
 )
 
 pytestmark = pytest.mark.integration
@@ -424,12 +421,12 @@ async def test_the_http_check_fails_when_nothing_listens() -> None:
 
 
 async def test_the_polling_fallback_of_wait_exit_sees_an_exit(procs: Procs) -> None:
-    from daemon.reload import _poll_exit
+    from daemon.processes import poll_exit
 
     child = await procs.child("a")
-    assert await _poll_exit(child.pid, 0.1) is False
+    assert await poll_exit(child.pid, 0.1) is False
     child.terminate()
-    assert await _poll_exit(child.pid, 5) is True
+    assert await poll_exit(child.pid, 5) is True
     await child.wait()
 
 
