@@ -14,6 +14,7 @@ import pytest
 
 from daemon.stores.base import MAX_PAYLOAD
 from tests.e2e.helpers import baton, free_port, poll, start_agent, store_put
+from tests.helpers import GOOD_CONFIG
 
 pytestmark = pytest.mark.e2e
 
@@ -21,39 +22,24 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "agent.yaml"
 SECRET = "cli-Secret-Value-5e1d"
 
-GOOD = """\
-node_id: node-a
-store: {kind: local, path: ./store.db}
-api: {listen: "127.0.0.1:8787"}
-credentials:
-  - name: app-db
-    key: app/db
-    output:
-      dir: ./out/app-db
-      mode: "0440"
-      files:
-        password: "{{ password }}"
-        dsn: "postgresql://{{ username }}:{{ password }}@db:5432/app"
-"""
-
 BAD = {
-    "bad mode": (GOOD.replace('"0440"', '"0777"'), ["credentials.0.output.mode: "]),
+    "bad mode": (GOOD_CONFIG.replace('"0440"', '"0777"'), ["credentials.0.output.mode: "]),
     "unknown keys": (
-        GOOD.replace('      mode: "0440"\n', '      mode: "0440"\n      colour: red\n') + "extra: 1\n",
+        GOOD_CONFIG.replace('      mode: "0440"\n', '      mode: "0440"\n      colour: red\n') + "extra: 1\n",
         ["credentials.0.output.colour: unknown key", "extra: unknown key"],
     ),
     "missing field and bad listen": (
-        GOOD.replace("    key: app/db\n", "").replace("127.0.0.1:8787", "8787"),
+        GOOD_CONFIG.replace("    key: app/db\n", "").replace("127.0.0.1:8787", "8787"),
         ["credentials.0.key: required field is missing", "api.listen: "],
     ),
     "duplicates": (
-        GOOD
+        GOOD_CONFIG
         + "  - {name: app-db, key: b, output: {dir: ./out/b}}\n"
         + "  - {name: c, key: c, output: {dir: ./out/app-db}}\n",
         ["credentials.1.name: duplicate credential name", "credentials.2.output.dir: same output dir"],
     ),
     "bad duration and signal and match": (
-        GOOD
+        GOOD_CONFIG
         + "    consumers:\n"
         + "      - name: c\n"
         + "        match: {pidfile: /run/c.pid, exe: /usr/bin/c}\n"
@@ -77,7 +63,7 @@ def _no_traceback(text: str) -> None:
 
 
 def test_check_config_prints_ok_and_exits_0(tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text(GOOD)
+    (tmp_path / "c.yaml").write_text(GOOD_CONFIG)
 
     r = baton("check-config", str(tmp_path / "c.yaml"))
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
 
-import boto3
 import pytest
 
 from daemon.config import parse_config
@@ -40,18 +40,16 @@ def report(node: str, heartbeat: float, current: str = "v2", credential: str = "
 
 @pytest.fixture
 async def reporter(moto: MotoServer) -> AsyncIterator[DynamoReporter]:
-    r = DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, max_attempts=2, create_table=True)
-    try:
+    async with contextlib.aclosing(
+        DynamoReporter(table=TABLE, endpoint_url=moto.url, timeout=1.0, max_attempts=2, create_table=True)
+    ) as r:
         yield r
-    finally:
-        await r.aclose()
 
 
 @pytest.fixture
-def ddb(moto: MotoServer) -> Any:
-    client = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=moto.url)
-    yield client
-    client.close()
+def ddb(moto: MotoServer) -> Iterator[Any]:
+    with moto.client("dynamodb") as client:
+        yield client
 
 
 async def test_the_table_is_created_with_credential_and_node_keys_when_asked(

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import boto3
 import pytest
 
 from daemon.config import parse_config
@@ -35,19 +35,15 @@ def make_store(moto: MotoServer, **kw: Any) -> AwsStore:
 
 @pytest.fixture
 async def store(moto: MotoServer) -> AsyncIterator[AwsStore]:
-    s = make_store(moto)
-    try:
+    async with contextlib.aclosing(make_store(moto)) as s:
         yield s
-    finally:
-        await s.aclose()
 
 
 @pytest.fixture
-def sm(moto: MotoServer) -> Any:
+def sm(moto: MotoServer) -> Iterator[Any]:
     """A plain boto3 client to look at the server from outside the store."""
-    client = boto3.client("secretsmanager", region_name="us-east-1", endpoint_url=moto.url)
-    yield client
-    client.close()
+    with moto.client("secretsmanager") as client:
+        yield client
 
 
 def labels(sm: Any, key: str = KEY) -> dict[str, list[str]]:
@@ -218,56 +214,63 @@ async def collect_watch(store: AwsStore, seen: list[VersionInfo], changed: async
         changed.set()
 
 
-async def test_watch_yields_the_current_version_then_a_new_one_within_one_poll(moto: MotoServer, sm: Any) -> None:
-    writer = make_store(moto)
-    watcher = CountingStore(endpoint_url=moto.url, poll_interval=POLL, timeout=1.0, max_attempts=2)
+@contextlib.asynccontextmanager
+async def writer_and_watcher(moto: MotoServer) -> AsyncIterator[tuple[AwsStore, CountingStore]]:
+    """A store to write with and a ``CountingStore`` to watch with, both closed at the block's end."""
+    async with (
+        contextlib.aclosing(make_store(moto)) as writer,
+        contextlib.aclosing(
+            CountingStore(endpoint_url=moto.url, poll_interval=POLL, timeout=1.0, max_attempts=2)
+        ) as watcher,
+    ):
+        yield writer, watcher
+
+
+@contextlib.asynccontextmanager
+async def watching(watcher: AwsStore) -> AsyncIterator[tuple[list[VersionInfo], asyncio.Event]]:
+    """``watcher.watch(KEY)`` in a task, entered after its first yield: (what it yielded, set on each yield).
+
+    On a clean exit the task is cancelled and must end cancelled (not with an error of its own).
+    """
     seen: list[VersionInfo] = []
     changed = asyncio.Event()
+    task = asyncio.create_task(collect_watch(watcher, seen, changed))
     try:
-        v1, v2 = await rotated(writer)
-        task = asyncio.create_task(collect_watch(watcher, seen, changed))
         async with asyncio.timeout(5):
             await changed.wait()
-        assert [s.id for s in seen] == [v1.id]
-        changed.clear()
-        promoted_at = time.monotonic()
-        await writer.promote(KEY, v2.id)
-        async with asyncio.timeout(5):
-            await changed.wait()
-        latency = time.monotonic() - promoted_at
-        assert [s.id for s in seen] == [v1.id, v2.id] and seen[-1].is_current
-        assert latency < POLL + 0.5, latency
-        # The watch only ever asks the cheap DescribeSecret, never for a payload.
-        assert set(watcher.ops) == {"describe_secret"}
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        yield seen, changed
     finally:
-        await writer.aclose()
-        await watcher.aclose()
+        task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_watch_yields_the_current_version_then_a_new_one_within_one_poll(moto: MotoServer, sm: Any) -> None:
+    async with writer_and_watcher(moto) as (writer, watcher):
+        v1, v2 = await rotated(writer)
+        async with watching(watcher) as (seen, changed):
+            assert [s.id for s in seen] == [v1.id]
+            changed.clear()
+            promoted_at = time.monotonic()
+            await writer.promote(KEY, v2.id)
+            async with asyncio.timeout(5):
+                await changed.wait()
+            latency = time.monotonic() - promoted_at
+            assert [s.id for s in seen] == [v1.id, v2.id] and seen[-1].is_current
+            assert latency < POLL + 0.5, latency
+            # The watch only ever asks the cheap DescribeSecret, never for a payload.
+            assert set(watcher.ops) == {"describe_secret"}
 
 
 async def test_watch_yields_nothing_on_a_tag_or_pending_change(moto: MotoServer) -> None:
-    writer = make_store(moto)
-    watcher = CountingStore(endpoint_url=moto.url, poll_interval=POLL, timeout=1.0, max_attempts=2)
-    seen: list[VersionInfo] = []
-    changed = asyncio.Event()
-    try:
+    async with writer_and_watcher(moto) as (writer, watcher):
         await writer.create(KEY, Secret("first-value"))
-        task = asyncio.create_task(collect_watch(watcher, seen, changed))
-        async with asyncio.timeout(5):
-            await changed.wait()
-        await writer.merge_metadata(KEY, {"baton.node.n1": "x", "owner": "team-a"})
-        await writer.create(KEY, Secret("pending-value"))
-        # Three more polls after the changes, then nothing may have been yielded.
-        await watcher.wait_ops(len(watcher.ops) + 3)
-        assert len(seen) == 1
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    finally:
-        await writer.aclose()
-        await watcher.aclose()
+        async with watching(watcher) as (seen, _):
+            await writer.merge_metadata(KEY, {"baton.node.n1": "x", "owner": "team-a"})
+            await writer.create(KEY, Secret("pending-value"))
+            # Three more polls after the changes, then nothing may have been yielded.
+            await watcher.wait_ops(len(watcher.ops) + 3)
+            assert len(seen) == 1
 
 
 # ---------------------------------------------------------------- tags

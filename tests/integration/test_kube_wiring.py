@@ -54,6 +54,7 @@ from sidecar.restart import ContainerRestartAction
 from sidecar.rollout import RESTARTED_AT, RolloutAction
 from tests.doubles.kubernetes import KubeDouble
 from tests.fixtures.kube import KubeApi
+from tests.helpers import everything_logged, running_agent, until
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +63,6 @@ CANARY = "kube-wiring-canary-5d1e"  # a secret value: must never reach a log lin
 
 
 # ---------------------------------------------------------------- helpers
-
-
-async def until(cond: Callable[[], object], *, timeout: float, what: str, every: float = 0.02) -> float:
-    """Poll ``cond`` until truthy; the seconds it took; fail naming ``what`` after ``timeout``."""
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(every)
-    return time.monotonic() - started
 
 
 def b64(text: str) -> str:
@@ -112,11 +103,6 @@ async def api_write(call: Any) -> None:
     assert status < 300, status
 
 
-def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
-    """Messages and every ``extra`` field of the captured records (errors travel as extras)."""
-    return "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
-
-
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
     return [r for r in caplog.records if getattr(r, "event", None) == name]
 
@@ -141,22 +127,6 @@ def agent_config(tmp_path: Path, kube_api: KubeApi, *, node: str = "node-1", **s
     )
 
 
-@contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    task = asyncio.create_task(agent.serve(), name="agent-under-test")
-    try:
-        async with asyncio.timeout(15):
-            ready = asyncio.create_task(agent.ready.wait())
-            await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-        assert agent.ready.is_set(), "the agent stopped before it was ready"
-        yield agent
-    finally:
-        agent.request_stop()
-        async with asyncio.timeout(15):
-            await task
-
-
 def on_disk(tmp_path: Path) -> str:
     return (tmp_path / "out" / "value").read_text()
 
@@ -171,7 +141,7 @@ async def test_an_agent_on_the_kubernetes_store_writes_each_content_change_and_r
     double = kube_api.hooks()
     seed_secret(double, "db", CANARY + "-1")
     config = agent_config(tmp_path, kube_api)
-    async with running(Agent(config, install_signals=False)) as agent:
+    async with running_agent(Agent(config, install_signals=False)) as agent:
         state = agent.credentials["db"]
         assert on_disk(tmp_path) == CANARY + "-1"
         first = state.version
@@ -257,7 +227,7 @@ async def test_pod_reports_go_on_the_agents_own_pod_and_a_deleted_pod_is_gone_no
     rot_store = KubernetesStore.from_config(config)
     opened: list[PodReporter] = []
     try:
-        async with running(Agent(config, install_signals=False)) as agent:
+        async with running_agent(Agent(config, install_signals=False)) as agent:
             state = agent.credentials["db"]
             v1 = state.version
             assert isinstance(agent.reporter, PodReporter)

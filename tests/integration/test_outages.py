@@ -14,12 +14,11 @@ stand-in for synchronisation, which is always a poll with a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import statistics
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from daemon.stores.vault import VaultStore
 from tests.doubles.vault import VaultDouble
 from tests.fixtures.moto import MotoServer, _free_port
 from tests.fixtures.vault import VaultTarget
+from tests.helpers import everything_logged, running_agent, until
 
 pytestmark = pytest.mark.integration
 
@@ -61,16 +61,6 @@ CANARY = "outage-S3cr3t-5b1d0c"
 # ---------------------------------------------------------------- helpers
 
 
-async def until(cond: Callable[[], object], *, timeout: float, what: str, every: float = 0.02) -> float:
-    """Poll ``cond`` until truthy; return the seconds it took; fail naming ``what`` after ``timeout``."""
-    started = time.monotonic()
-    while not cond():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(every)
-    return time.monotonic() - started
-
-
 def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
     """Every entry under ``root``: symlink targets, file inodes and bytes, dir inodes."""
     out: dict[str, tuple[Any, ...]] = {}
@@ -84,11 +74,6 @@ def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
         else:
             out[rel] = ("dir", st.st_ino)
     return out
-
-
-def everything_logged(caplog: pytest.LogCaptureFixture) -> str:
-    """Messages and every ``extra`` field of the captured records (the daemon logs errors as extras)."""
-    return "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
 
 
 def store_errors(kind: str) -> float:
@@ -122,22 +107,6 @@ def agent_config(tmp_path: Path, store: Mapping[str, Any], *, key: str = KEY) ->
     )
 
 
-@contextlib.asynccontextmanager
-async def running(agent: Agent) -> AsyncIterator[Agent]:
-    task = asyncio.create_task(agent.serve(), name="agent-under-test")
-    try:
-        async with asyncio.timeout(15):
-            ready = asyncio.create_task(agent.ready.wait())
-            await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-        assert agent.ready.is_set(), "the agent stopped before it was ready"
-        yield agent
-    finally:
-        agent.request_stop()
-        async with asyncio.timeout(15):
-            await task
-
-
 def stable_value(tmp_path: Path) -> str:
     return (tmp_path / "out" / "value").read_text()
 
@@ -162,7 +131,7 @@ async def test_an_aws_outage_keeps_the_files_and_a_restarted_store_delivers_the_
                 "max_attempts": 1,
             },
         )
-        async with running(Agent(config, install_signals=False)) as agent:
+        async with running_agent(Agent(config, install_signals=False)) as agent:
             state = agent.credentials["db"]
             assert state.version == v1 and stable_value(tmp_path) == CANARY + "-1"
             before = snapshot(tmp_path / "out")
@@ -203,7 +172,7 @@ async def test_an_aws_outage_shows_in_the_status_and_the_store_error_counter(
         tmp_path,
         {"kind": "aws", "endpoint_url": moto_outage.url, "poll_interval": POLL, "timeout": 0.5, "max_attempts": 1},
     )
-    async with running(Agent(config, install_signals=False)) as agent:
+    async with running_agent(Agent(config, install_signals=False)) as agent:
         errors_before = store_errors("aws")
         moto_outage.stop()
         state = agent.credentials["db"]
@@ -239,7 +208,7 @@ async def test_a_vault_503_then_a_slow_vault_keep_the_files_and_the_next_version
 ) -> None:
     vault_double.write(KEY, {"value": CANARY + "-1"})
     config = agent_config(tmp_path, vault_store_config(vault_env))
-    async with running(Agent(config, install_signals=False)) as agent:
+    async with running_agent(Agent(config, install_signals=False)) as agent:
         state = agent.credentials["db"]
         assert state.version == "1" and stable_value(tmp_path) == CANARY + "-1"
         before = snapshot(tmp_path / "out")
@@ -274,7 +243,7 @@ async def test_a_vault_outage_shows_in_the_status_and_the_store_error_counter(
 ) -> None:
     vault_double.write(KEY, {"value": CANARY})
     config = agent_config(tmp_path, vault_store_config(vault_env))
-    async with running(Agent(config, install_signals=False)) as agent:
+    async with running_agent(Agent(config, install_signals=False)) as agent:
         errors_before = store_errors("vault")
         vault_double.fail_with(503)
         state = agent.credentials["db"]
@@ -518,7 +487,7 @@ async def test_a_kubernetes_api_answering_5xx_keeps_the_files_and_the_next_versi
     config = agent_config(
         tmp_path, {"kind": "kubernetes", "kubeconfig": str(kube_api.kubeconfig), "namespace": "default"}, key="db"
     )
-    async with running(Agent(config, install_signals=False)) as agent:
+    async with running_agent(Agent(config, install_signals=False)) as agent:
         state = agent.credentials["db"]
         first = state.version
         assert stable_value(tmp_path) == CANARY + "-1"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import pytest
 from daemon import metrics
 from daemon.reload import Reloader, ReloadGone, SignalAction, is_alive
 from daemon.usage.consumers import find_processes
+from tests.helpers import running_reloader
 from tests.integration.test_reload_actions import Procs, consumer, lines, until
 
 pytestmark = pytest.mark.integration
@@ -32,19 +32,20 @@ async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
         await p.close()
 
 
-@contextlib.asynccontextmanager
-async def running(reloader: Reloader) -> AsyncIterator[Reloader]:
-    task = asyncio.create_task(reloader.run())
-    try:
-        yield reloader
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 async def idle(reloader: Reloader, within: float = 10.0) -> None:
     await asyncio.wait_for(reloader.wait_idle(), within)
+
+
+def fake_systemctl(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``systemctl`` first on PATH that appends its arguments, one call a line, to the file returned."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    calls = tmp / "calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
 
 
 def failures(name: str) -> float:
@@ -61,7 +62,7 @@ async def test_two_credentials_changing_together_give_one_reload(procs: Procs) -
         find=lambda m: [child.pid],
         on_done=lambda c, creds, ok: done.append((c, creds, ok)),
     )
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "7")
         r.changed("api-key", "3")
         await idle(r)
@@ -82,7 +83,7 @@ async def test_processes_are_reloaded_one_at_a_time_after_the_previous_one_is_he
     cons = consumer(match={"cmdline": token}, reload={"signal": "HUP"}, health={"alive_for": 0.3})
     assert sorted(find_processes(cons.match)) == sorted([a.pid, b.pid])
     r = Reloader({"db": [cons]}, debounce=0.05)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     hups = sorted(t for log in ("a", "b") for _, t in lines(procs.tmp / f"{log}.log", "hup"))
@@ -104,7 +105,7 @@ async def test_a_failed_health_check_stops_the_roll_and_reports_the_consumer(
         {"db": [cons]}, debounce=0.05, find=lambda m: [a.pid, b.pid], on_done=lambda c, creds, ok: done.append(ok)
     )
     caplog.set_level(logging.INFO, logger="daemon.reload")
-    async with running(r):
+    async with running_reloader(r):
         started = time.monotonic()
         r.changed("db", "2")
         await idle(r)
@@ -147,7 +148,7 @@ async def test_a_restart_within_min_restart_interval_is_deferred_not_dropped(pro
     cons = consumer(reload={"systemd": "restart"}, health={"alive_for": 0.02}, min_restart_interval=0.6)
     action = RecordingRestart()
     r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [child.pid], action_factory=lambda c: action)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
         r.changed("db", "3")
@@ -163,7 +164,7 @@ async def test_a_signal_reload_is_not_held_back_by_min_restart_interval(procs: P
     child = await procs.child("a")
     cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02}, min_restart_interval=30)
     r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [child.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
         r.changed("db", "3")
@@ -177,7 +178,7 @@ async def test_a_per_use_consumer_is_not_reloaded(procs: Procs) -> None:
     child = await procs.child("a")
     cons = consumer(loads="per-use", reload={"signal": "HUP"})
     r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [child.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "not_needed"
@@ -187,7 +188,7 @@ async def test_a_per_use_consumer_is_not_reloaded(procs: Procs) -> None:
 async def test_a_consumer_without_processes_is_reported_as_such(procs: Procs) -> None:
     cons = consumer(reload={"signal": "HUP"})
     r = Reloader({"db": [cons]}, debounce=0.05)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "no_processes"
@@ -206,7 +207,7 @@ async def test_a_supervised_restart_through_the_reloader_records_the_new_pid(pro
         health={"alive_for": 0.1},
     )
     r = Reloader({"db": [cons]}, debounce=0.05)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     await first.wait()
@@ -224,7 +225,7 @@ async def test_a_restart_left_to_an_outside_supervisor_waits_for_the_replacement
     old = int(pidfile.read_text())
     cons = consumer(match={"pidfile": str(pidfile)}, reload={"restart": {"timeout": 5}}, health={"alive_for": 0.1})
     r = Reloader({"db": [cons]}, debounce=0.05)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     st = r.status()["app"]
@@ -250,7 +251,7 @@ async def test_consumers_are_reloaded_independently(procs: Procs) -> None:
         find=find,
         on_done=lambda c, creds, ok: finished.__setitem__(c, time.monotonic()),
     )
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert finished["fast"] < finished["slow"] - 1.0
@@ -261,16 +262,10 @@ async def test_a_systemd_consumer_gets_one_systemctl_call_for_all_its_processes(
 ) -> None:
     a = await procs.child("a")
     b = await procs.child("b")
-    bin_dir = procs.tmp / "bin"
-    bin_dir.mkdir()
-    calls = procs.tmp / "calls"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    calls = fake_systemctl(procs.tmp, monkeypatch)
     cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
     r = Reloader({"db": [cons]}, debounce=0.05, find=lambda m: [a.pid, b.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "ok", r.status()["app"].error
@@ -284,7 +279,7 @@ async def test_an_http_health_check_gates_the_roll(procs: Procs) -> None:
     bad_url = f"http://127.0.0.1:{port}/bad"
     bad = consumer(name="bad", reload={"signal": "HUP"}, health={"http": bad_url, "timeout": 0.2})
     r = Reloader({"db": [good, bad]}, debounce=0.05, find=lambda m: [child.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "ok"
@@ -299,7 +294,7 @@ async def test_a_process_started_after_the_change_is_not_signalled_it_loaded_the
     cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
     pids: list[int] = [old.pid]
     r = Reloader({"db": [cons]}, debounce=0.3, find=lambda m: list(pids))
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await asyncio.sleep(0.1)  # the scenario: a process starts 100 ms after the change (past the clock slack)
         new = await procs.child("new")
@@ -333,7 +328,7 @@ async def test_the_reload_time_is_when_the_reload_was_sent_not_when_the_health_c
     cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.5})
     action = TimedSignal(cons)
     r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [child.pid], action_factory=lambda c: action)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     finished = time.time()
@@ -353,17 +348,11 @@ async def test_a_systemd_consumer_whose_first_process_exited_is_still_reloaded_t
     gone.kill()
     await gone.wait()
     b = await procs.child("b")
-    bin_dir = procs.tmp / "bin"
-    bin_dir.mkdir()
-    calls = procs.tmp / "calls"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    calls = fake_systemctl(procs.tmp, monkeypatch)
     cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
     # The first pid found has exited by the time the roll looks at it; the unit still runs b.
     r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [gone.pid, b.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     st = r.status()["app"]
@@ -378,7 +367,7 @@ async def test_a_systemd_consumer_whose_processes_all_exited_is_not_reported_rel
     await gone.wait()
     cons = consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}, health={"alive_for": 0.05})
     r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [gone.pid])
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert r.status()["app"].result == "no_processes"
@@ -391,7 +380,7 @@ async def test_reload_times_carry_over_to_the_next_reloader_without_dead_process
     await dead.wait()
     cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
     first = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [child.pid])
-    async with running(first):
+    async with running_reloader(first):
         first.changed("db", "2")
         await idle(first)
     at = first.reloaded_at(child.pid)
@@ -436,7 +425,7 @@ async def test_the_snapshot_start_time_reaches_the_action_and_a_recycled_pid_is_
     cons = consumer(reload={"signal": "HUP"}, health={"alive_for": 0.02})
     action = StartChecking(recycled=a.pid)
     r = Reloader({"db": [cons]}, debounce=0.02, find=lambda m: [a.pid, b.pid], action_factory=lambda c: action)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "2")
         await idle(r)
     assert action.calls == [(p, psutil.Process(p).create_time()) for p in (a.pid, b.pid)]

@@ -15,21 +15,7 @@ import pytest
 from daemon.cli import main
 from daemon.config import Config, HealthConfig, RotationConfig, load_config, parse_duration
 from daemon.errors import ConfigError
-
-GOOD = """\
-node_id: node-a
-store: {kind: local, path: ./store.db}
-api: {listen: "127.0.0.1:8787"}
-credentials:
-  - name: app-db
-    key: app/db
-    output:
-      dir: ./out/app-db
-      mode: "0440"
-      files:
-        password: "{{ password }}"
-        dsn: "postgresql://{{ username }}:{{ password }}@db:5432/app"
-"""
+from tests.helpers import GOOD_CONFIG
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -55,7 +41,7 @@ def _check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, st
 
 
 def test_the_documented_config_validates_with_its_values(tmp_path: Path) -> None:
-    config = load_config(_write(tmp_path, GOOD))
+    config = load_config(_write(tmp_path, GOOD_CONFIG))
 
     assert config.node_id == "node-a"
     assert config.store.kind == "local"
@@ -74,7 +60,7 @@ def test_the_documented_config_validates_with_its_values(tmp_path: Path) -> None
 def test_check_config_prints_ok_and_exits_zero_for_the_documented_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = _check(_write(tmp_path, GOOD), capsys)
+    code, out, err = _check(_write(tmp_path, GOOD_CONFIG), capsys)
 
     assert (code, out, err) == (0, "ok\n", "")
 
@@ -90,7 +76,7 @@ def test_defaults_give_a_0400_file_named_value_and_a_local_store() -> None:
 
 
 def test_a_config_is_frozen_after_load(tmp_path: Path) -> None:
-    config = load_config(_write(tmp_path, GOOD))
+    config = load_config(_write(tmp_path, GOOD_CONFIG))
 
     with pytest.raises(ValueError, match="frozen"):
         config.node_id = "other"  # type: ignore[misc]
@@ -116,7 +102,7 @@ def test_a_consumer_without_a_health_check_gets_the_alive_for_default_without_a_
     config = load_config(
         _write(
             tmp_path,
-            GOOD
+            GOOD_CONFIG
             + """\
     consumers:
       - name: app
@@ -160,44 +146,47 @@ def test_a_rotation_without_a_source_gets_the_password_generator() -> None:
 
 
 BAD_CASES = {
-    "bad mode": (GOOD.replace('"0440"', '"0777"'), "credentials.0.output.mode: "),
-    "mode not octal": (GOOD.replace('"0440"', '"rw-r-----"'), "credentials.0.output.mode: "),
-    "world-writable mode": (GOOD.replace('"0440"', '"0442"'), "credentials.0.output.mode: "),
-    "unknown key at top level": (GOOD + "colour: red\n", "colour: unknown key"),
+    "bad mode": (GOOD_CONFIG.replace('"0440"', '"0777"'), "credentials.0.output.mode: "),
+    "mode not octal": (GOOD_CONFIG.replace('"0440"', '"rw-r-----"'), "credentials.0.output.mode: "),
+    "world-writable mode": (GOOD_CONFIG.replace('"0440"', '"0442"'), "credentials.0.output.mode: "),
+    "unknown key at top level": (GOOD_CONFIG + "colour: red\n", "colour: unknown key"),
     "unknown key nested": (
-        GOOD.replace('      mode: "0440"\n', '      mode: "0440"\n      colour: red\n'),
+        GOOD_CONFIG.replace('      mode: "0440"\n', '      mode: "0440"\n      colour: red\n'),
         "credentials.0.output.colour: unknown key",
     ),
     "unknown key in the store": (
-        GOOD.replace("path: ./store.db}", "path: ./store.db, colour: red}"),
+        GOOD_CONFIG.replace("path: ./store.db}", "path: ./store.db, colour: red}"),
         "store.colour: unknown key",
     ),
-    "missing required field": (GOOD.replace("    key: app/db\n", ""), "credentials.0.key: required field is missing"),
+    "missing required field": (
+        GOOD_CONFIG.replace("    key: app/db\n", ""),
+        "credentials.0.key: required field is missing",
+    ),
     "missing credentials": ("node_id: a\n", "credentials: required field is missing"),
     "duplicate credential names": (
-        GOOD + "  - {name: app-db, key: other, output: {dir: ./out/other}}\n",
+        GOOD_CONFIG + "  - {name: app-db, key: other, output: {dir: ./out/other}}\n",
         "credentials.1.name: duplicate credential name 'app-db'",
     ),
     "duplicate output dirs": (
-        GOOD + "  - {name: other, key: other, output: {dir: ./out/x/../app-db/}}\n",
+        GOOD_CONFIG + "  - {name: other, key: other, output: {dir: ./out/x/../app-db/}}\n",
         "credentials.1.output.dir: same output dir as credentials.0",
     ),
-    "bad listen port": (GOOD.replace("127.0.0.1:8787", "127.0.0.1:99999"), "api.listen: "),
-    "bad listen without port": (GOOD.replace("127.0.0.1:8787", "localhost"), "api.listen: "),
-    "bad duration": (GOOD + "agent: {debounce: soon}\n", "agent.debounce: expected a duration"),
+    "bad listen port": (GOOD_CONFIG.replace("127.0.0.1:8787", "127.0.0.1:99999"), "api.listen: "),
+    "bad listen without port": (GOOD_CONFIG.replace("127.0.0.1:8787", "localhost"), "api.listen: "),
+    "bad duration": (GOOD_CONFIG + "agent: {debounce: soon}\n", "agent.debounce: expected a duration"),
     "bad signal": (
-        GOOD + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid}, reload: {signal: SIGFOO}}\n",
+        GOOD_CONFIG + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid}, reload: {signal: SIGFOO}}\n",
         "credentials.0.consumers.0.reload.signal: unknown signal 'SIGFOO'",
     ),
     "consumer match with two keys": (
-        GOOD + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid, cmdline: app}}\n",
+        GOOD_CONFIG + "    consumers:\n      - {name: c, match: {pidfile: /run/c.pid, cmdline: app}}\n",
         "credentials.0.consumers.0.match: match needs exactly one of",
     ),
     "bad file name": (
-        GOOD.replace('password: "{{ password }}"', '"../x": "{{ password }}"'),
+        GOOD_CONFIG.replace('password: "{{ password }}"', '"../x": "{{ password }}"'),
         "credentials.0.output.files: ",
     ),
-    "unknown store kind": (GOOD.replace("kind: local", "kind: etcd"), "store: "),
+    "unknown store kind": (GOOD_CONFIG.replace("kind: local", "kind: etcd"), "store: "),
     "not a mapping": ("- a\n- b\n", "(top level): expected a mapping"),
     "empty file": ("", "(top level): expected a mapping"),
 }
@@ -224,7 +213,7 @@ def test_check_config_prints_the_problem_lines_and_exits_2(
 
 
 def test_every_problem_of_a_file_is_reported_not_only_the_first(tmp_path: Path) -> None:
-    text = GOOD.replace('"0440"', '"0777"').replace("127.0.0.1:8787", "nope") + "colour: red\n"
+    text = GOOD_CONFIG.replace('"0440"', '"0777"').replace("127.0.0.1:8787", "nope") + "colour: red\n"
 
     problems = _problems(tmp_path, text)
 
@@ -233,7 +222,7 @@ def test_every_problem_of_a_file_is_reported_not_only_the_first(tmp_path: Path) 
 
 def test_a_bad_value_is_shown_shortened(tmp_path: Path) -> None:
     long = "x" * 200
-    problems = _problems(tmp_path, GOOD.replace("127.0.0.1:8787", long))
+    problems = _problems(tmp_path, GOOD_CONFIG.replace("127.0.0.1:8787", long))
 
     (line,) = [p for p in problems if p.startswith("api.listen")]
     assert long not in line

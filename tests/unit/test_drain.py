@@ -193,16 +193,21 @@ def test_a_sighted_process_of_a_consumer_is_not_also_attributed_by_start_time() 
 # ---------------------------------------------------------------- two credentials
 
 
-def test_a_consumer_under_two_credentials_is_attributed_per_credential() -> None:
-    api = on_disk(("5", 120.0), ("6", 300.0))
-    usage = run(
+def run_under_db_and_api(sightings: Sequence[Sighting] = ()) -> dict[str, Usage]:
+    """pid 10 of consumer ``app``, which uses db and api, started at 250: after db's swap to 2, before api's to 6."""
+    return run(
+        sightings=sightings,
         consumers=[consumer("app")],
         pids={"app": [10]},
         started={10: 250.0},
-        disk={"db": DB, "api": api},
+        disk={"db": DB, "api": on_disk(("5", 120.0), ("6", 300.0))},
         current={"db": "2", "api": "6"},
         creds_of={"app": ["db", "api"]},
     )
+
+
+def test_a_consumer_under_two_credentials_is_attributed_per_credential() -> None:
+    usage = run_under_db_and_api()
 
     # Started after db's swap to 2 but before api's swap to 6.
     assert held(usage, "db") == {"2": [10]}
@@ -210,16 +215,7 @@ def test_a_consumer_under_two_credentials_is_attributed_per_credential() -> None
 
 
 def test_a_sighting_under_one_credential_does_not_hide_the_other() -> None:
-    api = on_disk(("5", 120.0), ("6", 300.0))
-    usage = run(
-        sightings=[Sighting(10, "/usr/bin/app", "db", "1", "fd")],
-        consumers=[consumer("app")],
-        pids={"app": [10]},
-        started={10: 250.0},
-        disk={"db": DB, "api": api},
-        current={"db": "2", "api": "6"},
-        creds_of={"app": ["db", "api"]},
-    )
+    usage = run_under_db_and_api(sightings=[Sighting(10, "/usr/bin/app", "db", "1", "fd")])
 
     assert held(usage, "db") == {"1": [10]}
     assert held(usage, "api") == {"5": [10]}

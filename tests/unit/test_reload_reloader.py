@@ -7,11 +7,9 @@ action only records), so these tests exercise the timing logic alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ import pytest
 from daemon.config import ConsumerConfig, CredentialConfig
 from daemon.errors import ReloadError
 from daemon.reload import ReloadAction, Reloader
+from tests.helpers import running_reloader
 
 
 class Recorder:
@@ -56,17 +55,6 @@ def consumer(name: str = "app", **kw: Any) -> ConsumerConfig:
     return ConsumerConfig.model_validate(data)
 
 
-@contextlib.asynccontextmanager
-async def running(reloader: Reloader) -> AsyncIterator[Reloader]:
-    task = asyncio.create_task(reloader.run())
-    try:
-        yield reloader
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
 def me(_: Any) -> list[int]:
     return [os.getpid()]
 
@@ -74,7 +62,7 @@ def me(_: Any) -> list[int]:
 async def test_a_change_resets_the_debounce_timer() -> None:
     rec = Recorder()
     r = Reloader({"db": [consumer()]}, debounce=0.2, find=me, action_factory=lambda c: rec)
-    async with running(r):
+    async with running_reloader(r):
         t0 = time.monotonic()
         r.changed("db", "1")
         await asyncio.sleep(0.12)
@@ -87,7 +75,7 @@ async def test_a_change_resets_the_debounce_timer() -> None:
 async def test_a_stream_of_changes_is_reloaded_after_the_max_wait() -> None:
     rec = Recorder()
     r = Reloader({"db": [consumer()]}, debounce=0.1, max_wait=0.3, find=me, action_factory=lambda c: rec)
-    async with running(r):
+    async with running_reloader(r):
         t0 = time.monotonic()
         for i in range(15):  # 0.6 s of changes, each within the debounce of the last
             r.changed("db", str(i))
@@ -108,7 +96,7 @@ async def test_a_consumer_declared_under_two_credentials_is_one_consumer() -> No
     got: list[frozenset[str]] = []
     r = Reloader(creds, debounce=0.05, find=me, action_factory=lambda c: rec, on_done=lambda c, cr, ok: got.append(cr))
     assert list(r.status()) == ["app"]
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "1")
         r.changed("cache", "9")
         await asyncio.wait_for(r.wait_idle(), 5)
@@ -126,7 +114,7 @@ async def test_a_change_of_a_credential_without_consumers_is_ignored() -> None:
 async def test_an_unexpected_exception_in_an_action_is_a_reported_failure_not_a_crash() -> None:
     rec = Recorder(fail_with=RuntimeError("boom"))
     r = Reloader({"db": [consumer()]}, debounce=0.02, find=me, action_factory=lambda c: rec)
-    async with running(r) as rr:
+    async with running_reloader(r) as rr:
         r.changed("db", "1")
         await asyncio.wait_for(r.wait_idle(), 5)
         st = rr.status()["app"]
@@ -140,7 +128,7 @@ async def test_an_unexpected_exception_in_an_action_is_a_reported_failure_not_a_
 async def test_a_reload_error_is_kept_in_the_status_and_as_dict_is_json() -> None:
     rec = Recorder(fail_with=ReloadError("nginx -s reload exited with status 1"))
     r = Reloader({"db": [consumer()]}, debounce=0.02, find=me, action_factory=lambda c: rec)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "1")
         await asyncio.wait_for(r.wait_idle(), 5)
     d = r.status()["app"].as_dict()
@@ -152,7 +140,7 @@ async def test_a_reload_error_is_kept_in_the_status_and_as_dict_is_json() -> Non
 async def test_status_shows_pending_and_running_while_a_roll_is_in_progress() -> None:
     rec = Recorder(delay=0.3)
     r = Reloader({"db": [consumer()]}, debounce=0.02, find=me, action_factory=lambda c: rec)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "1")
         assert r.status()["app"].pending == {"db"}
         while not rec.calls:
@@ -171,7 +159,7 @@ async def test_an_async_on_done_callback_is_awaited() -> None:
         seen.append(ok)
 
     r = Reloader({"db": [consumer()]}, debounce=0.02, find=me, action_factory=lambda c: Recorder(), on_done=done)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "1")
         await asyncio.wait_for(r.wait_idle(), 5)
     assert seen == [True]
@@ -204,7 +192,7 @@ async def test_an_action_that_cannot_be_built_fails_its_consumer_only() -> None:
         return rec
 
     r = Reloader({"db": [consumer("broken"), consumer("fine")]}, debounce=0.02, find=me, action_factory=factory)
-    async with running(r):
+    async with running_reloader(r):
         r.changed("db", "1")
         await asyncio.wait_for(r.wait_idle(), 5)
     assert r.status()["broken"].result == "failure"

@@ -433,9 +433,14 @@ async def test_provider_sessions_or_an_unreachable_provider_block_retirement(tmp
     assert await rotator.retire_ready() == ["1"]
 
 
-async def test_a_node_once_seen_is_remembered_and_its_lost_report_blocks(tmp_path: Path, store: FlakyStore) -> None:
+async def seeded_rotator(tmp_path: Path, store: FlakyStore) -> CredentialRotator:
+    """A rotator with a provider that never fails, over ``store`` holding a first version of KEY."""
     await store.put(KEY, Secret("first-value-0000"))
-    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    return make_rotator(make_config(tmp_path), store, FlakyProvider())
+
+
+async def test_a_node_once_seen_is_remembered_and_its_lost_report_blocks(tmp_path: Path, store: FlakyStore) -> None:
+    rotator = await seeded_rotator(tmp_path, store)
     await rotator.rotate()
     await publish(store, "node-a", current="2", holding=("1",))
     await publish(store, "node-b", current="2")
@@ -450,8 +455,7 @@ async def test_a_node_once_seen_is_remembered_and_its_lost_report_blocks(tmp_pat
 
 
 async def test_an_unreadable_report_blocks_as_an_unknown_node(tmp_path: Path, store: FlakyStore) -> None:
-    await store.put(KEY, Secret("first-value-0000"))
-    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    rotator = await seeded_rotator(tmp_path, store)
     await rotator.rotate()
     await publish(store, "node-b", current="2")
     await store.merge_metadata(KEY, {REPORT_PREFIX + "node-a": "{not json"})
@@ -468,8 +472,7 @@ async def test_forget_removes_the_report_so_the_node_is_no_longer_known_and_logs
     tmp_path: Path, store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    await store.put(KEY, Secret("first-value-0000"))
-    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    rotator = await seeded_rotator(tmp_path, store)
     await rotator.rotate()
     await publish(store, "node-a", current="1", age=3600)  # gone long ago, still on version 1
     await publish(store, "node-b", current="2")
@@ -491,8 +494,7 @@ async def test_forget_removes_the_report_so_the_node_is_no_longer_known_and_logs
 async def test_a_forgotten_node_is_not_remembered_as_unknown_by_the_rotator_that_saw_it(
     tmp_path: Path, store: FlakyStore
 ) -> None:
-    await store.put(KEY, Secret("first-value-0000"))
-    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    rotator = await seeded_rotator(tmp_path, store)
     await rotator.rotate()
     await publish(store, "node-a", current="1")
     await publish(store, "node-b", current="2")
@@ -507,8 +509,7 @@ async def test_forgetting_an_unknown_node_changes_nothing_but_is_still_logged(
     tmp_path: Path, store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    await store.put(KEY, Secret("first-value-0000"))
-    rotator = make_rotator(make_config(tmp_path), store, FlakyProvider())
+    rotator = await seeded_rotator(tmp_path, store)
     await publish(store, "node-b", current="1")
 
     await rotator.forget("nobody")
