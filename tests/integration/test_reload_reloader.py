@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from daemon import metrics
-from daemon.reload import Reloader, ReloadGone, SignalAction, is_alive
+from daemon.processes import ReloadGone, is_alive
+from daemon.reload import Reloader, SignalAction
 from daemon.usage.consumers import find_processes
 from tests.helpers import running_reloader
 from tests.integration.test_reload_actions import Procs, consumer, lines, until
