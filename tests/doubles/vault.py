@@ -697,6 +697,9 @@ class VaultProcess:
         self.url = json.loads(line)["url"]
         return self
 
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
     def counts(self) -> dict[str, int]:
         req = urllib.request.Request(self.url + COUNTS_PATH, headers={"X-Vault-Token": self.root_token})
         with urllib.request.urlopen(req, timeout=10) as resp:
