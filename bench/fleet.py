@@ -598,7 +598,12 @@ async def run_path(
                         "drained": len(fleet.drained_at),
                         "reasons": len(rotator.last_decisions[0].reasons) if rotator.last_decisions else None,
                         "error": err,
+                        # All requests the server saw during the pass, the fleet's publishes included.
                         "server_requests": sum(after.values()) - sum(before.values()),
+                        # Reads only: the nodes never read, so these are the rotator's.
+                        "server_reads": sum(
+                            n - before.get(k, 0) for k, n in after.items() if k.startswith(("GET ", "LIST "))
+                        ),
                         "client_requests": sum(counts.requests.values()) - req_before,
                     }
                 )
@@ -683,10 +688,12 @@ async def run_path(
         )
         server_requests_total = sum(out["server_requests"].values())
         if server_requests_total:
-            rotator_requests = rotate_requests + sum(p["server_requests"] for p in passes)
-            out["server_requests_by_rotator"] = rotator_requests
-            out["server_requests_by_rotator_per_pass_median"] = statistics.median(p["server_requests"] for p in passes)
-            out["server_requests_by_nodes_per_node"] = round((server_requests_total - rotator_requests) / nodes, 2)
+            # Per-pass request counts include the fleet's publishes made meanwhile; reads are the rotator's own.
+            out["server_requests_during_rotate"] = rotate_requests
+            out["server_reads_per_pass_median"] = statistics.median(p["server_reads"] for p in passes)
+            out["server_reads_per_node_per_pass_median"] = round(out["server_reads_per_pass_median"] / nodes, 3)
+            writes = sum(n for k, n in out["server_requests"].items() if k.startswith(("POST data", "POST metadata")))
+            out["server_writes_per_node"] = round(writes / nodes, 2)
         out["decision"] = latency_model(
             latency=latency,
             heartbeat=heartbeat,
