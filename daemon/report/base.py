@@ -99,7 +99,13 @@ class Reporter(Protocol):
         ...
 
     async def collect(self, key: str, credential: str) -> list[NodeReport]:
-        """Every node's latest report for the credential."""
+        """Every node's latest report for the credential.
+
+        A reporter that reads one store entry per node may also offer
+        ``collect_nodes(key, credential, nodes) -> list[NodeReport]``, the reports of
+        just those nodes: the rotator then re-reads only the nodes that still block
+        a retirement while a drain goes on (``CredentialRotator._blockers_remain``).
+        """
         ...
 
     async def forget(self, key: str, node: str) -> None:

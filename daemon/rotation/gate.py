@@ -30,6 +30,7 @@ class Decision:
     reasons: tuple[str, ...] = ()
     holders: dict[str, tuple[Holder, ...]] = field(default_factory=dict)  # node -> holders of the version
     sessions: tuple[Session, ...] = ()
+    blocking: frozenset[str] = frozenset()  # the nodes with a reason above
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -64,28 +65,51 @@ def decide(
     for r in reports:
         if r.node not in latest or r.heartbeat > latest[r.node].heartbeat:
             latest[r.node] = r
-    fresh = 0
+    blocking: set[str] = set()
     for node in sorted(set(known) | set(latest)):
-        report = latest.get(node)
-        if report is None:
-            reasons.append(f"{node}: no report (unknown)")
-            continue
-        age = now - report.heartbeat
-        held = tuple(h for h in report.holders if h.version == old)
-        count = report.in_use.get(old, 0)
-        if held or count:
-            holders[node] = held
-        if age > ttl:
-            reasons.append(f"{node}: report is stale ({age:.0f}s old, ttl {ttl:.0f}s)")
-            continue
-        fresh += 1
-        if report.current != new:
-            reasons.append(f"{node}: current version is {report.current}, not {new}")
-        if count:
-            reasons.append(f"{node}: {count} holder(s) of version {old}")
+        before = len(reasons)
+        _judge(node, latest.get(node), old=old, new=new, now=now, ttl=ttl, reasons=reasons, holders=holders)
+        if len(reasons) > before:
+            blocking.add(node)
     if not latest and not known:  # no node at all (a min_drain reason must not hide it)
         reasons.append("no node has reported yet (unknown)")
     if sessions:
         total = sum(s.count for s in sessions)
         reasons.append(f"provider: {total} session(s) still use version {old}")
-    return Decision(version=old, retire=not reasons, reasons=tuple(reasons), holders=holders, sessions=tuple(sessions))
+    return Decision(
+        version=old,
+        retire=not reasons,
+        reasons=tuple(reasons),
+        holders=holders,
+        sessions=tuple(sessions),
+        blocking=frozenset(blocking),
+    )
+
+
+def _judge(
+    node: str,
+    report: NodeReport | None,
+    *,
+    old: str,
+    new: str,
+    now: float,
+    ttl: float,
+    reasons: list[str],
+    holders: dict[str, tuple[Holder, ...]],
+) -> None:
+    """One node's part of the gate: appends its reasons, records its holders of ``old``."""
+    if report is None:
+        reasons.append(f"{node}: no report (unknown)")
+        return
+    age = now - report.heartbeat
+    held = tuple(h for h in report.holders if h.version == old)
+    count = report.in_use.get(old, 0)
+    if held or count:
+        holders[node] = held
+    if age > ttl:
+        reasons.append(f"{node}: report is stale ({age:.0f}s old, ttl {ttl:.0f}s)")
+        return
+    if report.current != new:
+        reasons.append(f"{node}: current version is {report.current}, not {new}")
+    if count:
+        reasons.append(f"{node}: {count} holder(s) of version {old}")

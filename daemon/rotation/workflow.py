@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
+# Blocking nodes re-read per round of the quick check (see ``_blockers_remain``).
+QUICK_ROUND = 16
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class CredentialRotator:
         self.retired_total = 0
         self.retired_event = asyncio.Event()  # set whenever a version is retired
         self._seen: set[str] = set()
+        self._full_at: float | None = None  # monotonic time of the last full evaluate
+        self._full_new = ""  # the current version that evaluate judged against
 
     @property
     def key(self) -> str:
@@ -197,6 +201,7 @@ class CredentialRotator:
     async def forget(self, node: str) -> None:
         await self.reporter.forget(self.key, node)
         self._seen.discard(node)
+        self._full_at = None  # it may have been a blocker: the next pass judges on a full collect
         event(log, "node_forgotten", credential=self.cred.name, node=node)
 
     async def evaluate(self, *, apply_policy: bool = True) -> list[Decision]:
@@ -213,6 +218,7 @@ class CredentialRotator:
             return []
         new = current[-1].id
         reports = await self.reporter.collect(self.key, self.cred.name)
+        self._full_at, self._full_new = time.monotonic(), new
         known = self._remember(reports)
         now = time.time()
         forget_after = self.config.report.forget_after
@@ -255,10 +261,60 @@ class CredentialRotator:
         metrics.oldest_pending_seconds.labels(self.cred.name).set(now - oldest)
         return decisions
 
+    async def _blockers_remain(self, versions: list[VersionInfo]) -> bool:
+        """True when every version the last full evaluate held back still has a node blocking it.
+
+        For reporters that read one entry per node (``collect_nodes``, the Vault
+        status path), a full collect of a large fleet takes a while; while a drain
+        goes on, re-reading just the blocking nodes (a round at a time, stopping as
+        soon as each version has one that still blocks it) answers "not yet" for a
+        fraction of that. It never answers "retire": that is only ever decided on a
+        full collect, which runs as soon as some version's blockers have all
+        cleared, when the versions changed, after a forget, and at least once per
+        heartbeat (new nodes, forget_after, fresh status).
+        """
+        collect_nodes = getattr(self.reporter, "collect_nodes", None)
+        decisions = self.last_decisions
+        if collect_nodes is None or not decisions or self._full_at is None:
+            return False
+        if time.monotonic() - self._full_at >= self.config.report.heartbeat:
+            return False
+        current = [v for v in versions if v.is_current]
+        if not current or current[-1].id != self._full_new:
+            return False
+        if {v.id for v in superseded(versions)} != {d.version for d in decisions}:
+            return False
+        if any(d.retire or not d.blocking for d in decisions):
+            return False  # ready, or held back by something else (sessions, min_drain): a full pass
+        unproven = list(decisions)  # versions not yet shown to be still blocked
+        blockers = sorted(set().union(*(d.blocking for d in decisions)))
+        for i in range(0, len(blockers), QUICK_ROUND):
+            nodes = blockers[i : i + QUICK_ROUND]
+            reports: list[NodeReport] = await collect_nodes(self.key, self.cred.name, nodes)
+            now = time.time()
+            unproven = [
+                d
+                for d in unproven
+                if not decide(
+                    old=d.version,
+                    new=self._full_new,
+                    reports=reports,
+                    known=[n for n in nodes if n in d.blocking],
+                    now=now,
+                    ttl=self.config.report.report_ttl,
+                ).blocking
+            ]
+            if not unproven:
+                return True
+        return False
+
     async def retire_ready(self) -> list[str]:
         """Retire every superseded version whose gate holds. Returns the retired ids."""
         retired = []
-        versions = {v.id: v for v in await self.store.versions(self.key)}
+        listed = await self.store.versions(self.key)
+        if await self._blockers_remain(listed):
+            return []
+        versions = {v.id: v for v in listed}
         newer = sorted((v.created for v in versions.values() if v.is_current), reverse=True)
         for decision in await self.evaluate():
             if not decision.retire:

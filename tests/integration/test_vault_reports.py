@@ -160,6 +160,22 @@ async def test_collect_lists_once_and_reads_each_entry_once(
     assert spent == {("LIST", "metadata"): 1, ("GET", "data"): 40}
 
 
+async def test_collect_nodes_reads_just_those_entries_and_leaves_out_missing_ones(
+    vault_double: VaultDouble, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    await asyncio.gather(*(reporter.publish("app/db", report(f"node-{i:03d}")) for i in range(40)))
+    await reporter.publish("app/db", report("node-007", current="2", beat=2.0))
+    before = dict(vault_double.counts)
+    got = await reporter.collect_nodes("app/db", "db", ["node-007", "node-031", "never-reported"])
+    assert sorted(got, key=lambda r: r.node) == [report("node-007", current="2", beat=2.0), report("node-031")]
+    spent = {k: n - before.get(k, 0) for k, n in vault_double.counts.items() if n != before.get(k, 0)}
+    assert spent == {("GET", "data"): 3}  # no LIST, one read per node asked for
+    with pytest.raises(StoreError, match="bad node name"):
+        await reporter.collect_nodes("app/db", "db", ["../escape"])
+
+
 async def test_collect_of_a_credential_nobody_reported_is_empty(make_vault_store: MakeStore, vault_prefix: str) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)

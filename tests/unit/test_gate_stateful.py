@@ -17,7 +17,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +53,18 @@ class Clock:
 
     def time(self) -> float:
         return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class NodeByNodeReporter(MetadataReporter):
+    """The metadata reporter plus ``collect_nodes``, so the rotator's quick check between
+    full collects (re-reading only the nodes that blocked) is part of every history."""
+
+    async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[NodeReport]:
+        wanted = set(nodes)
+        return [r for r in await self.collect(key, credential) if r.node in wanted]
 
 
 class FailOnce:
@@ -148,7 +160,7 @@ class RotationMachine(RuleBasedStateMachine):
             config=self.config,
             credential=cred,
             store=self.store,
-            reporter=MetadataReporter(self.store),
+            reporter=NodeByNodeReporter(self.store),
             provider=self.provider,
         )
 

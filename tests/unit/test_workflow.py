@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from daemon.providers.base import Session
 from daemon.providers.password import PasswordProvider
 from daemon.report.base import REPORT_PREFIX, Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
+from daemon.rotation import workflow
 from daemon.rotation.workflow import LAST_KEY, STATE_KEY, CredentialRotator, Outcome, superseded
 from daemon.stores.local import LocalStore
 
@@ -550,3 +551,87 @@ async def test_no_secret_value_reaches_logs_outcomes_or_decisions(
     texts = [caplog.text, *(repr(vars(r)) for r in caplog.records), *(repr(x) for x in seen)]
     for value in values:
         assert not any(value in t for t in texts)
+
+
+class Later:
+    """Stands in for the ``time`` module inside daemon.rotation.workflow: ``ahead`` seconds on."""
+
+    def __init__(self, ahead: float) -> None:
+        self.ahead = ahead
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+
+class CountingNodeReporter(MetadataReporter):
+    """The metadata reporter with ``collect_nodes``, counting full and per-node collects."""
+
+    def __init__(self, store: LocalStore) -> None:
+        super().__init__(store)
+        self.full = 0
+        self.asked: list[list[str]] = []
+
+    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+        self.full += 1
+        return await super().collect(key, credential)
+
+    async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[NodeReport]:
+        self.asked.append(list(nodes))
+        return [r for r in await super().collect(key, credential) if r.node in set(nodes)]
+
+
+async def test_while_a_node_blocks_a_pass_rereads_only_the_blockers_and_decides_on_a_full_collect(
+    tmp_path: Path, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store.put(KEY, Secret("first-value-0000"))
+    config = make_config(tmp_path)
+    reporter = CountingNodeReporter(store)
+    rotator = CredentialRotator(
+        config=config, credential=config.credentials[0], store=store, reporter=reporter, provider=FlakyProvider()
+    )
+    await rotator.rotate()
+    for node in ("node-a", "node-b", "node-c"):
+        await publish(store, node, current="2")
+    await publish(store, "node-b", current="2", holding=("1",))
+
+    assert await rotator.retire_ready() == []  # the full collect: node-b blocks
+    assert (reporter.full, reporter.asked) == (1, [])
+    assert await rotator.retire_ready() == []  # node-b still holds: only it was read again
+    assert (reporter.full, reporter.asked) == (1, [["node-b"]])
+
+    # Within a heartbeat, a node that did not block before is not looked at by the quick check...
+    await publish(store, "node-c", current="2", holding=("1",))
+    assert await rotator.retire_ready() == []
+    assert reporter.full == 1
+    # ...but a full collect runs at least once per heartbeat, and sees it.
+    monkeypatch.setattr(workflow, "time", Later(config.report.heartbeat))
+    assert await rotator.retire_ready() == []
+    assert reporter.full == 2
+    assert rotator.last_decisions[0].blocking == {"node-b", "node-c"}
+
+    # Once the blockers have cleared, the version is retired on a full collect, never on the quick one.
+    await publish(store, "node-b", current="2")
+    await publish(store, "node-c", current="2")
+    asked = len(reporter.asked)
+    assert await rotator.retire_ready() == ["1"]
+    assert reporter.asked[asked:] == [["node-b", "node-c"]]
+    assert reporter.full == 3
+
+
+async def test_forgetting_a_blocking_node_makes_the_next_pass_a_full_one(tmp_path: Path, store: FlakyStore) -> None:
+    await store.put(KEY, Secret("first-value-0000"))
+    config = make_config(tmp_path)
+    reporter = CountingNodeReporter(store)
+    rotator = CredentialRotator(
+        config=config, credential=config.credentials[0], store=store, reporter=reporter, provider=FlakyProvider()
+    )
+    await rotator.rotate()
+    await publish(store, "node-a", current="2")
+    await publish(store, "gone", current="1", holding=("1",))
+    assert await rotator.retire_ready() == []
+    await rotator.forget("gone")
+    assert await rotator.retire_ready() == ["1"]
+    assert reporter.asked == []
