@@ -583,16 +583,24 @@ class CountingNodeReporter(MetadataReporter):
         return [r for r in await super().collect(key, credential) if r.node in set(nodes)]
 
 
-async def test_while_a_node_blocks_a_pass_rereads_only_the_blockers_and_decides_on_a_full_collect(
-    tmp_path: Path, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def rotated_with_counting_reporter(
+    config: Config, store: FlakyStore
+) -> tuple[CredentialRotator, CountingNodeReporter]:
+    """A rotator over a CountingNodeReporter, after its first rotation (version 2 current, 1 superseded)."""
     await store.put(KEY, Secret("first-value-0000"))
-    config = make_config(tmp_path)
     reporter = CountingNodeReporter(store)
     rotator = CredentialRotator(
         config=config, credential=config.credentials[0], store=store, reporter=reporter, provider=FlakyProvider()
     )
     await rotator.rotate()
+    return rotator, reporter
+
+
+async def test_while_a_node_blocks_a_pass_rereads_only_the_blockers_and_decides_on_a_full_collect(
+    tmp_path: Path, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(tmp_path)
+    rotator, reporter = await rotated_with_counting_reporter(config, store)
     for node in ("node-a", "node-b", "node-c"):
         await publish(store, node, current="2")
     await publish(store, "node-b", current="2", holding=("1",))
@@ -622,13 +630,8 @@ async def test_while_a_node_blocks_a_pass_rereads_only_the_blockers_and_decides_
 
 
 async def test_forgetting_a_blocking_node_makes_the_next_pass_a_full_one(tmp_path: Path, store: FlakyStore) -> None:
-    await store.put(KEY, Secret("first-value-0000"))
     config = make_config(tmp_path)
-    reporter = CountingNodeReporter(store)
-    rotator = CredentialRotator(
-        config=config, credential=config.credentials[0], store=store, reporter=reporter, provider=FlakyProvider()
-    )
-    await rotator.rotate()
+    rotator, reporter = await rotated_with_counting_reporter(config, store)
     await publish(store, "node-a", current="2")
     await publish(store, "gone", current="1", holding=("1",))
     assert await rotator.retire_ready() == []
