@@ -79,6 +79,7 @@ class CredentialRotator:
         self._seen: set[str] = set()
         self._full_at: float | None = None  # monotonic time of the last full evaluate
         self._full_new = ""  # the current version that evaluate judged against
+        self._blocking: dict[str, set[str]] = {}  # version -> nodes still to re-read (quick check)
 
     @property
     def key(self) -> str:
@@ -255,6 +256,7 @@ class CredentialRotator:
                 )
             )
         self.last_decisions = decisions
+        self._blocking = {d.version: set(d.blocking) for d in decisions}
         created: dict[str, float] = {v.id: v.created for v in versions}
         metrics.pending_retirements.labels(self.cred.name).set(sum(not d.retire for d in decisions))
         oldest = min((created.get(d.version, now) for d in decisions if not d.retire), default=now)
@@ -265,13 +267,14 @@ class CredentialRotator:
         """True when every version the last full evaluate held back still has a node blocking it.
 
         For reporters that read one entry per node (``collect_nodes``, the Vault
-        status path), a full collect of a large fleet takes a while; while a drain
-        goes on, re-reading just the blocking nodes (a round at a time, stopping as
-        soon as each version has one that still blocks it) answers "not yet" for a
-        fraction of that. It never answers "retire": that is only ever decided on a
-        full collect, which runs as soon as some version's blockers have all
-        cleared, when the versions changed, after a forget, and at least once per
-        heartbeat (new nodes, forget_after, fresh status).
+        status path), a full collect of a large fleet takes a while. While a drain
+        goes on, this re-reads the blocking nodes a round at a time, and stops as
+        soon as each version has one that still blocks it; a node found cleared is
+        not read again before the next full collect, so over a whole drain each
+        blocker is read about once more. It never answers "retire": that is only
+        ever decided on a full collect, which runs as soon as some version's
+        blockers have all cleared, when the versions changed, after a forget, and at
+        least once per heartbeat (new nodes, forget_after, fresh status).
         """
         collect_nodes = getattr(self.reporter, "collect_nodes", None)
         decisions = self.last_decisions
@@ -286,27 +289,28 @@ class CredentialRotator:
             return False
         if any(d.retire or not d.blocking for d in decisions):
             return False  # ready, or held back by something else (sessions, min_drain): a full pass
-        unproven = list(decisions)  # versions not yet shown to be still blocked
-        blockers = sorted(set().union(*(d.blocking for d in decisions)))
-        for i in range(0, len(blockers), QUICK_ROUND):
-            nodes = blockers[i : i + QUICK_ROUND]
-            reports: list[NodeReport] = await collect_nodes(self.key, self.cred.name, nodes)
+        unproven = {d.version for d in decisions}  # not yet shown to be still blocked
+        read: set[str] = set()
+        ttl = self.config.report.report_ttl
+        while unproven:
+            todo = sorted({n for v in unproven for n in self._blocking.get(v, ())} - read)[:QUICK_ROUND]
+            if not todo:
+                return False  # every blocker of some version has cleared: a full collect decides
+            reports: dict[str, NodeReport] = {r.node: r for r in await collect_nodes(self.key, self.cred.name, todo)}
+            read.update(todo)
             now = time.time()
-            unproven = [
-                d
-                for d in unproven
-                if not decide(
-                    old=d.version,
-                    new=self._full_new,
-                    reports=reports,
-                    known=[n for n in nodes if n in d.blocking],
-                    now=now,
-                    ttl=self.config.report.report_ttl,
-                ).blocking
-            ]
-            if not unproven:
-                return True
-        return False
+            for version in list(unproven):
+                blocking = self._blocking[version]
+                for node in todo:
+                    if node not in blocking:
+                        continue
+                    report = [reports[node]] if node in reports else []
+                    judged = decide(old=version, new=self._full_new, reports=report, known=[node], now=now, ttl=ttl)
+                    if judged.blocking:
+                        unproven.discard(version)
+                    else:
+                        blocking.discard(node)
+        return True
 
     async def retire_ready(self) -> list[str]:
         """Retire every superseded version whose gate holds. Returns the retired ids."""

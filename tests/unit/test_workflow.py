@@ -638,3 +638,27 @@ async def test_forgetting_a_blocking_node_makes_the_next_pass_a_full_one(tmp_pat
     await rotator.forget("gone")
     assert await rotator.retire_ready() == ["1"]
     assert reporter.asked == []
+
+
+async def test_a_blocker_found_cleared_is_not_read_again_before_the_next_full_collect(
+    tmp_path: Path, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workflow, "QUICK_ROUND", 1)
+    config = make_config(tmp_path)
+    rotator, reporter = await rotated_with_counting_reporter(config, store)
+    for node in ("node-a", "node-b", "node-c"):
+        await publish(store, node, current="2", holding=("1",))
+    assert await rotator.retire_ready() == []
+    assert reporter.full == 1
+
+    await publish(store, "node-a", current="2")
+    assert await rotator.retire_ready() == []  # node-a cleared, node-b still holds: stop there
+    assert reporter.asked == [["node-a"], ["node-b"]]
+    assert await rotator.retire_ready() == []  # node-a is not read again
+    assert reporter.asked[2:] == [["node-b"]]
+
+    await publish(store, "node-b", current="2")
+    await publish(store, "node-c", current="2")
+    assert await rotator.retire_ready() == ["1"]
+    assert reporter.asked[3:] == [["node-b"], ["node-c"]]
+    assert reporter.full == 2
