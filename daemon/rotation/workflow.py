@@ -274,13 +274,15 @@ class CredentialRotator:
         blocker is read about once more. It never answers "retire": that is only
         ever decided on a full collect, which runs as soon as some version's
         blockers have all cleared, when the versions changed, after a forget, and at
-        least once per heartbeat (new nodes, forget_after, fresh status).
+        least once per report TTL (new nodes, forget_after, the pending metrics; a
+        node goes stale no sooner). Forcing it more often lands the full collect in
+        the middle of the drain's write burst, where it is slowest.
         """
         collect_nodes = getattr(self.reporter, "collect_nodes", None)
         decisions = self.last_decisions
         if collect_nodes is None or not decisions or self._full_at is None:
             return False
-        if time.monotonic() - self._full_at >= self.config.report.heartbeat:
+        if time.monotonic() - self._full_at >= self.config.report.report_ttl:
             return False
         current = [v for v in versions if v.is_current]
         if not current or current[-1].id != self._full_new:

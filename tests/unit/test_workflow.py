@@ -554,13 +554,14 @@ async def test_no_secret_value_reaches_logs_outcomes_or_decisions(
 
 
 class Later:
-    """Stands in for the ``time`` module inside daemon.rotation.workflow: ``ahead`` seconds on."""
+    """Stands in for the ``time`` module inside daemon.rotation.workflow: its monotonic clock
+    ``ahead`` seconds on (wall time, which judges report ages, is left alone)."""
 
     def __init__(self, ahead: float) -> None:
         self.ahead = ahead
 
     def time(self) -> float:
-        return time.time() + self.ahead
+        return time.time()
 
     def monotonic(self) -> float:
         return time.monotonic() + self.ahead
@@ -614,8 +615,8 @@ async def test_while_a_node_blocks_a_pass_rereads_only_the_blockers_and_decides_
     await publish(store, "node-c", current="2", holding=("1",))
     assert await rotator.retire_ready() == []
     assert reporter.full == 1
-    # ...but a full collect runs at least once per heartbeat, and sees it.
-    monkeypatch.setattr(workflow, "time", Later(config.report.heartbeat))
+    # ...but a full collect runs at least once per report TTL, and sees it.
+    monkeypatch.setattr(workflow, "time", Later(config.report.report_ttl))
     assert await rotator.retire_ready() == []
     assert reporter.full == 2
     assert rotator.last_decisions[0].blocking == {"node-b", "node-c"}
