@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
-# Blocking nodes re-read per round of the quick check (see ``_blockers_remain``).
+# The quick check (``_blockers_remain``) re-reads blocking nodes this many per
+# round, for at most QUICK_ROUNDS rounds that find none still blocking: past
+# that, most blockers have likely cleared (a drain comes in a burst) and one
+# full collect learns the rest faster than a sweep node by node.
 QUICK_ROUND = 16
+QUICK_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -268,15 +272,16 @@ class CredentialRotator:
 
         For reporters that read one entry per node (``collect_nodes``, the Vault
         status path), a full collect of a large fleet takes a while. While a drain
-        goes on, this re-reads the blocking nodes a round at a time, and stops as
+        goes on, this re-reads the blocking nodes a round at a time and stops as
         soon as each version has one that still blocks it; a node found cleared is
-        not read again before the next full collect, so over a whole drain each
-        blocker is read about once more. It never answers "retire": that is only
-        ever decided on a full collect, which runs as soon as some version's
-        blockers have all cleared, when the versions changed, after a forget, and at
-        least once per report TTL (new nodes, forget_after, the pending metrics; a
-        node goes stale no sooner). Forcing it more often lands the full collect in
-        the middle of the drain's write burst, where it is slowest.
+        not read again before the next full collect, and QUICK_ROUNDS rounds in a
+        row with no blocker hand over to the full collect. It never answers
+        "retire": that is only ever decided on a full collect, which runs as soon
+        as some version's blockers have (likely) cleared, when the versions
+        changed, after a forget, and at least once per report TTL (new nodes,
+        forget_after, the pending metrics; a node goes stale no sooner). Forcing
+        it more often lands the full collect in the drain's write burst, where it
+        is slowest.
         """
         collect_nodes = getattr(self.reporter, "collect_nodes", None)
         decisions = self.last_decisions
@@ -294,10 +299,12 @@ class CredentialRotator:
         unproven = {d.version for d in decisions}  # not yet shown to be still blocked
         read: set[str] = set()
         ttl = self.config.report.report_ttl
+        fruitless = 0  # rounds in a row that showed no version still blocked
         while unproven:
             todo = sorted({n for v in unproven for n in self._blocking.get(v, ())} - read)[:QUICK_ROUND]
-            if not todo:
-                return False  # every blocker of some version has cleared: a full collect decides
+            if not todo or fruitless >= QUICK_ROUNDS:
+                return False  # some version's blockers have (all, or likely) cleared: a full collect decides
+            before = len(unproven)
             reports: dict[str, NodeReport] = {r.node: r for r in await collect_nodes(self.key, self.cred.name, todo)}
             read.update(todo)
             now = time.time()
@@ -312,6 +319,7 @@ class CredentialRotator:
                         unproven.discard(version)
                     else:
                         blocking.discard(node)
+            fruitless = 0 if len(unproven) < before else fruitless + 1
         return True
 
     async def retire_ready(self) -> list[str]:

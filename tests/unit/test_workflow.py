@@ -663,3 +663,22 @@ async def test_a_blocker_found_cleared_is_not_read_again_before_the_next_full_co
     assert await rotator.retire_ready() == ["1"]
     assert reporter.asked[3:] == [["node-b"], ["node-c"]]
     assert reporter.full == 2
+
+
+async def test_rounds_that_find_no_blocker_hand_over_to_a_full_collect(
+    tmp_path: Path, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(workflow, "QUICK_ROUND", 1)
+    monkeypatch.setattr(workflow, "QUICK_ROUNDS", 2)
+    config = make_config(tmp_path)
+    rotator, reporter = await rotated_with_counting_reporter(config, store)
+    for node in ("node-a", "node-b", "node-c", "node-d"):
+        await publish(store, node, current="2", holding=("1",))
+    assert await rotator.retire_ready() == []
+    for node in ("node-a", "node-b", "node-c"):
+        await publish(store, node, current="2")
+
+    assert await rotator.retire_ready() == []  # node-d still holds, but two fruitless rounds were enough
+    assert reporter.asked == [["node-a"], ["node-b"]]
+    assert reporter.full == 2
+    assert rotator.last_decisions[0].blocking == {"node-d"}
