@@ -1258,23 +1258,29 @@ def main() -> int:
             else:
                 heartbeat, why = HEARTBEATS[p]
             progress(f"{p}: starting")
-            try:
-                results[p] = asyncio.run(
+
+            def run(
+                nodes: int, nodes_fixed: bool, heartbeat: float, why: str, prefix: str, path: str = p
+            ) -> dict[str, Any]:
+                return asyncio.run(
                     run_path(
-                        p,
-                        nodes=fixed if fixed is not None else args.nodes,
-                        nodes_fixed=fixed is not None,
+                        path,
+                        nodes=nodes,
+                        nodes_fixed=nodes_fixed,
                         heartbeat=heartbeat,
                         heartbeat_why=why,
                         spread=args.spread,
                         concurrency=args.concurrency,
                         budget=args.budget,
-                        workdir=Path(tempfile.mkdtemp(dir=tmp, prefix=p + "-")),
+                        workdir=Path(tempfile.mkdtemp(dir=tmp, prefix=prefix)),
                         vault_double=args.vault_double,
                         fleet_processes=args.fleet_processes,
                         seed=args.seed,
                     )
                 )
+
+            try:
+                results[p] = run(fixed if fixed is not None else args.nodes, fixed is not None, heartbeat, why, p + "-")
             except Exception as e:  # one path failing must not hide the others' numbers
                 progress(f"{p}: FAILED {type(e).__name__}: {e}")
                 results[p] = {"path": p, "error": f"{type(e).__name__}: {e}"}
@@ -1282,21 +1288,8 @@ def main() -> int:
             if p in also_default and heartbeat != DEFAULT_HEARTBEAT:
                 progress(f"{p}: again at the default {DEFAULT_HEARTBEAT:g} s heartbeat, {results[p]['nodes']} nodes")
                 try:
-                    again = asyncio.run(
-                        run_path(
-                            p,
-                            nodes=results[p]["nodes"],
-                            nodes_fixed=True,
-                            heartbeat=DEFAULT_HEARTBEAT,
-                            heartbeat_why="--also-default-heartbeat",
-                            spread=args.spread,
-                            concurrency=args.concurrency,
-                            budget=args.budget,
-                            workdir=Path(tempfile.mkdtemp(dir=tmp, prefix=p + "-default-")),
-                            vault_double=args.vault_double,
-                            fleet_processes=args.fleet_processes,
-                            seed=args.seed,
-                        )
+                    again = run(
+                        results[p]["nodes"], True, DEFAULT_HEARTBEAT, "--also-default-heartbeat", p + "-default-"
                     )
                     run = {k: again[k] for k in DEFAULT_RUN_KEYS}
                     results[p]["decision"]["at_default_heartbeat"] = (

@@ -17,6 +17,7 @@ import pytest
 from daemon.config import VaultAuthConfig
 from daemon.errors import StoreAuthError
 from daemon.model import Secret
+from daemon.stores.vault import VaultStore
 from tests.doubles.vault import VaultDouble
 from tests.fixtures.vault import MakeStore, VaultTarget
 
@@ -31,6 +32,17 @@ def approle_auth(vault_server: VaultTarget, tmp_path: Path) -> VaultAuthConfig:
     sid = tmp_path / "secret_id"
     sid.write_text(secret_id + "\n")
     return VaultAuthConfig(method="approle", role_id=role_id, secret_id_file=sid)
+
+
+async def approle_store_reading(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> tuple[VaultStore, str]:
+    """An AppRole-authenticated store that has logged in and read ``<prefix>/db`` (value "v") once."""
+    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
+    key = f"{vault_prefix}/db"
+    vault_server.write(key, {"value": "v"})
+    await store.read(key)
+    return store, key
 
 
 async def wait_until_monotonic(t: float) -> None:
@@ -140,10 +152,7 @@ async def test_a_plain_token_with_a_ttl_is_renewed_too(
 async def test_a_revoked_token_is_replaced_by_a_fresh_approle_login(
     vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
-    key = f"{vault_prefix}/db"
-    vault_server.write(key, {"value": "v"})
-    await store.read(key)
+    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
     vault_double.revoke_all_tokens()
     assert (await store.read(key)).payload.reveal() == "v"
     assert vault_double.count(*LOGIN) == 2
@@ -173,10 +182,7 @@ async def test_a_revoked_static_token_fails_with_an_auth_error_after_one_retry(
 async def test_concurrent_calls_after_a_revocation_log_in_once(
     vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
-    key = f"{vault_prefix}/db"
-    vault_server.write(key, {"value": "v"})
-    await store.read(key)
+    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
     vault_double.revoke_all_tokens()
     got = await asyncio.gather(*(store.read(key) for _ in range(6)))
     assert {g.payload.reveal() for g in got} == {"v"}
@@ -186,10 +192,7 @@ async def test_concurrent_calls_after_a_revocation_log_in_once(
 async def test_a_policy_denial_on_a_live_token_never_spends_a_login(
     vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
-    key = f"{vault_prefix}/db"
-    vault_server.write(key, {"value": "v"})
-    await store.read(key)
+    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
     assert vault_double.count(*LOGIN) == 1
     vault_double.deny(key)
     for _ in range(3):  # e.g. three polls: a limited-use secret_id must not pay for any of them
