@@ -99,6 +99,26 @@ def pid_fds(pid: int, index: Mapping[tuple[int, int], T], inos: Collection[int] 
     return found
 
 
+def map_chunks(
+    run: Callable[[list[int]], list[R]],
+    pids: Iterable[int],
+    *,
+    workers: int = DEFAULT_WORKERS,
+) -> Iterator[R]:
+    """The items of ``run(chunk)`` over ``workers`` chunks of ``pids`` on a small thread pool,
+    or of one ``run(all pids)`` when a pool does not pay."""
+    todo = list(pids)
+    if workers <= 1 or len(todo) < _PARALLEL_MIN:
+        yield from run(todo)
+        return
+    # Interleaved chunks: neighbouring pids tend to be alike (forked workers),
+    # so striding spreads the heavy ones across workers.
+    chunks = [todo[i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="baton-fdscan") as pool:
+        for part in pool.map(run, chunks):
+            yield from part
+
+
 def map_pids(
     fn: Callable[[int], R],
     pids: Iterable[int],
@@ -106,21 +126,7 @@ def map_pids(
     workers: int = DEFAULT_WORKERS,
 ) -> Iterator[tuple[int, R]]:
     """``(pid, fn(pid))`` for every pid, over a small thread pool when it pays."""
-    todo = list(pids)
-    if workers <= 1 or len(todo) < _PARALLEL_MIN:
-        for pid in todo:
-            yield pid, fn(pid)
-        return
-    # Interleaved chunks: neighbouring pids tend to be alike (forked workers),
-    # so striding spreads the heavy ones across workers.
-    chunks = [todo[i::workers] for i in range(workers)]
-
-    def run(chunk: list[int]) -> list[tuple[int, R]]:
-        return [(pid, fn(pid)) for pid in chunk]
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="baton-fdscan") as pool:
-        for part in pool.map(run, chunks):
-            yield from part
+    return map_chunks(lambda chunk: [(pid, fn(pid)) for pid in chunk], pids, workers=workers)
 
 
 def scan_fds(
@@ -154,14 +160,7 @@ def _scan_native(index: Mapping[tuple[int, int], T], pids: list[int], *, workers
         raise RuntimeError("daemon.usage._fdscan is not built (no C compiler at install)")
     keys = list(index)
     result: dict[int, set[T]] = {}
-    # The C walk releases the GIL, so these threads really run on separate cores.
-    chunks = [pids[i::workers] for i in range(workers)] if workers > 1 and len(pids) >= _PARALLEL_MIN else [pids]
-    if len(chunks) == 1:
-        parts = [_fdscan.scan(pids, keys)]
-    else:
-        with ThreadPoolExecutor(max_workers=len(chunks), thread_name_prefix="baton-fdscan") as pool:
-            parts = list(pool.map(lambda chunk: _fdscan.scan(chunk, keys), chunks))
-    for part in parts:
-        for pid, i in part:
-            result.setdefault(pid, set()).add(index[keys[i]])
+    # The C walk releases the GIL, so the pool's threads really run on separate cores.
+    for pid, i in map_chunks(lambda chunk: _fdscan.scan(chunk, keys), pids, workers=workers):
+        result.setdefault(pid, set()).add(index[keys[i]])
     return result
