@@ -294,16 +294,22 @@ async def test_a_restart_with_a_missing_command_leaves_the_process_running(procs
     assert is_alive(child.pid)
 
 
-async def test_the_systemd_action_calls_systemctl_once_with_the_unit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bin_dir = tmp_path / "bin"
+def fake_systemctl(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``systemctl`` first on PATH that appends its arguments, one call a line, to the file returned."""
+    bin_dir = tmp / "bin"
     bin_dir.mkdir()
-    calls = tmp_path / "calls"
+    calls = tmp / "calls"
     fake = bin_dir / "systemctl"
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return calls
+
+
+async def test_the_systemd_action_calls_systemctl_once_with_the_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = fake_systemctl(tmp_path, monkeypatch)
     restart = SystemdAction(consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "restart"}))
     reload_ = SystemdAction(consumer(match={"systemd_unit": "api.service"}, reload={"systemd": "reload"}))
     assert restart.per_consumer and restart.replaces and not reload_.replaces

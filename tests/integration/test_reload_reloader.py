@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from daemon.processes import ReloadGone, is_alive
 from daemon.reload import Reloader, SignalAction
 from daemon.usage.consumers import find_processes
 from tests.helpers import running_reloader
-from tests.integration.test_reload_actions import Procs, consumer, lines, until
+from tests.integration.test_reload_actions import Procs, consumer, fake_systemctl, lines, until
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +34,6 @@ async def procs(tmp_path: Path) -> AsyncIterator[Procs]:
 
 async def idle(reloader: Reloader, within: float = 10.0) -> None:
     await asyncio.wait_for(reloader.wait_idle(), within)
-
-
-def fake_systemctl(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A ``systemctl`` first on PATH that appends its arguments, one call a line, to the file returned."""
-    bin_dir = tmp / "bin"
-    bin_dir.mkdir()
-    calls = tmp / "calls"
-    fake = bin_dir / "systemctl"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    return calls
 
 
 def failures(name: str) -> float:
