@@ -67,9 +67,9 @@ def decide(
             latest[r.node] = r
     blocking: set[str] = set()
     for node in sorted(set(known) | set(latest)):
-        before = len(reasons)
-        _judge(node, latest.get(node), old=old, new=new, now=now, ttl=ttl, reasons=reasons, holders=holders)
-        if len(reasons) > before:
+        said = _judge(node, latest.get(node), old=old, new=new, now=now, ttl=ttl, holders=holders)
+        if said:
+            reasons.extend(said)
             blocking.add(node)
     if not latest and not known:  # no node at all (a min_drain reason must not hide it)
         reasons.append("no node has reported yet (unknown)")
@@ -94,22 +94,21 @@ def _judge(
     new: str,
     now: float,
     ttl: float,
-    reasons: list[str],
     holders: dict[str, tuple[Holder, ...]],
-) -> None:
-    """One node's part of the gate: appends its reasons, records its holders of ``old``."""
+) -> list[str]:
+    """One node's part of the gate: its reasons (none: it does not block); records its holders of ``old``."""
     if report is None:
-        reasons.append(f"{node}: no report (unknown)")
-        return
+        return [f"{node}: no report (unknown)"]
     age = now - report.heartbeat
     held = tuple(h for h in report.holders if h.version == old)
     count = report.in_use.get(old, 0)
     if held or count:
         holders[node] = held
     if age > ttl:
-        reasons.append(f"{node}: report is stale ({age:.0f}s old, ttl {ttl:.0f}s)")
-        return
+        return [f"{node}: report is stale ({age:.0f}s old, ttl {ttl:.0f}s)"]
+    reasons = []
     if report.current != new:
         reasons.append(f"{node}: current version is {report.current}, not {new}")
     if count:
         reasons.append(f"{node}: {count} holder(s) of version {old}")
+    return reasons

@@ -825,7 +825,10 @@ class VaultStatusReporter(Generic[R]):
         folder = self._path(credential, "x").rpartition("/")[0]
         self._credential_of[key] = credential
         names = [n for n in await self.store._list(folder) if not n.endswith("/")]
-        found = await asyncio.gather(*(self._one(folder, n, credential) for n in names))
+        return await self._read_all(folder, names, credential)
+
+    async def _read_all(self, folder: str, nodes: Sequence[str], credential: str) -> list[R]:
+        found = await asyncio.gather(*(self._one(folder, n, credential) for n in nodes))
         return [r for r in found if r is not None]
 
     async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[R]:
@@ -837,8 +840,7 @@ class VaultStatusReporter(Generic[R]):
         folder = self._path(credential, "x").rpartition("/")[0]
         for node in nodes:
             self._path(credential, node)  # validates the node name
-        found = await asyncio.gather(*(self._one(folder, n, credential) for n in nodes))
-        return [r for r in found if r is not None]
+        return await self._read_all(folder, nodes, credential)
 
     async def forget(self, key: str, node: str) -> None:
         self._path("x", node)  # validates the node name
