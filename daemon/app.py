@@ -37,6 +37,7 @@ from daemon.report.base import Reporter
 from daemon.stopping import cancel_all, close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
+from daemon.usage import fdscan
 from daemon.usage.environ import fingerprint
 from daemon.writer import Writer
 
@@ -131,6 +132,8 @@ class Agent:
         await self.api.start(self.config.api.listen)
         self._start_generation()
         event(log, "agent_started", node=self.config.node_id, credentials=len(self.config.credentials))
+        if not fdscan.NATIVE:
+            log.info("fd scans use the pure Python walk (daemon.usage._fdscan was not built: no C compiler at install)")
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():

@@ -27,7 +27,6 @@ from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import event
 from daemon.render import render_env
 from daemon.report.base import Holder, NodeReport
-from daemon.usage import fdscan
 from daemon.usage.consumers import START_SLACK, match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
@@ -131,8 +130,6 @@ class Tracker:
         self._poke.set()
 
     async def run(self) -> None:
-        if not fdscan.NATIVE:
-            log.info("fd scans use the pure Python walk (daemon.usage._fdscan was not built: no C compiler at install)")
         self._start_open_watcher()
         try:
             interval = self.config.agent.scan_interval

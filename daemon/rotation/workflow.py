@@ -209,13 +209,14 @@ class CredentialRotator:
         self._full_at = None  # it may have been a blocker: the next pass judges on a full collect
         event(log, "node_forgotten", credential=self.cred.name, node=node)
 
-    async def evaluate(self, *, apply_policy: bool = True) -> list[Decision]:
+    async def evaluate(self, *, apply_policy: bool = True, versions: list[VersionInfo] | None = None) -> list[Decision]:
         """The gate's answer for every superseded version.
 
         With ``apply_policy`` (the rotator), nodes silent past ``forget_after`` are
         forgotten; without it (``baton status --pending``) nothing is changed.
         """
-        versions = await self._versions()
+        if versions is None:
+            versions = await self._versions()
         waiting = superseded(versions)
         current = [v for v in versions if v.is_current]
         if not waiting or not current:
@@ -330,7 +331,7 @@ class CredentialRotator:
             return []
         versions = {v.id: v for v in listed}
         newer = sorted((v.created for v in versions.values() if v.is_current), reverse=True)
-        for decision in await self.evaluate():
+        for decision in await self.evaluate(versions=listed):
             if not decision.retire:
                 continue
             try:
