@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # pip on this machine warns about every missing local index dir; keep real output.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install lint test test-fast demo bench clean tools system-deps
+.PHONY: install lint test test-fast fuzz demo bench clean tools system-deps
 
 # The editable install also builds daemon/usage/_fdscan.c in place (optional:
 # without a C compiler the pure Python fd walk is used).
@@ -39,6 +39,11 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 psmisc lsof >/dev/null; \
 		else echo "missing PostgreSQL 15 / psmisc / lsof and cannot apt-get install them" >&2; fi; \
 	fi
+
+# The fuzz suite and the crash campaigns, long: the same tests make test runs
+# with bounded counts (tests/fuzz/conftest.py), here with BATON_FUZZ=1.
+fuzz: $(STAMP) system-deps
+	BATON_FUZZ=1 $(VENV)/bin/pytest -q -p no:cacheprovider --timeout 7200 -m fuzz tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow and not integration"

@@ -8,3 +8,6 @@ pytest_plugins = [
     "tests.fixtures.vault",
     "tests.fixtures.kube",
 ]
+
+# The hypothesis profile: bounded under make test, long under make fuzz.
+import tests.fuzz  # noqa: E402, F401
