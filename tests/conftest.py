@@ -6,6 +6,7 @@ pytest_plugins = [
     "tests.fixtures.moto",
     "tests.fixtures.postgres",
     "tests.fixtures.vault",
+    "tests.fixtures.openbao",
     "tests.fixtures.kube",
 ]
 
