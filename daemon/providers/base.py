@@ -8,6 +8,7 @@ rotation); providers with slots (alternating users) use it to pick the other one
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +30,12 @@ class Provider(Protocol):
     slots: int | None
 
     async def create(self, *, current: Secret | None) -> Secret:
-        """Mint a new payload. Nothing outside the store knows it yet."""
+        """Mint a new payload. Nothing outside the store knows it yet.
+
+        Before it picks a slot or a name to (re)use it asks the target system, not
+        only ``current``: one that is live (can log in, has sessions) is never
+        re-passworded, a name that exists is never minted again.
+        """
         ...
 
     async def apply(self, new: Secret, *, current: Secret | None) -> None:
@@ -40,8 +46,17 @@ class Provider(Protocol):
         """Raise ``ProviderError`` unless ``new`` works."""
         ...
 
-    async def retire(self, old: Secret) -> None:
-        """Make ``old`` unusable (NOLOGIN, DROP ROLE, revoke). Idempotent."""
+    async def retire(self, old: Secret, *, keep: Collection[str] = ()) -> None:
+        """Make ``old`` unusable (NOLOGIN, DROP ROLE, revoke). Idempotent.
+
+        ``keep``: principals that the current or a newer version names; a provider
+        refuses (``ProviderError``) to revoke one of them, whatever ``old`` says.
+        """
+        ...
+
+    def principal(self, payload: Secret) -> str | None:
+        """What ``payload`` stands for in the target system (a role, a slot, a key id),
+        never a secret; None when the provider has no such thing or does not own it."""
         ...
 
     async def sessions(self, old: Secret) -> list[Session]:

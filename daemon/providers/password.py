@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
+from collections.abc import Collection
 
 from daemon.config import GeneratorConfig
 from daemon.model import Secret
@@ -44,7 +45,10 @@ class PasswordProvider:
     async def test(self, new: Secret) -> None:
         return None
 
-    async def retire(self, old: Secret) -> None:
+    async def retire(self, old: Secret, *, keep: Collection[str] = ()) -> None:
+        return None
+
+    def principal(self, payload: Secret) -> str | None:
         return None
 
     async def sessions(self, old: Secret) -> list[Session]:

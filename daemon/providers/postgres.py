@@ -11,13 +11,20 @@ The payload is JSON: ``{"username", "password"}`` plus ``host``, ``port`` and
 
 - ``alternating-users``: two roles ``<username>_a`` and ``<username>_b``; each
   rotation re-passwords the slot that is not current, so the current role keeps
-  working. ``retire`` sets NOLOGIN (never DROP), and does nothing when the role's
-  password has since changed (the old credential is already superseded, and the
-  slot may be current again).
+  working, and only once pg_roles and pg_stat_activity say that slot is free
+  (absent, or NOLOGIN without a session): a slot that can log in is never
+  re-passworded, even when the store no longer names it. ``retire`` sets
+  NOLOGIN (never DROP), and does nothing when the role's password has since
+  changed (the old credential is already superseded, and the slot may be
+  current again).
 - ``role-per-version``: a new role ``<username>_v<N>`` per version (N: one more
-  than the current version's, or than the highest existing on the first
-  rotation), member of ``grant_role``; ``retire`` locks it (NOLOGIN), and drops
-  it once it has no session left (REASSIGN OWNED to ``grant_role`` first).
+  than every role of that pattern in pg_roles and than the current version's:
+  a name is never minted twice), member of ``grant_role``; ``retire`` locks it
+  (NOLOGIN), and drops it once it has no session left (REASSIGN OWNED to
+  ``grant_role`` first).
+
+``retire`` refuses a role named in ``keep`` (the current and newer versions'
+roles), whatever the payload being retired says.
 - ``single-user``: ``ALTER ROLE <username> PASSWORD`` in place. NOT zero-downtime:
   the old password stops working the moment ``apply`` runs, so consumers fail
   until they pick up the new version. ``retire`` has nothing left to do and
@@ -52,7 +59,7 @@ import re
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,8 +213,7 @@ class PostgresProvider:
         previous = self._parse_lenient(current)
         strategy = self.config.strategy
         if strategy == "alternating-users":
-            slot_a, slot_b = f"{self._base}_a", f"{self._base}_b"
-            username = slot_b if previous == slot_a else slot_a
+            username = await self._free_slot(previous)
         elif strategy == "role-per-version":
             username = await self._next_version_role(previous)
         else:
@@ -252,12 +258,17 @@ class PostgresProvider:
         if row is None or row[0] != cred.username:
             raise ProviderError(f"role {cred.username}: logged in as someone else")
 
-    async def retire(self, old: Secret) -> None:
+    async def retire(self, old: Secret, *, keep: Collection[str] = ()) -> None:
         cred = self._parse(old)
         strategy = self.config.strategy
         if strategy == "single-user":
             # The password was replaced in place by apply(); nothing is left to revoke.
             return
+        if cred.username in keep:
+            raise ProviderError(
+                f"refusing to retire role {cred.username}: the current or a newer version names it "
+                "(the version being retired was not the last one to use it)"
+            )
         async with self._admin() as conn:
             info = await self._role(conn, cred.username)
             if info is None:
@@ -288,6 +299,12 @@ class PostgresProvider:
             Session(principal=cred.username, client=f"{app or '-'}@{addr or 'local'}", count=int(n))
             for n, addr, app in rows
         ]
+
+    def principal(self, payload: Secret) -> str | None:
+        try:
+            return self._parse(payload).username
+        except ProviderError:
+            return None
 
     async def aclose(self) -> None:
         # Connections live for one step only: nothing to close.
@@ -495,31 +512,67 @@ class PostgresProvider:
                 await conn.execute(sql.SQL("DROP ROLE {}").format(role))
         log.info("dropped role %s", cred.username, extra={"role": cred.username})
 
-    async def _next_version_role(self, previous: str | None) -> str:
-        """The role of the next version: the one after ``previous``, else after the highest.
+    async def _sessions_of(self, conn: Conn, name: str) -> int:
+        with _step(f"counting sessions of role {name}"):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s AND pid <> pg_backend_pid()", (name,)
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
-        After ``previous`` (not after the highest existing one): a crash between
-        apply and promote leaves an unpublished ``_v<N+1>``, and the retried
-        rotation must reuse it (apply re-passwords it) rather than orphan it. A
-        name held by a role that is not Baton's is skipped, never reused.
-        """
+    async def _free_slot(self, previous: str | None) -> str:
+        """The slot to re-password: the one ``previous`` does not name (either when it names
+        none), and only if the database says nothing can use it (absent, or NOLOGIN without
+        a session). Asks pg_roles and pg_stat_activity, which a CREATEROLE admin can read."""
+        slot_a, slot_b = f"{self._base}_a", f"{self._base}_b"
+        if previous == slot_a:
+            candidates = [slot_b]
+        elif previous == slot_b:
+            candidates = [slot_a]
+        else:
+            candidates = [slot_a, slot_b]
+        live = []
+        async with self._admin() as conn:
+            for slot in candidates:
+                info = await self._role(conn, slot)
+                sessions = await self._sessions_of(conn, slot) if info is not None else 0
+                if info is None or (not info.can_login and not sessions):
+                    return slot
+                said = "can log in" if info.can_login else "is locked"
+                live.append(f"{slot} ({said}, {sessions} session(s))")
+        raise ProviderError(
+            f"will not re-password a live role: {', '.join(live)}; no version still being retired names it, "
+            "so the store may have lost the version that uses it. Restore that version, or set the role "
+            "NOLOGIN once nothing uses it; the current credential is left as it is"
+        )
+
+    async def _next_version_role(self, previous: str | None) -> str:
+        """A fresh role name ``<base>_v<N>``: one more than any role of that pattern in pg_roles
+        (Baton's or not) and than ``previous``. A name is never minted twice: a stray copy
+        of an earlier payload then never names the role a later version uses."""
         pattern = f"^{self._base}_v[0-9]+$"
         async with self._admin() as conn:
             with _step(f"listing roles {self._base}_v*"):
                 cur = await conn.execute(
-                    "SELECT rolname, coalesce(shobj_description(oid, 'pg_authid'), '') = %s "
+                    "SELECT rolname, rolcanlogin, coalesce(shobj_description(oid, 'pg_authid'), '') = %s "
                     "FROM pg_roles WHERE rolname ~ %s",
                     (MARK, pattern),
                 )
-                existing = {str(name): bool(ours) for name, ours in await cur.fetchall()}
+                existing = {str(name): (bool(login), bool(ours)) for name, login, ours in await cur.fetchall()}
 
         def number(name: str) -> int:
             return int(name.rsplit("_v", 1)[1])
 
-        n = number(previous) + 1 if previous is not None else max(map(number, existing), default=0) + 1
-        while existing.get(f"{self._base}_v{n}") is False:
-            n += 1
-        return f"{self._base}_v{n}"
+        if previous is None:
+            live = sorted(name for name, (login, ours) in existing.items() if login and ours)
+            if live:
+                log.warning(
+                    "no current version names a role, but Baton's roles %s can log in; they are left as they are",
+                    ", ".join(live),
+                    extra={"roles": live},
+                )
+        top = max([*map(number, existing), *([number(previous)] if previous else [])], default=0)
+        return f"{self._base}_v{top + 1}"
 
     @staticmethod
     def _not_ours(name: str) -> ProviderError:

@@ -7,23 +7,49 @@ leaves the current version untouched; the rotation is retried at the next
 interval. A rotation is postponed while ``max_draining`` superseded versions
 still wait for retirement, so live credentials never pile up (and a provider
 with two slots never reuses a slot that is still in use).
+
+What Baton applied is recorded in the key's metadata, never inferred from
+stages or labels (which an operator or a lost answer can change):
+
+- before the data write, ``baton.rotation`` says a write is under way, with the
+  new payload's digest and the principal (role, slot) it names, so a write that
+  landed unrecorded (a slow answer, a crash between the store's two writes) is
+  found again and resumed, never followed by a second one;
+- before ``apply``, ``baton.own.<version>`` = ``applying:<principal>``, then
+  ``promoted:<principal>`` with the promotion, ``retiring:<principal>`` before
+  the provider retires it; the entry goes with Baton's own retirement.
+
+Only a version recorded ``promoted`` is retired through the provider (which
+also refuses a principal that the current or a newer version names), and only
+Baton's retirement ends its draining: a label or stage that vanished does not.
+Any other version (written by hand, a stray write, a seed) is retired in the
+store only, with a warning, once no node holds it; its sessions are not asked.
+
+``BATON_TEST_DELAY`` (seconds; tests only, read only when set) sleeps a random
+part of it before and after every store and provider call, so a crash campaign
+can kill the rotator inside each of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
+import os
+import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 from daemon import metrics
 from daemon.config import Config, CredentialConfig
-from daemon.errors import BatonError, StoreNotFound
+from daemon.errors import BatonError, PayloadError, StoreNotFound
 from daemon.logs import event
-from daemon.model import CURRENT, PENDING, Secret, VersionInfo
-from daemon.providers.base import Provider
+from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
+from daemon.providers.base import Provider, Session
 from daemon.report.base import NodeReport, Reporter
 from daemon.rotation.gate import Decision, decide
 from daemon.stores.base import SecretStore
@@ -32,6 +58,9 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
+OWN_PREFIX = "baton.own."
+APPLYING, PROMOTED, RETIRING = "applying", "promoted", "retiring"
+DELAY_ENV = "BATON_TEST_DELAY"
 # The quick check (``_blockers_remain``) re-reads blocking nodes this many per
 # round, for at most QUICK_ROUNDS rounds that find none still blocking: past
 # that, most blockers have likely cleared (a drain comes in a burst) and one
@@ -48,15 +77,90 @@ class Outcome:
     error: str | None = None
 
 
-def superseded(versions: list[VersionInfo]) -> list[VersionInfo]:
-    """Versions that are neither current nor pending nor retired: waiting for retirement."""
+@dataclass(frozen=True)
+class Own:
+    """What Baton recorded of one version it applied: its state and the principal it names."""
+
+    state: str  # applying | promoted | retiring
+    principal: str  # "" when the provider has none (a generated password)
+
+    def encode(self) -> str:
+        return f"{self.state}:{self.principal}"
+
+
+def own_key(version: str) -> str:
+    return OWN_PREFIX + version
+
+
+def ledger(meta: Mapping[str, str]) -> dict[str, Own]:
+    """The ``baton.own.*`` entries of a key's metadata: version id -> what Baton applied."""
+    out = {}
+    for k, v in meta.items():
+        if k.startswith(OWN_PREFIX):
+            state, _, principal = v.partition(":")
+            if state in (APPLYING, PROMOTED, RETIRING):
+                out[k[len(OWN_PREFIX) :]] = Own(state, principal)
+    return out
+
+
+def superseded(versions: list[VersionInfo], owned: Mapping[str, Own] | None = None) -> list[VersionInfo]:
+    """Versions that are neither current nor pending nor retired: waiting for retirement.
+
+    A version Baton promoted and has not retired itself is still waiting even when
+    the store calls it retired (labels removed by hand): only Baton's retirement ends it.
+    """
+    owned = owned or {}
     current = [v for v in versions if v.is_current]
     newest_current = max((v.created for v in current), default=0.0)
     return [
         v
         for v in versions
-        if not v.retired and CURRENT not in v.stages and PENDING not in v.stages and v.created <= newest_current
+        if (not v.retired or _draining(owned.get(v.id)))
+        and CURRENT not in v.stages
+        and PENDING not in v.stages
+        and v.created <= newest_current
     ]
+
+
+def _draining(own: Own | None) -> bool:
+    return own is not None and own.state == PROMOTED
+
+
+class _Delayed:
+    """Test-only (``BATON_TEST_DELAY``): a random sleep before and after every async call of ``inner``."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self._inner = inner
+        self._delay = delay
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not asyncio.iscoroutinefunction(attr):
+            return attr
+
+        @functools.wraps(attr)
+        async def delayed(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(random.uniform(0, self._delay))
+            result = await attr(*args, **kwargs)
+            await asyncio.sleep(random.uniform(0, self._delay))
+            return result
+
+        return delayed
+
+
+def _test_delay() -> float:
+    try:
+        return max(0.0, float(os.environ.get(DELAY_ENV, "")))
+    except ValueError:
+        return 0.0
+
+
+def _state(meta: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        state = json.loads(meta.get(STATE_KEY, "") or "{}")
+    except ValueError:
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 class CredentialRotator:
@@ -76,6 +180,9 @@ class CredentialRotator:
         self.store = store
         self.reporter = reporter
         self.provider = provider
+        if delay := _test_delay():
+            self.store = cast(SecretStore, _Delayed(store, delay))
+            self.provider = cast(Provider, _Delayed(provider, delay))
         self.last_outcome: Outcome | None = None
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
@@ -120,14 +227,16 @@ class CredentialRotator:
         step = "create"
         try:
             versions = await self._versions()
-            pending = [v for v in versions if PENDING in v.stages and not v.retired]
+            meta = await self._metadata()
+            owned = ledger(meta)
+            await self._settle(versions, owned)
             current = await self._current_payload()
-            if pending:
-                info = pending[-1]
-                new = (await self.store.read(self.key, info.id)).payload
+            found = await self._in_flight(versions, owned, _state(meta))
+            if found is not None:
+                info, new = found
                 event(log, "rotation_resumed", credential=self.cred.name, version=info.id)
             else:
-                waiting = superseded(versions)
+                waiting = superseded(versions, owned)
                 if len(waiting) >= self.max_draining:
                     outcome = Outcome("postponed", error=f"{len(waiting)} version(s) still draining")
                     metrics.rotations_total.labels(self.cred.name, "postponed").inc()
@@ -140,18 +249,39 @@ class CredentialRotator:
                     )
                     self.last_outcome = outcome
                     return outcome
+                if current is None and (versions or owned or LAST_KEY in meta):
+                    event(
+                        log,
+                        "current_version_lost",
+                        logging.WARNING,
+                        credential=self.cred.name,
+                        versions=[v.id for v in versions],
+                        recorded=sorted(owned),
+                        action="the provider checks what is live before minting; nothing live is reused",
+                    )
                 new = await self.provider.create(current=current)
+                principal = self._principal(new)
+                step = "write"
+                # Said before the data write, so a write that lands unrecorded is found again.
+                await self._record(None, "creating", digest=new.digest(), principal=principal)
                 info = await self.store.create(self.key, new)
-            await self._record(info.id, "created")
+                await self._record(info.id, "created", digest=new.digest(), principal=principal)
             step = "apply"
             await self.provider.apply(new, current=current)
-            await self._record(info.id, "applied")
+            await self._record(info.id, "applied", digest=new.digest(), principal=self._principal(new))
             step = "test"
             await self.provider.test(new)
-            await self._record(info.id, "tested")
+            await self._record(info.id, "tested", digest=new.digest(), principal=self._principal(new))
             step = "promote"
             await self.store.promote(self.key, info.id)
-            await self.store.merge_metadata(self.key, {STATE_KEY: None, LAST_KEY: repr(time.time())})
+            await self.store.merge_metadata(
+                self.key,
+                {
+                    STATE_KEY: None,
+                    LAST_KEY: repr(time.time()),
+                    own_key(info.id): Own(PROMOTED, self._principal(new)).encode(),
+                },
+            )
         except BatonError as e:
             metrics.rotations_total.labels(self.cred.name, "failure").inc()
             metrics.rotation_failures_total.labels(self.cred.name, step).inc()
@@ -162,6 +292,79 @@ class CredentialRotator:
         event(log, "rotated", credential=self.cred.name, version=info.id)
         self.last_outcome = Outcome("rotated", version=info.id)
         return self.last_outcome
+
+    async def _in_flight(
+        self, versions: list[VersionInfo], owned: Mapping[str, Own], state: Mapping[str, Any]
+    ) -> tuple[VersionInfo, Secret] | None:
+        """The version of a rotation in progress, with its payload; None when there is none.
+
+        Ours only: a pending version Baton recorded, or one whose payload is the
+        digest ``baton.rotation`` announced before its data write (the write
+        landed, its record did not). A version written by hand is never applied.
+        """
+        by_id = {v.id: v for v in versions}
+        digest = str(state.get("digest") or "")
+        newest_current = max((v.created for v in versions if v.is_current), default=0.0)
+        candidates: list[VersionInfo] = []
+        said = by_id.get(VersionId(str(state.get("version") or "")))
+        if said is not None and not said.retired and (PENDING in said.stages or said.is_current):
+            candidates.append(said)  # on a store whose first version is current at once (AWS)
+        candidates += [v for v in reversed(versions) if PENDING in v.stages and not v.retired]
+        if state.get("step") == "creating":
+            candidates += [
+                v
+                for v in reversed(versions)
+                if not v.retired and not v.is_current and v.id not in owned and v.created >= newest_current
+            ]
+        seen: set[str] = set()
+        for info in candidates:
+            if info.id in seen:
+                continue
+            seen.add(info.id)
+            own = owned.get(info.id)
+            if own is not None and own.state != APPLYING:
+                continue  # promoted already (or retiring): not in flight
+            if own is None and not digest:
+                self._foreign(info.id, "pending, but not written by Baton: not applied")
+                continue
+            try:
+                payload = (await self.store.read(self.key, info.id)).payload
+            except StoreNotFound:
+                continue
+            if own is None:
+                if payload.digest() != digest:
+                    if PENDING in info.stages:
+                        self._foreign(info.id, "pending, but not written by Baton: not applied")
+                    continue
+                event(log, "unrecorded_version_found", logging.WARNING, credential=self.cred.name, version=info.id)
+                await self._record(info.id, "created", digest=digest, principal=self._principal(payload))
+            return info, payload
+        return None
+
+    def _foreign(self, version: str, what: str) -> None:
+        event(log, "foreign_version", logging.WARNING, credential=self.cred.name, version=version, found=what)
+
+    async def _settle(self, versions: list[VersionInfo], owned: Mapping[str, Own]) -> None:
+        """Drop the ledger entries of versions Baton was retiring and the store has retired
+        (a crash between the store's retire and the entry's removal)."""
+        fixes: dict[str, str | None] = {}
+        for v in versions:
+            own = owned.get(v.id)
+            if own is not None and v.retired and own.state == RETIRING:
+                fixes[own_key(v.id)] = None
+        if fixes:
+            await self.store.merge_metadata(self.key, fixes)
+
+    def _principal(self, payload: Secret) -> str:
+        """The provider's name for what ``payload`` stands for (role, slot); "" when it has none."""
+        fn: Callable[[Secret], str | None] | None = getattr(self.provider, "principal", None)
+        return (fn(payload) if fn is not None else None) or ""
+
+    async def _metadata(self) -> dict[str, str]:
+        try:
+            return await self.store.read_metadata(self.key)
+        except StoreNotFound:
+            return {}
 
     async def _versions(self) -> list[VersionInfo]:
         """The key's versions; none when the key does not exist yet (first rotation)."""
@@ -175,10 +378,19 @@ class CredentialRotator:
             return (await self.store.read(self.key)).payload
         except StoreNotFound:
             return None
+        except PayloadError as e:
+            # A current version the store cannot hand over (too big, not UTF-8):
+            # rotate it away as if there were none, rather than fail every time.
+            event(log, "current_payload_unreadable", logging.WARNING, credential=self.cred.name, reason=e.reason)
+            return None
 
-    async def _record(self, version: str, step: str) -> None:
-        state = json.dumps({"version": version, "step": step, "at": time.time()})
-        await self.store.merge_metadata(self.key, {STATE_KEY: state})
+    async def _record(self, version: str | None, step: str, *, digest: str, principal: str) -> None:
+        """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's."""
+        state = {"version": version, "step": step, "digest": digest, "principal": principal, "at": time.time()}
+        entries: dict[str, str | None] = {STATE_KEY: json.dumps(state)}
+        if version is not None:
+            entries[own_key(version)] = Own(APPLYING, principal).encode()
+        await self.store.merge_metadata(self.key, entries)
 
     # ------------------------------------------------------------ retire
 
@@ -209,15 +421,24 @@ class CredentialRotator:
         self._full_at = None  # it may have been a blocker: the next pass judges on a full collect
         event(log, "node_forgotten", credential=self.cred.name, node=node)
 
-    async def evaluate(self, *, apply_policy: bool = True, versions: list[VersionInfo] | None = None) -> list[Decision]:
+    async def evaluate(
+        self,
+        *,
+        apply_policy: bool = True,
+        versions: list[VersionInfo] | None = None,
+        owned: Mapping[str, Own] | None = None,
+    ) -> list[Decision]:
         """The gate's answer for every superseded version.
 
         With ``apply_policy`` (the rotator), nodes silent past ``forget_after`` are
         forgotten; without it (``baton status --pending``) nothing is changed.
+        The provider's sessions are asked only of versions Baton promoted.
         """
         if versions is None:
             versions = await self._versions()
-        waiting = superseded(versions)
+        if owned is None:
+            owned = ledger(await self._metadata())
+        waiting = superseded(versions, owned)
         current = [v for v in versions if v.is_current]
         if not waiting or not current:
             self.last_decisions = []
@@ -241,12 +462,14 @@ class CredentialRotator:
         successor = {a.id: b.created for a, b in itertools.pairwise(ordered)}
         decisions = []
         for v in waiting:
-            try:
-                old = (await self.store.read(self.key, v.id)).payload
-                sessions = await self.provider.sessions(old)
-            except BatonError as e:
-                decisions.append(Decision(v.id, False, (f"provider: cannot list sessions ({e})",)))
-                continue
+            sessions: list[Session] = []
+            if _draining(owned.get(v.id)):
+                try:
+                    old = (await self.store.read(self.key, v.id)).payload
+                    sessions = await self.provider.sessions(old)
+                except BatonError as e:
+                    decisions.append(Decision(v.id, False, (f"provider: cannot list sessions ({e})",)))
+                    continue
             decisions.append(
                 decide(
                     old=v.id,
@@ -329,15 +552,31 @@ class CredentialRotator:
         listed = await self.store.versions(self.key)
         if await self._blockers_remain(listed):
             return []
-        versions = {v.id: v for v in listed}
-        newer = sorted((v.created for v in versions.values() if v.is_current), reverse=True)
-        for decision in await self.evaluate(versions=listed):
+        owned = ledger(await self._metadata())
+        await self._settle(listed, owned)
+        newer = sorted((v.created for v in listed if v.is_current), reverse=True)
+        for decision in await self.evaluate(versions=listed, owned=owned):
             if not decision.retire:
                 continue
+            version = VersionId(decision.version)
+            own = owned.get(version)
             try:
-                old = (await self.store.read(self.key, decision.version)).payload  # type: ignore[arg-type]
-                await self.provider.retire(old)
-                await self.store.retire(self.key, decision.version)  # type: ignore[arg-type]
+                if _draining(own):
+                    assert own is not None
+                    await self._retire_ours(version, own, listed, owned)
+                else:
+                    await self.store.retire(self.key, version)
+                    if own is not None:
+                        await self.store.merge_metadata(self.key, {own_key(version): None})
+                    event(
+                        log,
+                        "retired_in_store_only",
+                        logging.WARNING,
+                        credential=self.cred.name,
+                        version=version,
+                        found="applied but never promoted" if own is not None else "not applied by Baton",
+                        action="retired in the store; the provider was not asked to revoke anything",
+                    )
             except BatonError as e:
                 event(
                     log,
@@ -358,3 +597,38 @@ class CredentialRotator:
             self.last_decisions = [d for d in self.last_decisions if d.version not in retired]
             metrics.pending_retirements.labels(self.cred.name).set(len(self.last_decisions))
         return retired
+
+    async def _retire_ours(
+        self, version: VersionId, own: Own, listed: list[VersionInfo], owned: Mapping[str, Own]
+    ) -> None:
+        """Retire a version Baton promoted: through the provider, which is told every
+        principal the current and newer versions name (it refuses to revoke those)."""
+        old = (await self.store.read(self.key, version)).payload
+        keep = await self._live_principals(version, listed, owned)
+        await self.store.merge_metadata(self.key, {own_key(version): Own(RETIRING, own.principal).encode()})
+        await self.provider.retire(old, keep=keep)
+        await self.store.retire(self.key, version)
+        await self.store.merge_metadata(self.key, {own_key(version): None})
+
+    async def _live_principals(
+        self, version: str, listed: list[VersionInfo], owned: Mapping[str, Own]
+    ) -> frozenset[str]:
+        """The principals named by the current version and every non-retired version newer than ``version``."""
+        mine = next((v for v in listed if v.id == version), None)
+        since = mine.created if mine is not None else 0.0
+        names: set[str] = set()
+        for v in listed:
+            live = not v.retired or _draining(owned.get(v.id))
+            if v.id == version or not (v.is_current or (live and v.created >= since)):
+                continue
+            own = owned.get(v.id)
+            if own is not None and own.principal:
+                names.add(own.principal)
+                continue
+            try:
+                payload = (await self.store.read(self.key, v.id)).payload
+            except StoreNotFound:
+                continue
+            if principal := self._principal(payload):
+                names.add(principal)
+        return frozenset(names)

@@ -17,7 +17,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,7 +89,7 @@ class FailOnce:
     async def test(self, new: Secret) -> None:
         self._check("test")
 
-    async def retire(self, old: Secret) -> None:
+    async def retire(self, old: Secret, *, keep: Collection[str] = ()) -> None:
         await self.inner.retire(old)
 
     async def sessions(self, old: Secret) -> list[Session]:

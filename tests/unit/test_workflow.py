@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -66,7 +66,7 @@ class FlakyProvider:
         self.tested.append(new)
         self._maybe_fail("test")
 
-    async def retire(self, old: Secret) -> None:
+    async def retire(self, old: Secret, *, keep: Collection[str] = ()) -> None:
         self._maybe_fail("retire")
         self.retired.append(old)
 
@@ -376,10 +376,10 @@ async def test_retirement_waits_for_holders_then_retires_through_the_provider(
     tmp_path: Path, store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    await store.put(KEY, Secret("first-value-0000"))
     provider = FlakyProvider()
     rotator = make_rotator(make_config(tmp_path), store, provider)
     await rotator.rotate()
+    await rotator.rotate()  # version 1, Baton's own, superseded by 2
     await publish(store, "node-a", current="2", holding=("1",))
     await publish(store, "node-b", current="2")
 
@@ -391,7 +391,7 @@ async def test_retirement_waits_for_holders_then_retires_through_the_provider(
     await publish(store, "node-a", current="2")
     assert await rotator.retire_ready() == ["1"]
 
-    assert provider.retired == [Secret("first-value-0000")]
+    assert provider.retired == [provider.created[0]]
     assert [v.retired for v in store.versions_sync(KEY)] == [True, False]
     assert rotator.retired_event.is_set()
     assert rotator.last_decisions == []
@@ -402,9 +402,9 @@ async def test_retirement_waits_for_holders_then_retires_through_the_provider(
 async def test_a_failed_provider_retirement_keeps_the_version(
     tmp_path: Path, store: FlakyStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await store.put(KEY, Secret("first-value-0000"))
     provider = FlakyProvider(fail={"retire": 1})
     rotator = make_rotator(make_config(tmp_path), store, provider)
+    await rotator.rotate()
     await rotator.rotate()
     await publish(store, "node-a", current="2")
 
@@ -415,9 +415,9 @@ async def test_a_failed_provider_retirement_keeps_the_version(
 
 
 async def test_provider_sessions_or_an_unreachable_provider_block_retirement(tmp_path: Path, store: FlakyStore) -> None:
-    await store.put(KEY, Secret("first-value-0000"))
     provider = FlakyProvider()
     rotator = make_rotator(make_config(tmp_path), store, provider)
+    await rotator.rotate()
     await rotator.rotate()
     await publish(store, "node-a", current="2")
 
@@ -545,7 +545,8 @@ async def test_no_secret_value_reaches_logs_outcomes_or_decisions(
     seen.append(rotator.last_outcome)
 
     assert seen[3] == Outcome("rotated", version="2")
-    assert seen[-2] == ["1"]
+    assert seen[-3] == ["1"]  # the seed, not Baton's: retired in the store only, at once
+    assert provider.retired == []
     values = [first, *(s.reveal() for s in provider.created)]
     assert len(values) == 2
     texts = [caplog.text, *(repr(vars(r)) for r in caplog.records), *(repr(x) for x in seen)]
