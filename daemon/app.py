@@ -1,11 +1,11 @@
-"""The agent's lifecycle: start, supervise tasks, reload on SIGHUP, stop on SIGTERM.
+"""The agent: follow each credential, write it, reload its consumers, report drain state.
 
-Readable top to bottom, as uvicorn's server is: ``serve() -> startup() ->
-main_loop() -> shutdown()``. Every long-running task is named and guarded: a
-task that dies unexpectedly is logged and stops the agent (systemd or the
-kubelet restarts it); the others are cancelled with a bounded grace. Store
-errors never kill a task: the last good files stay and the task retries with
-backoff. The first SIGTERM/SIGINT asks to stop; a second one forces it.
+Its lifecycle is ``daemon.service.Service``'s, shared with the rotator and
+``baton exec``: ``serve() -> startup() -> main_loop() -> shutdown()``, guarded
+root tasks (one that dies stops the agent; systemd or the kubelet restarts it),
+SIGTERM/SIGINT stop in bounded time (a second forces it), SIGHUP re-reads the
+config. Store errors never kill a task: the last good files stay and the task
+retries with backoff.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import signal
 import sys
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, metrics, sdnotify
+from daemon import __version__, metrics
 from daemon.api import ApiServer
 from daemon.backoff import Backoff
 from daemon.config import Config, CredentialConfig, load_config
@@ -34,7 +32,8 @@ from daemon.reload import Reloader
 from daemon.render import render, render_env
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
-from daemon.stopping import cancel_all, close_bounded
+from daemon.service import Service
+from daemon.stopping import close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 from daemon.usage import fdscan
@@ -79,8 +78,11 @@ class CredentialState:
         }
 
 
-class Agent:
+class Agent(Service):
     """One node's agent. ``await Agent(config).serve()`` runs it until stopped."""
+
+    role = "agent"
+    stop_grace = STOP_GRACE
 
     def __init__(
         self,
@@ -90,12 +92,12 @@ class Agent:
         store: SecretStore | None = None,
         install_signals: bool = True,
     ) -> None:
+        super().__init__(install_signals=install_signals)
         self.config = config
         self.config_path = Path(config_path) if config_path else None
         self._own_store = store is None
         self.store: SecretStore = store if store is not None else open_store(config)
         self.reporter: Reporter = open_reporter(config, self.store)
-        self.install_signals = install_signals
         self.started = time.time()
         # Key of the env fingerprints: lives as long as this process, never stored.
         self.env_key = secrets.token_bytes(32)
@@ -103,31 +105,13 @@ class Agent:
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
         self.api: ApiServer | None = None
-        self.should_exit = asyncio.Event()
-        self.should_reload = asyncio.Event()
-        self.ready = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._failed: BaseException | None = None
-        self._stop_requests = 0
+        # This generation's root tasks (replaced on a config reload).
+        self._generation: list[asyncio.Task[None]] = []
 
-    # ------------------------------------------------------------ lifecycle
-
-    async def serve(self) -> int:
-        """Run until stopped. Returns the process exit status."""
-        await self.startup()
-        try:
-            await self.main_loop()
-        finally:
-            await self.shutdown()
-        return 1 if self._failed is not None else 0
+    # ------------------------------------------------------------ lifecycle (see daemon.service)
 
     async def startup(self) -> None:
         _not_dumpable()
-        if self.install_signals:
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-            loop.add_signal_handler(signal.SIGINT, self.request_stop)
-            loop.add_signal_handler(signal.SIGHUP, self.should_reload.set)
         self.api = ApiServer(self, token_file=self.config.api.token_file)
         await self.api.start(self.config.api.listen)
         self._start_generation()
@@ -135,55 +119,29 @@ class Agent:
         if not fdscan.NATIVE:
             log.info("fd scans use the pure Python walk (daemon.usage._fdscan was not built: no C compiler at install)")
 
-    async def main_loop(self) -> None:
-        while not self.should_exit.is_set():
-            waiters = [
-                asyncio.create_task(self.should_exit.wait(), name="wait-exit"),
-                asyncio.create_task(self.should_reload.wait(), name="wait-reload"),
-            ]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waiters:
-                    w.cancel()
-            if self.should_reload.is_set() and not self.should_exit.is_set():
-                self.should_reload.clear()
-                await self.reload_config()
-
     async def shutdown(self) -> None:
-        sdnotify.stopping()
+        await super().shutdown()
         await self._stop_generation()
         # Each close is bounded, so SIGTERM ends the agent in bounded time.
-        await close_bounded(self.reporter.aclose(), "reporter", STOP_GRACE)
+        await close_bounded(self.reporter.aclose(), "reporter", self.close_limit)
         if self.api is not None:
-            await close_bounded(self.api.stop(), "api", STOP_GRACE)
+            await close_bounded(self.api.stop(), "api", self.close_limit)
         if self._own_store:
-            await close_bounded(self.store.aclose(), "store", STOP_GRACE)
+            await close_bounded(self.store.aclose(), "store", self.close_limit)
         event(log, "agent_stopped", node=self.config.node_id)
 
-    def request_stop(self) -> None:
-        self._stop_requests += 1
-        if self._stop_requests > 1:
-            log.warning("second stop signal: exiting at once")
-            for t in self._tasks:
-                t.cancel()
-        self.should_exit.set()
-
-    async def reload_config(self) -> None:
+    async def reload(self) -> None:
         """SIGHUP: load the config again; a bad one is refused and the old one keeps running."""
         if self.config_path is None:
             log.warning("SIGHUP ignored: the agent was not started from a config file")
             return
-        sdnotify.reloading()
         try:
             new = await asyncio.to_thread(load_config, self.config_path)
         except ConfigError as e:
             event(log, "config_rejected", logging.ERROR, problems=e.problems)
-            sdnotify.ready()
             return
         if new.store != self.config.store:
             event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
-            sdnotify.ready()
             return
         await self._stop_generation()
         self.config = new
@@ -219,47 +177,46 @@ class Agent:
             reloaded_at=self.reloader.reloaded_pids if self.reloader is not None else None,
         )
         self.tracker = Tracker(config=config, agent=self)
-        self._tasks = [self._guard(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()]
-        self._tasks.append(self._guard("reloader", self.reloader.run()))
-        self._tasks.append(self._guard("tracker", self.tracker.run()))
-        self._tasks.append(self._guard("ready", self._announce_ready()))
-        if (interval := sdnotify.watchdog_interval()) is not None:
-            self._tasks.append(self._guard("watchdog", self._watchdog(interval / 2)))
+        self._generation = [
+            self.spawn(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()
+        ]
+        # The reloader has one worker per consumer: with no consumers its job is done at once.
+        self._generation.append(self.spawn("reloader", self.reloader.run(), may_end=not self.reloader.status()))
+        self._generation.append(self.spawn("tracker", self.tracker.run()))
+        if not self.ready.is_set():
+            self._generation.append(self.spawn("ready", self._announce_ready(), may_end=True))
 
     async def _stop_generation(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        await cancel_all(tasks, STOP_GRACE)
+        tasks, self._generation = self._generation, []
+        await self.cancel_tasks(tasks)
         if self.reloader is not None:
             await self.reloader.aclose()
-
-    def _guard(self, name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        async def guarded() -> None:
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except BaseException as e:
-                # A task is not meant to end by an error: stop the agent so its
-                # supervisor restarts it, rather than limp on half-alive.
-                log.exception("task failed; stopping the agent", extra={"task": name})
-                self._failed = e
-                self.should_exit.set()
-
-        return asyncio.create_task(guarded(), name=name)
 
     async def _announce_ready(self) -> None:
         required = [s for s in self.credentials.values() if s.config.required]
         for state in required:
             await state.swapped.wait()
-        self.ready.set()
-        sdnotify.ready()
-        sdnotify.status(f"{len(self.credentials)} credentials written")
+        self.announce_ready()
         event(log, "agent_ready", credentials=len(self.credentials))
 
-    async def _watchdog(self, every: float) -> None:
-        while True:
-            sdnotify.watchdog()
-            await asyncio.sleep(every)
+    def status_line(self) -> str:
+        """What ``systemctl status baton`` shows: credentials written, waiting, failing; consumers."""
+        states = list(self.credentials.values())
+        written = [s for s in states if s.written]
+        parts = [f"{len(written)}/{len(states)} credentials written"]
+        waiting = sorted(s.config.name for s in states if s.config.required and not s.written)
+        if waiting:
+            parts.append("waiting for " + ", ".join(waiting))
+        failing = sorted(s.config.name for s in states if s.store_error or s.last_error)
+        if failing:
+            parts.append("errors: " + ", ".join(failing))
+        consumers = sum(len(s.config.consumers) for s in states)
+        parts.append(f"{consumers} consumers")
+        if self.tracker is not None:
+            old = sum(len([v for v in self.tracker.on_disk(s.config.name) if v != s.version]) for s in states)
+            if old:
+                parts.append(f"{old} old versions draining")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------ follow one credential
 

@@ -408,6 +408,12 @@ class AgentConfig(Model):
     fanotify: Literal["auto", "off"] = Field("auto", description="Use fanotify open events when allowed.")
     retry_min: Duration = Field(1.0, description="First retry delay after a store error.")
     retry_max: Duration = Field(300.0, description="Longest retry delay after repeated store errors.")
+    render_timeout: Duration = Field(
+        2.0, gt=0, le=60, description="Longest a version's templates may render; past it the version is rejected."
+    )
+    max_file_size: int = Field(
+        1 << 20, ge=1024, le=16 << 20, description="Largest rendered file or env value, in bytes; over it: rejected."
+    )
 
 
 class LogConfig(Model):

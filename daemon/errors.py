@@ -7,6 +7,7 @@ never carries a secret value or a response body that might hold one.
 
     BatonError
     ├── ConfigError              bad config: exit status 2, names the field path
+    ├── ListenError              api.listen cannot be bound (in use, not a socket): exit status 2
     ├── StoreError               a secret store failed
     │   ├── StoreUnavailable     down, timed out, 5xx: retry with backoff
     │   ├── StoreAuthError       401/403 or bad credentials
@@ -32,6 +33,10 @@ class ConfigError(BatonError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+
+class ListenError(BatonError):
+    """The endpoint cannot listen on ``api.listen``; the message names it. Exit status 2."""
 
 
 class StoreError(BatonError):

@@ -18,84 +18,110 @@ from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import bound, event
 from daemon.render import render, render_env
+from daemon.service import Service
+from daemon.stopping import close_bounded
 from daemon.stores import open_store
-from daemon.supervise import Supervisor
+from daemon.supervise import Supervisor, SupervisorError
 from daemon.writer import Writer
 
 log = logging.getLogger(__name__)
 
 
-async def exec_with_credential(config: Config, *, credential: str, argv: list[str]) -> int:
-    cred = config.credential(credential)
-    restart = next((c.reload.restart for c in cred.consumers if c.reload.restart is not None), None)
-    sup = Supervisor(
-        argv,
-        stop_signal=restart.stop_signal if restart else "SIGTERM",
-        grace=restart.timeout if restart else 10.0,
-    )
-    store = open_store(config)
-    writer = Writer(cred.output)
-    await asyncio.to_thread(writer.recover)
-    backoff = Backoff(config.agent.retry_min, config.agent.retry_max)
-    started = asyncio.Event()
+class Exec(Service):
+    """``baton exec`` on the shared lifecycle: one root task follows the credential, one waits for the child.
 
-    async def follow() -> None:
-        current = None
-        while True:
-            try:
-                async for info in store.watch(cred.key):
-                    if info.id == current:
-                        continue
-                    try:
-                        secret = await store.read(cred.key, info.id)
-                        files = render(cred.output.files, secret.payload)
-                        env = render_env(cred.output.env, secret.payload)
-                        await asyncio.to_thread(writer.write, info.id, files)
-                    except (PayloadError, BatonError, OSError) as e:
-                        event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
-                        continue
-                    current = info.id
-                    if not started.is_set():
-                        await sup.start(env)
-                        sup.install_signal_handlers()
-                        started.set()
-                    elif await sup.restart(env) is None:
-                        return
-                    backoff.reset()
-            except StoreError as e:
-                delay = backoff.next()
-                log.warning("store error; the child keeps running", extra={"error": str(e), "retry_in": delay})
-                await asyncio.sleep(delay)
+    Signals are the supervisor's, not this service's: SIGHUP, SIGUSR1/2 go to the
+    child as they would without Baton in between, and SIGTERM/SIGINT go to the
+    child too, whose exit (SIGKILL after the grace) ends the service with its
+    status. A child that could not be started, or a restart that failed, ends
+    it with status 1.
+    """
 
-    with bound(credential=cred.name):
-        task = asyncio.create_task(follow(), name=f"exec-follow:{cred.name}")
-        try:
-            waiter = asyncio.create_task(started.wait())
-            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                waiter.cancel()
-                task.result()
-                return 1
-            child = asyncio.create_task(sup.wait())
-            await asyncio.wait([task, child], return_when=asyncio.FIRST_COMPLETED)
-            if not child.done():
-                # Following the credential ended (a restart could not start the command):
-                # say why, stop what runs, and fail rather than hang.
-                child.cancel()
-                error = task.exception() if not task.cancelled() else None
-                event(log, "exec_failed", logging.ERROR, error=str(error) if error else "stopped following")
-                with contextlib.suppress(BatonError, TimeoutError):
-                    await asyncio.wait_for(sup.stop(), sup.grace + 5)
-                return 1
-            return child.result()
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, BatonError):
-                await task
-            sup.remove_signal_handlers()
-            await sup.aclose()
-            await store.aclose()
+    role = "exec"
+
+    def __init__(self, config: Config, *, credential: str, argv: list[str]) -> None:
+        super().__init__(install_signals=False)
+        self.config = config
+        self.cred = config.credential(credential)
+        restart = next((c.reload.restart for c in self.cred.consumers if c.reload.restart is not None), None)
+        self.sup = Supervisor(
+            argv,
+            stop_signal=restart.stop_signal if restart else "SIGTERM",
+            grace=restart.timeout if restart else 10.0,
+        )
+        self.store = open_store(config)
+        self.writer = Writer(self.cred.output)
+        self.version: str | None = None
+        self.child_status: int | None = None
+
+    async def startup(self) -> None:
+        await asyncio.to_thread(self.writer.recover)
+        # It ends only when supervision does (a restart found the child ending); the child's task decides then.
+        self.spawn(f"exec-follow:{self.cred.name}", self.follow(), may_end=True)
+
+    async def shutdown(self) -> None:
+        if self.child_status is None and self.sup.pid is not None:
+            # Following the credential ended (a restart could not start the command):
+            # say why, stop what runs, and fail rather than hang.
+            error = self.failed
+            event(log, "exec_failed", logging.ERROR, error=str(error) if error else "stopped following")
+            with contextlib.suppress(BatonError, TimeoutError):
+                await asyncio.wait_for(self.sup.stop(), self.sup.grace + 5)
+        await super().shutdown()
+        self.sup.remove_signal_handlers()
+        await close_bounded(self.sup.aclose(), "child", self.sup.grace + 5)
+        await close_bounded(self.store.aclose(), "store", self.close_limit)
+
+    def exit_code(self) -> int:
+        return self.child_status if self.child_status is not None else 1
+
+    def status_line(self) -> str:
+        pid = self.sup.pid
+        running = f"pid {pid}" if pid is not None else "no child running"
+        return f"exec {self.cred.name} version {self.version or '-'}: {running}, {self.sup.restarts} restarts"
+
+    async def follow(self) -> None:
+        cred, store, sup = self.cred, self.store, self.sup
+        backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
+        with bound(credential=cred.name):
+            while True:
+                try:
+                    async for info in store.watch(cred.key):
+                        if info.id == self.version:
+                            continue
+                        try:
+                            secret = await store.read(cred.key, info.id)
+                            files = render(cred.output.files, secret.payload)
+                            env = render_env(cred.output.env, secret.payload)
+                            await asyncio.to_thread(self.writer.write, info.id, files)
+                        except (PayloadError, BatonError, OSError) as e:
+                            event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
+                            continue
+                        self.version = info.id
+                        if not self.ready.is_set():
+                            try:
+                                await sup.start(env)
+                            except SupervisorError as e:
+                                event(log, "exec_failed", logging.ERROR, error=str(e))
+                                self.failed = e
+                                self.should_exit.set()
+                                return
+                            sup.install_signal_handlers()
+                            self.spawn("exec-child", self._child())
+                            self.announce_ready()
+                        elif await sup.restart(env) is None:
+                            return  # supervision is ending: the child's task ends the service
+                        self.refresh_status()
+                        backoff.reset()
+                except StoreError as e:
+                    delay = backoff.next()
+                    log.warning("store error; the child keeps running", extra={"error": str(e), "retry_in": delay})
+                    await asyncio.sleep(delay)
+
+    async def _child(self) -> None:
+        self.child_status = await self.sup.wait()
+        self.should_exit.set()  # the child's end is the end of exec, not a failure
 
 
 def run_exec(config: Config, *, credential: str, argv: list[str]) -> int:
-    return asyncio.run(exec_with_credential(config, credential=credential, argv=argv))
+    return asyncio.run(Exec(config, credential=credential, argv=argv).serve())

@@ -17,6 +17,12 @@ credential_version_info = Gauge(
     registry=REGISTRY,
 )
 writes_total = Counter("baton_writes_total", "Versions written to disk.", ["credential", "result"], registry=REGISTRY)
+payload_rejected_total = Counter(
+    "baton_payload_rejected_total",
+    "Versions whose payload could not be rendered, by reason (errors.PAYLOAD_REASONS).",
+    ["credential", "reason"],
+    registry=REGISTRY,
+)
 store_errors_total = Counter(
     "baton_store_errors_total", "Failed store operations.", ["store", "operation"], registry=REGISTRY
 )

@@ -3,13 +3,23 @@
 Jinja2 in a sandbox with StrictUndefined: a template naming a field the payload
 lacks is an error for that version (the last good version stays), never an
 empty file. Error messages name the file and the missing field, never a value.
+
+A payload is hostile until proven otherwise: it is parsed with a nesting bound,
+lone surrogates are refused, and every rendered file is bounded in size. Each
+refusal is a ``PayloadError`` whose ``reason`` (``errors.PAYLOAD_REASONS``) is
+safe as a metric label. Nothing here bounds time: the agent and ``baton exec``
+render through ``daemon.renderworker``, which runs :func:`serve` in a child
+process it can kill, so a runaway template never runs in the daemon itself.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
 
 import jinja2
 from jinja2 import meta
@@ -18,11 +28,21 @@ from jinja2.sandbox import SandboxedEnvironment
 from daemon.errors import PayloadError
 from daemon.model import Secret
 
+# Real credentials are a few levels deep; anything much deeper is an attack on
+# the parser or on whatever walks the value later (repr, json.dumps).
+MAX_DEPTH = 64
+# The stores' limit (daemon.stores.base.MAX_PAYLOAD), checked again here.
+MAX_PAYLOAD = 1 << 20
+# Default bound of one rendered file or env value (config: agent.max_file_size).
+DEFAULT_MAX_OUTPUT = 1 << 20
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def _finalize(value: Any) -> Any:
     # A null field would render as the text "None": refuse it like a missing one.
     if value is None:
-        raise PayloadError("a field used by the template is null")
+        raise PayloadError("a field used by the template is null", reason="template")
     return value
 
 
@@ -31,16 +51,95 @@ _ENV = SandboxedEnvironment(
 )
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One version's rendered files (bytes) and env values (text)."""
+
+    files: dict[str, bytes] = field(repr=False)
+    env: dict[str, str] = field(repr=False)
+
+
 def fields_of(payload: Secret) -> dict[str, Any]:
-    """A JSON object payload exposes its fields; anything else is ``value``."""
+    """A JSON object payload exposes its fields; anything else is ``value``.
+
+    Raises ``PayloadError`` (size, encoding, depth) for a payload no template
+    may see: over 1 MiB, lone surrogates (raw or as JSON escapes), or JSON
+    nested deeper than ``MAX_DEPTH``.
+    """
+    data = payload_object(payload)
+    return data if data is not None else {"value": payload.reveal()}
+
+
+def payload_object(payload: Secret) -> dict[str, Any] | None:
+    """The payload's JSON object, checked as :func:`fields_of` says; None when it is not one."""
     text = payload.reveal()
+    if len(text) > MAX_PAYLOAD:  # characters <= bytes: no need to encode a huge one
+        raise PayloadError(f"payload is over the {MAX_PAYLOAD} byte limit", reason="size")
+    _check_text(text, "payload")
+    if len(text.encode()) > MAX_PAYLOAD:
+        raise PayloadError(f"payload is over the {MAX_PAYLOAD} byte limit", reason="size")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise PayloadError(f"payload JSON nests deeper than {MAX_DEPTH} levels", reason="depth") from None
     except ValueError:
-        return {"value": text}
+        return None
     if isinstance(data, dict):
+        _check_tree(data)
         return data
-    return {"value": text}
+    return None
+
+
+def salvage_fields(payload: Secret) -> dict[str, Any]:
+    """The top-level fields of a rejected JSON object payload that pass the checks on their own.
+
+    For a generator that keeps the other fields while it replaces one: the
+    rotation that follows a bad version drops only what made it bad.
+    """
+    text = payload.reveal()
+    if len(text) > MAX_PAYLOAD:
+        return {}
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    kept = {}
+    for k, v in data.items():
+        try:
+            _check_tree({k: v})
+        except PayloadError:
+            continue
+        kept[k] = v
+    return kept
+
+
+def _check_text(text: str, what: str) -> None:
+    if _SURROGATE.search(text):
+        raise PayloadError(f"{what} holds a lone UTF-16 surrogate (not encodable as UTF-8)", reason="encoding")
+
+
+def _check_tree(data: dict[str, Any]) -> None:
+    """Depth and encoding of every container, key and string; iterative, so depth cannot hurt it."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise PayloadError(f"payload JSON nests deeper than {MAX_DEPTH} levels", reason="depth")
+        if isinstance(node, dict):
+            for k, v in node.items():
+                _check_text(k, "a payload field name")
+                if isinstance(v, str):
+                    _check_text(v, "a payload field")
+                elif isinstance(v, dict | list):
+                    stack.append((v, depth + 1))
+        else:
+            for v in node:
+                if isinstance(v, str):
+                    _check_text(v, "a payload field")
+                elif isinstance(v, dict | list):
+                    stack.append((v, depth + 1))
 
 
 def check_templates(templates: Mapping[str, str]) -> list[str]:
@@ -54,36 +153,126 @@ def check_templates(templates: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def render(templates: Mapping[str, str], payload: Secret) -> dict[str, bytes]:
-    """Render every file template against the payload. Raises ``PayloadError``."""
-    return {name: text.encode() for name, text in _render_all(templates, payload).items()}
+def render(templates: Mapping[str, str], payload: Secret, *, max_bytes: int = DEFAULT_MAX_OUTPUT) -> dict[str, bytes]:
+    """Render every file template against the payload, in this process. Raises ``PayloadError``."""
+    return render_version(templates, {}, payload, max_bytes=max_bytes).files
 
 
-def render_env(templates: Mapping[str, str], payload: Secret) -> dict[str, str]:
-    """Render env var templates (for ``baton exec``). Raises ``PayloadError``."""
-    return _render_all(templates, payload)
+def render_env(templates: Mapping[str, str], payload: Secret, *, max_bytes: int = DEFAULT_MAX_OUTPUT) -> dict[str, str]:
+    """Render env var templates (for ``baton exec``), in this process. Raises ``PayloadError``."""
+    return render_version({}, templates, payload, max_bytes=max_bytes).env
 
 
-def _render_all(templates: Mapping[str, str], payload: Secret) -> dict[str, str]:
+def render_version(
+    files: Mapping[str, str], env: Mapping[str, str], payload: Secret, *, max_bytes: int = DEFAULT_MAX_OUTPUT
+) -> Rendered:
+    """Files and env of one version, in this process (no time bound). Raises ``PayloadError``."""
+    texts, env_texts = _render_texts(files, env, payload, max_bytes)
+    return Rendered({k: v.encode() for k, v in texts.items()}, env_texts)
+
+
+def _render_texts(
+    files: Mapping[str, str], env: Mapping[str, str], payload: Secret, max_bytes: int
+) -> tuple[dict[str, str], dict[str, str]]:
     fields = fields_of(payload)
-    out: dict[str, str] = {}
-    for name, source in templates.items():
-        try:
-            text = _ENV.from_string(source).render(fields)
-        except jinja2.UndefinedError:
-            # jinja's own message may quote a value ("'dict object' has no
-            # attribute '<value>'"): name only the top-level fields that are missing.
-            missing = sorted(meta.find_undeclared_variables(_ENV.parse(source)) - fields.keys())
-            what = f"uses missing field(s) {', '.join(missing)}" if missing else "uses an undefined attribute or item"
-            raise PayloadError(f"template for {name!r} {what}") from None
-        except jinja2.TemplateSyntaxError as e:
-            raise PayloadError(f"template for {name!r}: syntax error on line {e.lineno}: {e.message}") from None
-        except PayloadError as e:
-            raise PayloadError(f"template for {name!r}: {e}") from None
-        except Exception as e:
-            # Other template errors may quote a value in their message: say only the kind.
-            raise PayloadError(f"template for {name!r} failed: {type(e).__name__}") from None
-        if not text.strip():
-            raise PayloadError(f"template for {name!r} rendered an empty file")
-        out[name] = text
-    return out
+    out = {name: _render_one(name, source, fields, max_bytes) for name, source in files.items()}
+    out_env = {}
+    for name, source in env.items():
+        text = _render_one(name, source, fields, max_bytes)
+        if "\0" in text:
+            # execve cannot carry it: the child would never start.
+            raise PayloadError(f"template for {name!r} rendered a NUL character", reason="encoding")
+        out_env[name] = text
+    return out, out_env
+
+
+# Compiled templates by source: the worker renders the same few again and again.
+_COMPILED: dict[str, jinja2.Template] = {}
+
+
+def _compile(source: str) -> jinja2.Template:
+    template = _COMPILED.get(source)
+    if template is None:
+        if len(_COMPILED) >= 256:
+            _COMPILED.clear()
+        template = _COMPILED[source] = _ENV.from_string(source)
+    return template
+
+
+def _render_one(name: str, source: str, fields: dict[str, Any], max_bytes: int) -> str:
+    try:
+        out = io.StringIO()
+        size = 0
+        # Chunk by chunk, so a loop that would write gigabytes stops at the bound.
+        for chunk in _compile(source).generate(fields):
+            size += len(chunk)
+            if size > max_bytes:
+                break
+            out.write(chunk)
+        text = out.getvalue()
+    except jinja2.UndefinedError:
+        # jinja's own message may quote a value ("'dict object' has no
+        # attribute '<value>'"): name only the top-level fields that are missing.
+        missing = sorted(meta.find_undeclared_variables(_ENV.parse(source)) - fields.keys())
+        what = f"uses missing field(s) {', '.join(missing)}" if missing else "uses an undefined attribute or item"
+        raise PayloadError(f"template for {name!r} {what}", reason="template") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise PayloadError(
+            f"template for {name!r}: syntax error on line {e.lineno}: {e.message}", reason="template"
+        ) from None
+    except PayloadError as e:
+        raise PayloadError(f"template for {name!r}: {e}", reason=e.reason) from None
+    except MemoryError:
+        raise PayloadError(f"template for {name!r} ran out of memory", reason="memory") from None
+    except Exception as e:
+        # Other template errors may quote a value in their message: say only the kind.
+        raise PayloadError(f"template for {name!r} failed: {type(e).__name__}", reason="template") from None
+    if size > max_bytes:
+        raise PayloadError(f"template for {name!r} renders more than {max_bytes} bytes", reason="output_size")
+    if not text.strip():
+        raise PayloadError(f"template for {name!r} rendered an empty file", reason="template")
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:  # a lone surrogate from the template's own text
+        raise PayloadError(f"template for {name!r} rendered text not encodable as UTF-8", reason="encoding") from None
+    if size > max_bytes:
+        raise PayloadError(f"template for {name!r} renders more than {max_bytes} bytes", reason="output_size")
+    return text
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+def serve(channel_in: BinaryIO, channel_out: BinaryIO) -> None:
+    """The render worker's loop (``daemon.renderworker`` starts it): one request, one reply, until EOF.
+
+    Frames are a 4-byte big-endian length and a JSON object. A request is
+    ``{"files", "env", "payload", "max_bytes"}``; a reply ``{"files", "env"}``
+    or ``{"error", "reason"}``. Every error is a reply: the worker ends only at
+    EOF, or when its parent kills it.
+    """
+    while True:
+        header = channel_in.read(4)
+        if len(header) < 4:
+            return
+        body = channel_in.read(int.from_bytes(header, "big"))
+        reply = _handle(body)
+        # Texts were checked encodable; the reason and message are ours.
+        data = json.dumps(reply, ensure_ascii=False).encode()
+        channel_out.write(len(data).to_bytes(4, "big") + data)
+        channel_out.flush()
+
+
+def _handle(body: bytes) -> dict[str, Any]:
+    try:
+        request = json.loads(body)
+        texts, env = _render_texts(
+            request["files"], request["env"], Secret(request["payload"]), int(request["max_bytes"])
+        )
+    except PayloadError as e:
+        return {"error": str(e), "reason": e.reason}
+    except MemoryError:
+        return {"error": "rendering ran out of memory", "reason": "memory"}
+    except Exception as e:
+        return {"error": f"the render worker failed: {type(e).__name__}", "reason": "worker"}
+    return {"files": texts, "env": env}

@@ -2,7 +2,10 @@
 
 Rotations run at ``rotation.every`` (a failed or postponed one is retried at
 the next interval); the retirement gate is evaluated every half heartbeat, so a
-version is retired within one heartbeat of its last holder letting go.
+version is retired within one heartbeat of its last holder letting go. Its
+lifecycle is ``daemon.service.Service``'s, shared with the agent: READY=1 once
+the store answered and it leads or stands by, STATUS= says which, SIGHUP
+re-reads the config.
 """
 
 from __future__ import annotations
@@ -12,20 +15,21 @@ import contextlib
 import importlib
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 from daemon import __version__
 from daemon.api import ApiServer
-from daemon.config import Config
-from daemon.errors import BatonError
+from daemon.backoff import Backoff
+from daemon.config import Config, load_config
+from daemon.errors import BatonError, ConfigError
 from daemon.logs import event
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.rotation.workflow import CredentialRotator
+from daemon.service import Service
 from daemon.stopping import cancel_all, close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
@@ -33,23 +37,41 @@ from daemon.stores.base import SecretStore
 log = logging.getLogger(__name__)
 
 
-class Rotator:
+class Rotator(Service):
+    """The rotator role. ``await Rotator(config).serve()`` runs it until stopped."""
+
+    role = "rotator"
+
     def __init__(
         self,
         config: Config,
         *,
+        config_path: str | Path | None = None,
         store: SecretStore | None = None,
         reporter: Reporter | None = None,
         install_signals: bool = True,
         serve_api: bool = True,
     ) -> None:
+        super().__init__(install_signals=install_signals)
         self.config = config
+        self.config_path = Path(config_path) if config_path else None
         self._own_store = store is None
         self.store = store if store is not None else open_store(config)
         self.reporter = reporter if reporter is not None else open_reporter(config, self.store)
-        self.install_signals = install_signals
         self.serve_api = serve_api
-        self.rotators = {
+        self.rotators = self._rotators(config)
+        self.api: ApiServer | None = None
+        self.rotate_now = asyncio.Event()
+        self.election: Any = None
+        # What STATUS= and the status API say: "starting", "leading" or "standby";
+        # the wall time each credential's next rotation is due; the store's last error.
+        self.leadership = "starting"
+        self.next_rotation: dict[str, float] = {}
+        self.store_error: str | None = None
+        self._roles: asyncio.Task[None] | None = None
+
+    def _rotators(self, config: Config) -> dict[str, CredentialRotator]:
+        return {
             c.name: CredentialRotator(
                 config=config,
                 credential=c,
@@ -60,43 +82,120 @@ class Rotator:
             for c in config.credentials
             if c.rotation is not None
         }
-        self.should_exit = asyncio.Event()
-        self.ready = asyncio.Event()
-        self.api: ApiServer | None = None
-        self.rotate_now = asyncio.Event()
 
-    async def serve(self) -> int:
-        if self.install_signals:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.should_exit.set)
+    # ------------------------------------------------------------ lifecycle (see daemon.service)
+
+    async def startup(self) -> None:
         if self.serve_api:
             self.api = ApiServer(self, token_file=self.config.api.token_file)
             await self.api.start(self.config.api.listen)
-        election = self._election()
-        self.ready.set()
-        event(log, "rotator_started", credentials=sorted(self.rotators), leader_election=election is not None)
-        failed = False
+        self.election = self._election()
+        if self.election is not None:
+            self.election.start()
+        self._roles = self.spawn("roles", self._run_roles())
+        event(log, "rotator_started", credentials=sorted(self.rotators), leader_election=self.election is not None)
+
+    async def shutdown(self) -> None:
+        await super().shutdown()
+        # Each close is bounded: a stop must end in bounded time (SIGTERM, systemd).
+        limit = self.close_limit
+        if self.election is not None:
+            await close_bounded(self.election.stop(), "leader election", limit)
+        if self.api is not None:
+            await close_bounded(self.api.stop(), "api", limit)
+        for name, r in self.rotators.items():
+            await close_bounded(r.provider.aclose(), f"provider of {name}", limit)
+        await close_bounded(self.reporter.aclose(), "reporter", limit)
+        if self._own_store:
+            await close_bounded(self.store.aclose(), "store", limit)
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config; changed credentials restart the schedules, a bad config is refused."""
+        if self.config_path is None:
+            log.warning("SIGHUP ignored: the rotator was not started from a config file")
+            return
         try:
-            if election is not None:
-                election.start()
-            while not self.should_exit.is_set() and not failed:
-                if election is not None and not await self._until(election.elected):
-                    break
-                event(log, "rotator_leading", credentials=sorted(self.rotators))
-                failed = await self._lead(election)
-        finally:
-            # Each close is bounded: a stop must end in bounded time (SIGTERM, systemd).
-            if election is not None:
-                await close_bounded(election.stop(), "leader election")
-            if self.api is not None:
-                await close_bounded(self.api.stop(), "api")
+            new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as e:
+            event(log, "config_rejected", logging.ERROR, problems=e.problems)
+            return
+        if new.store != self.config.store:
+            event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
+            return
+        changed = (new.credentials, new.report) != (self.config.credentials, self.config.report)
+        if changed:
+            # A rotation cut short here resumes from its recorded step on the next run.
+            if self._roles is not None:
+                await self.cancel_tasks([self._roles])
             for name, r in self.rotators.items():
-                await close_bounded(r.provider.aclose(), f"provider of {name}")
-            await close_bounded(self.reporter.aclose(), "reporter")
-            if self._own_store:
-                await close_bounded(self.store.aclose(), "store")
-        return 1 if failed else 0
+                await close_bounded(r.provider.aclose(), f"provider of {name}", self.close_limit)
+            self.config = new
+            self.rotators = self._rotators(new)
+            self.next_rotation = {}
+            self._roles = self.spawn("roles", self._run_roles())
+        else:
+            self.config = new
+        event(log, "config_reloaded", credentials=sorted(self.rotators), restarted_schedules=changed)
+
+    # ------------------------------------------------------------ leading or standing by
+
+    async def _run_roles(self) -> None:
+        """Read the store once, then lead, or stand by until the lease is ours, until stopped."""
+        await self._first_read()
+        election = self.election
+        while not self.should_exit.is_set():
+            if election is not None and not election.is_leader:
+                self._now("standby")
+                if not await self._until(election.elected.wait()):
+                    return
+            self._now("leading")
+            event(log, "rotator_leading", credentials=sorted(self.rotators))
+            if await self._lead(election):
+                # Stop the rotator so its supervisor restarts it, rather than limp on.
+                self.failed = RuntimeError("a rotation task failed")
+                self.should_exit.set()
+                return
+            if election is None:
+                return  # stopped
+
+    async def _first_read(self) -> None:
+        """Wait until the store answers: each schedule read once (READY=1 means "has its store")."""
+        backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
+        for name, r in self.rotators.items():
+            while name not in self.next_rotation:
+                try:
+                    self.next_rotation[name] = await r.due_at()
+                except BatonError as e:
+                    self.store_error = str(e)
+                    self.refresh_status()
+                    delay = backoff.next()
+                    log.warning(
+                        "store not reachable yet", extra={"credential": name, "error": str(e), "retry_in": delay}
+                    )
+                    await asyncio.sleep(delay)
+        self.store_error = None
+
+    def _now(self, leadership: str) -> None:
+        self.leadership = leadership
+        if self.ready.is_set():
+            self.refresh_status()
+        else:
+            self.announce_ready()
+
+    def status_line(self) -> str:
+        """What ``systemctl status baton-rotator`` shows: leading or standby, credentials, next, pending."""
+        if self.store_error is not None:
+            return f"{self.leadership}: waiting for the store: {self.store_error}"
+        names = sorted(self.rotators)
+        parts = [f"{self.leadership}: {len(names)} credentials" + (f" ({', '.join(names)})" if names else "")]
+        if self.leadership == "leading" and self.next_rotation:
+            name, due = min(self.next_rotation.items(), key=lambda kv: kv[1])
+            parts.append(f"next rotation {name} in {_duration(due - time.time())}")
+        elif self.leadership == "standby":
+            parts.append("another rotator holds the lease")
+        pending = sorted(f"{n} {d.version}" for n, r in self.rotators.items() for d in r.last_decisions)
+        parts.append(f"{len(pending)} pending retirements" + (f" ({', '.join(pending)})" if pending else ""))
+        return "; ".join(parts)
 
     def _election(self) -> Any:
         """A Lease-based election when BATON_LEASE_NAME is set (the rotator Deployment), else None."""
@@ -111,14 +210,6 @@ class Rotator:
             identity=os.environ.get("POD_NAME") or self.config.node_id,
             kubeconfig=getattr(store, "kubeconfig", None),
         )
-
-    async def _until(self, ev: asyncio.Event) -> bool:
-        """Wait for ``ev`` or a stop request; True when ``ev`` came first."""
-        waiters = [asyncio.create_task(ev.wait()), asyncio.create_task(self.should_exit.wait())]
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        return ev.is_set() and not self.should_exit.is_set()
 
     async def _lead(self, election: Any) -> bool:
         """Run the schedules until stopped or the lease is lost. True when a task failed."""
@@ -157,6 +248,7 @@ class Rotator:
             except BatonError as e:
                 log.warning("cannot read rotation schedule", extra={"credential": rotator.cred.name, "error": str(e)})
                 delay = every
+            self.next_rotation[rotator.cred.name] = time.time() + delay
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.rotate_now.wait(), delay)
@@ -191,8 +283,10 @@ class Rotator:
         return {
             "role": "rotator",
             "agent_version": __version__,
+            "leadership": self.leadership,
             "credentials": {
                 name: {
+                    "next_rotation": self.next_rotation.get(name),
                     "last_outcome": vars(r.last_outcome) if r.last_outcome else None,
                     "pending": [d.as_dict() for d in r.last_decisions],
                     "retired_total": r.retired_total,
@@ -202,5 +296,17 @@ class Rotator:
         }
 
 
+def _duration(seconds: float) -> str:
+    """``3d4h``, ``23h59m``, ``5m``, ``12s``: short enough for a STATUS= line."""
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m"
+    return f"{s}s"
+
+
 def run_rotator(config: Config, *, config_path: str | Path | None = None) -> int:
-    return asyncio.run(Rotator(config).serve())
+    return asyncio.run(Rotator(config, config_path=config_path).serve())

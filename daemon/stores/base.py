@@ -73,12 +73,15 @@ def check_payload(raw: bytes | str) -> str:
     """Validate a payload: non-empty, UTF-8, at most 1 MiB. Returns it as text."""
     from daemon.errors import PayloadError
 
-    data = raw.encode() if isinstance(raw, str) else raw
+    try:
+        data = raw.encode() if isinstance(raw, str) else raw
+    except UnicodeEncodeError:  # a str holding lone surrogates
+        raise PayloadError("payload is not valid UTF-8", reason="encoding") from None
     if not data:
-        raise PayloadError("payload is empty")
+        raise PayloadError("payload is empty", reason="empty")
     if len(data) > MAX_PAYLOAD:
-        raise PayloadError(f"payload is {len(data)} bytes, over the 1 MiB limit")
+        raise PayloadError(f"payload is {len(data)} bytes, over the 1 MiB limit", reason="size")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PayloadError("payload is not valid UTF-8") from None
+        raise PayloadError("payload is not valid UTF-8", reason="encoding") from None

@@ -159,7 +159,10 @@ class LocalStore:
 
     def read_sync(self, key: str, version: VersionId | None = None) -> SecretVersion:
         def q(c: sqlite3.Connection) -> tuple[Any, ...] | None:
-            cols = "id, digest, stage, created, retired, payload"
+            # As bytes: SQLite's own decode error quotes the text (the secret), and
+            # the payload is checked here like any store's (size, UTF-8), since a
+            # row written around create() never met check_payload.
+            cols = "id, digest, stage, created, retired, CAST(payload AS BLOB)"
             if version is None:
                 sql = f"SELECT {cols} FROM versions WHERE key=? AND stage='current'"  # noqa: S608
                 row: tuple[Any, ...] | None = c.execute(sql, (key,)).fetchone()
@@ -174,7 +177,7 @@ class LocalStore:
             raise StoreNotFound(f"no {what}")
         if row[5] is None:
             raise StoreNotFound(f"version {row[0]} of {key!r} is retired")
-        return SecretVersion(self._info(row[:5]), Secret(row[5]))
+        return SecretVersion(self._info(row[:5]), Secret(check_payload(row[5])))
 
     async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
         return await asyncio.to_thread(self.read_sync, key, version)

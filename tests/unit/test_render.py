@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from daemon.errors import PayloadError
 from daemon.model import Secret
-from daemon.render import check_templates, fields_of, render, render_env
+from daemon.render import (
+    MAX_DEPTH,
+    MAX_PAYLOAD,
+    check_templates,
+    fields_of,
+    payload_object,
+    render,
+    render_env,
+    salvage_fields,
+)
 
 SECRET = "s3cr3t-Pa55-7f1c"  # a test value that must never leak
 DB_FILES = {
@@ -110,3 +120,91 @@ def test_check_templates_reports_syntax_errors_by_file_name_and_line() -> None:
 
     assert len(problems) == 1
     assert problems[0].startswith("bad: template syntax error on line 2")
+
+
+# ---------------------------------------------------------------- hostile payloads (issue 10)
+
+
+def _reason(files: dict[str, str], payload: Secret, **kw: int) -> str:
+    with pytest.raises(PayloadError) as info:
+        render(files, payload, **kw)
+    assert SECRET not in str(info.value)
+    assert info.value.__cause__ is None
+    return info.value.reason
+
+
+def test_a_lone_surrogate_as_a_json_escape_is_an_encoding_rejection() -> None:
+    # Valid UTF-8 JSON text whose string cannot be encoded back: was UnicodeEncodeError.
+    payload = Secret('{"password": "' + SECRET + '\\ud800y"}')
+
+    assert _reason({"password": "{{ password }}"}, payload) == "encoding"
+
+
+def test_a_lone_surrogate_in_a_field_name_or_a_nested_value_is_refused_too() -> None:
+    assert _reason({"f": "{{ password }}"}, Secret('{"password": "p", "\\udfff": 1}')) == "encoding"
+    assert _reason({"f": "{{ password }}"}, Secret('{"password": "p", "x": [["\\ud83d"]]}')) == "encoding"
+
+
+def test_a_raw_surrogate_in_the_payload_text_is_an_encoding_rejection() -> None:
+    assert _reason({"f": "{{ value }}"}, Secret(SECRET + "\ud800")) == "encoding"
+
+
+def test_json_nested_past_the_recursion_limit_is_a_depth_rejection_not_a_recursion_error() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+
+    assert _reason({"f": "{{ value }}"}, Secret(deep)) == "depth"
+    assert _reason({"f": "{{ password }}"}, Secret('{"password": "p", "x": ' + deep + "}")) == "depth"
+
+
+def test_nesting_is_bounded_at_max_depth_levels() -> None:
+    def nested(levels: int) -> Secret:
+        return Secret('{"password": "p", "x": ' + '{"a": ' * (levels - 1) + "1" + "}" * (levels - 1) + "}")
+
+    assert render({"f": "{{ password }}"}, nested(MAX_DEPTH)) == {"f": b"p"}
+    assert _reason({"f": "{{ password }}"}, nested(MAX_DEPTH + 1)) == "depth"
+
+
+def test_a_payload_over_one_mib_is_a_size_rejection() -> None:
+    assert _reason({"f": "{{ value }}"}, Secret("x" * (MAX_PAYLOAD + 1))) == "size"
+    # Counted in bytes, not characters.
+    assert _reason({"f": "{{ value }}"}, Secret("€" * (MAX_PAYLOAD // 3 + 1))) == "size"
+
+
+def test_output_over_the_bound_is_an_output_size_rejection_and_stops_the_loop_early() -> None:
+    started = time.monotonic()
+    runaway = "{% for i in range(99999) %}{% for j in range(99999) %}{{ value }}{% endfor %}{% endfor %}"
+
+    assert _reason({"f": runaway}, Secret(SECRET), max_bytes=4096) == "output_size"
+    # Stopped at the bound, not after 10^10 iterations.
+    assert time.monotonic() - started < 5
+    assert render({"f": "{{ value }}"}, Secret(SECRET), max_bytes=len(SECRET)) == {"f": SECRET.encode()}
+    assert _reason({"f": "{{ value }}!"}, Secret(SECRET), max_bytes=len(SECRET)) == "output_size"
+
+
+def test_an_env_value_holding_a_nul_is_refused_since_exec_could_not_pass_it() -> None:
+    with pytest.raises(PayloadError) as info:
+        render_env({"TOKEN": "{{ password }}"}, Secret(json.dumps({"password": SECRET + "\0"})))
+
+    assert info.value.reason == "encoding"
+    assert SECRET not in str(info.value)
+
+
+def test_template_errors_carry_the_template_reason() -> None:
+    assert _reason(DB_FILES, Secret(json.dumps({"password": SECRET}))) == "template"
+    assert _reason({"f": "{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}"}, Secret(SECRET)) == "template"
+
+
+def test_payload_object_is_the_checked_object_or_none() -> None:
+    assert payload_object(_db()) == {"username": "app", "password": SECRET}
+    assert payload_object(Secret("[1]")) is None
+    assert payload_object(Secret(SECRET)) is None
+    with pytest.raises(PayloadError):
+        payload_object(Secret('{"a": "\\ud800"}'))
+
+
+def test_salvage_keeps_only_the_fields_that_are_fine_on_their_own() -> None:
+    payload = Secret('{"username": "app", "password": "x\\ud800", "deep": ' + "[" * 70 + "]" * 70 + "}")
+
+    assert salvage_fields(payload) == {"username": "app"}
+    assert salvage_fields(Secret("[" * 100_000 + "]" * 100_000)) == {}
+    assert salvage_fields(Secret("not json")) == {}
