@@ -59,8 +59,21 @@ class StoreConflict(StoreError):
     """A check-and-set or precondition failed: someone else wrote first."""
 
 
+# Why a payload was rejected: a small fixed set, safe as a metric label.
+PAYLOAD_REASONS = frozenset(
+    {"empty", "size", "encoding", "depth", "template", "timeout", "output_size", "memory", "worker", "invalid"}
+)
+
+
 class PayloadError(BatonError):
-    """A secret payload was rejected; the last good version stays."""
+    """A secret payload was rejected; the last good version stays.
+
+    ``reason`` is one of ``PAYLOAD_REASONS`` (``baton_payload_rejected_total``).
+    """
+
+    def __init__(self, message: str, *, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in PAYLOAD_REASONS else "invalid"
 
 
 class WriteError(BatonError):
