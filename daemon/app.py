@@ -112,7 +112,9 @@ class Agent(Service):
 
     async def startup(self) -> None:
         _not_dumpable()
-        self.api = ApiServer(self, token_file=self.config.api.token_file)
+        self.api = ApiServer(
+            self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
+        )
         await self.api.start(self.config.api.listen)
         self._start_generation()
         event(log, "agent_started", node=self.config.node_id, credentials=len(self.config.credentials))

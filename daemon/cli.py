@@ -18,7 +18,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.config import Config, load_config
-from daemon.errors import BatonError, ConfigError
+from daemon.errors import BatonError, ConfigError, ListenError
 
 
 def _load(path: str) -> Config:
@@ -48,16 +48,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     config = _load(args.config)
     _setup_logging(config)
+    from daemon.api import raise_open_files_limit
     from daemon.app import run_agent
 
+    raise_open_files_limit()
     return run_agent(config, config_path=args.config)
 
 
 def cmd_rotator(args: argparse.Namespace) -> int:
     config = _load(args.config)
     _setup_logging(config)
+    from daemon.api import raise_open_files_limit
     from daemon.rotation.service import run_rotator
 
+    raise_open_files_limit()
     return run_rotator(config, config_path=args.config)
 
 
@@ -213,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     args = parser().parse_args(argv)
     try:
         code = args.func(args)
+    except ListenError as e:  # api.listen is taken or not a socket: a config problem
+        print(f"baton: {e}", file=sys.stderr)
+        code = 2
     except BatonError as e:
         print(f"baton: {e}", file=sys.stderr)
         code = 1

@@ -377,6 +377,7 @@ class CredentialConfig(Model):
 class ApiConfig(Model):
     listen: str = Field("127.0.0.1:8787", description='"host:port" or "unix:/path".')
     token_file: Path | None = Field(None, description="Token needed for state-changing calls.")
+    max_connections: int = Field(256, ge=1, le=4096, description="Connections held at once; full: drop an idle one.")
 
     @field_validator("listen")
     @classmethod

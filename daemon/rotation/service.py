@@ -87,7 +87,9 @@ class Rotator(Service):
 
     async def startup(self) -> None:
         if self.serve_api:
-            self.api = ApiServer(self, token_file=self.config.api.token_file)
+            self.api = ApiServer(
+                self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
+            )
             await self.api.start(self.config.api.listen)
         self.election = self._election()
         if self.election is not None:
