@@ -169,6 +169,10 @@ class Agent(Service):
             else:
                 state = CredentialState(c, Writer(c.output))
             self.credentials[c.name] = state
+        kept = {id(s.writer) for s in self.credentials.values()}
+        for before in old.values():
+            if id(before.writer) not in kept:
+                before.writer.close()  # its dir's lock, for a new writer there (never blocks)
         if any(c.required and not self.credentials[c.name].written for c in config.credentials):
             self.ready.clear()
         self.reloader = Reloader(

@@ -141,7 +141,9 @@ def test_a_writer_killed_at_random_points_leaves_a_complete_version_and_recovers
     tmp_path: Path, layout: str, kills: int
 ) -> None:
     out = tmp_path / "out"
-    Writer(output(out, layout)).write(VersionId("0"), files_of(0))
+    first = Writer(output(out, layout))
+    first.write(VersionId("0"), files_of(0))
+    first.close()  # the writer processes each take the dir's lock
     ctx = _forkserver()
     rng = random.Random(20240601)
     started = time.monotonic()
@@ -171,6 +173,7 @@ def test_a_writer_killed_at_random_points_leaves_a_complete_version_and_recovers
         assert fresh.current() == str(n)
         if layout == "symlink":
             assert os.readlink(out / CURRENT_LINK).startswith(f"..v{n}-")
+        fresh.close()
 
     # The kills landed while writes were in flight, not only before the first one.
     assert len(versions_seen - {0}) > kills // 2

@@ -18,7 +18,7 @@ import pytest
 from daemon.config import OutputConfig
 from daemon.errors import WriteError
 from daemon.model import VersionId
-from daemon.writer import CURRENT_LINK, STATE, Writer, content_digest
+from daemon.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
 
 V1 = {"password": b"first-password", "dsn": b"postgresql://app:first-password@db/app"}
 V2 = {"password": b"second-password", "dsn": b"postgresql://app:second-password@db/app"}
@@ -94,13 +94,41 @@ def test_the_configured_file_mode_and_group_are_applied(out: Path) -> None:
     assert os.stat(out / vdir).st_gid == nogroup
 
 
-def test_a_loose_existing_output_dir_is_tightened(out: Path) -> None:
+def test_a_loose_existing_output_dir_is_refused_and_never_chmodded(out: Path) -> None:
     out.mkdir(parents=True)
     out.chmod(0o777)
 
-    _writer(out).write(VersionId("1"), V1)
+    with pytest.raises(WriteError, match="world-writable"):
+        _writer(out).write(VersionId("1"), V1)
 
-    assert _mode(out) & 0o027 == 0
+    assert _mode(out) == 0o777
+    assert list(out.iterdir()) == []
+
+
+def test_an_existing_empty_dir_that_fits_is_used_as_it_is(out: Path) -> None:
+    out.mkdir(parents=True)
+    out.chmod(0o755)
+
+    assert _writer(out).write(VersionId("1"), V1) is True
+
+    assert _mode(out) == 0o755
+    assert (out / "password").read_bytes() == V1["password"]
+
+
+def test_a_second_writer_on_the_same_dir_is_refused_until_the_first_is_closed(out: Path) -> None:
+    first = _writer(out)
+    first.write(VersionId("1"), V1)
+    second = _writer(out)
+
+    with pytest.raises(WriteError, match="in use by another Baton process"):
+        second.write(VersionId("2"), V2)
+    assert second.versions() == [] and second.current() is None  # the reading side never raises
+
+    first.close()
+    assert second.write(VersionId("2"), V2) is True
+    assert second.current() == "2"
+    with pytest.raises(WriteError, match="closed"):
+        first.write(VersionId("3"), V1)
 
 
 def test_identical_content_is_not_rewritten(out: Path) -> None:
@@ -263,6 +291,7 @@ def test_old_version_dirs_stay_until_removed(out: Path) -> None:
     assert len(_vdirs(out)) == 3
 
     writer.remove("1")
+    writer.close()
 
     assert len(_vdirs(out)) == 2
     assert not any(d.startswith("..v1-") for d in _vdirs(out))
@@ -300,10 +329,11 @@ def test_recover_cleans_temp_leftovers_and_keeps_the_versions(out: Path) -> None
     os.symlink("..v1-xxxx", out / "..current.tmp-0123456789ab")
     (out / ".password.tmp-0123456789ab").write_bytes(b"half")
     (out / f"{STATE}.tmp-01234567").write_text("{")
+    writer.close()
 
     Writer(writer.output).recover()
 
-    assert sorted(os.listdir(out)) == sorted([*_vdirs(out), CURRENT_LINK, STATE, *V1])
+    assert sorted(os.listdir(out)) == sorted([*_vdirs(out), CURRENT_LINK, STATE, LOCK, *V1])
     assert (out / "password").read_bytes() == V1["password"]
 
 

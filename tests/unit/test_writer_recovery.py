@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from daemon.config import OutputConfig
@@ -20,6 +21,7 @@ def test_after_the_state_file_is_lost_the_same_version_is_not_duplicated_and_not
 ) -> None:
     first = Writer(output(tmp_path))
     assert first.write(LONG_ID, {"password": b"s3cret"})
+    first.close()
     (tmp_path / "db" / STATE).unlink()
 
     again = Writer(output(tmp_path))
@@ -36,7 +38,7 @@ def test_remove_keeps_a_directory_that_dot_dot_current_still_points_to(tmp_path:
     w.write(VersionId("1"), {"password": b"one"})
     w.write(VersionId("2"), {"password": b"two"})
     state = w._load()
-    state["ghost"] = dict(state["2"])  # a second record of the current dir (as a rebuilt state could hold)
+    state["ghost"] = dataclasses.replace(state["2"], version="ghost")  # a second record of the current dir
     w.remove("ghost")
     assert (tmp_path / "db" / "password").read_bytes() == b"two"
     w.remove("1")
@@ -50,5 +52,6 @@ def test_a_dangling_stable_link_is_repaired_by_the_next_write_of_the_same_conten
     for f in current_dir.iterdir():
         f.unlink()
     current_dir.rmdir()
+    w.close()
     assert Writer(output(tmp_path)).write(VersionId("1"), {"password": b"one"}) is True
     assert (tmp_path / "db" / "password").read_bytes() == b"one"
