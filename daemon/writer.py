@@ -111,9 +111,18 @@ def _uid_gid(output: OutputConfig) -> tuple[int, int]:
     return uid, gid
 
 
-def _os_error(e: OSError) -> WriteError:
+def _os_error(e: OSError, out_dir: Path | None = None) -> WriteError:
     where = f" ({e.filename})" if e.filename else ""
-    return WriteError(f"{e.strerror or e}{where}")
+    hint = ""
+    if out_dir is not None and e.errno in (errno.EROFS, errno.EACCES) and os.environ.get("INVOCATION_ID"):
+        # Under systemd (INVOCATION_ID is set for every unit), ProtectSystem=strict makes all
+        # but ReadWritePaths read-only: say which drop-in lets Baton write here.
+        hint = (
+            f"; {out_dir} is not in the unit's ReadWritePaths: add it in a drop-in,"
+            f" /etc/systemd/system/baton.service.d/write-paths.conf with [Service] ReadWritePaths={out_dir}"
+            " (or `systemctl edit baton`), then systemctl daemon-reload && systemctl restart baton"
+        )
+    return WriteError(f"{e.strerror or e}{where}{hint}")
 
 
 def read_regular(dir_fd: int, name: str, cap: int) -> tuple[bytes, os.stat_result] | None:
@@ -644,7 +653,7 @@ class Writer:
             finally:
                 self._sweep(dfd)
         except OSError as e:
-            raise _os_error(e) from None
+            raise _os_error(e, self.dir) from None
 
     def _write(self, dfd: int, version: VersionId, files: Mapping[str, bytes]) -> bool:
         self._check_targets(dfd, list(files))
