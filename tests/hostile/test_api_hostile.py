@@ -474,3 +474,41 @@ async def test_1500_idle_connections_from_another_user_do_not_stop_an_agent_limi
         )
     finally:
         agent.kill()
+
+
+def test_the_units_give_the_daemons_room_well_beyond_the_endpoints_cap() -> None:
+    from daemon.api import MAX_CONNECTIONS
+
+    units = Path(__file__).resolve().parents[2] / "systemd"
+    for name in ("baton.service", "baton-rotator.service"):
+        limits = [line for line in (units / name).read_text().splitlines() if line.startswith("LimitNOFILE=")]
+        assert len(limits) == 1, name
+        soft_hard = limits[0].removeprefix("LimitNOFILE=").split(":")
+        assert all(int(n) >= 16 * MAX_CONNECTIONS for n in soft_hard), limits
+
+
+def test_the_agent_raises_its_soft_open_files_limit_to_the_hard_one(tmp_path: Path) -> None:
+    port = free_port()
+    credential = {"name": "app-db", "key": "app/db", "output": {"dir": str(tmp_path / "out")}}
+    config = write_config(
+        tmp_path / "agent.yaml", agent_config(port=port, credentials=[credential], store=str(tmp_path / "store.db"))
+    )
+    proc = subprocess.Popen(
+        ["prlimit", "--nofile=1024:4096", BATON, "agent", "--config", str(config)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+
+        def limits() -> str | None:
+            assert proc.poll() is None, proc.returncode
+            text = Path(f"/proc/{proc.pid}/limits").read_text()
+            line = next(line for line in text.splitlines() if line.startswith("Max open files"))
+            return line if line.split()[3] == "4096" else None
+
+        assert poll(limits, timeout=15, what="the soft limit raised").split()[3:5] == ["4096", "4096"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
