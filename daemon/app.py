@@ -29,7 +29,7 @@ from daemon.errors import BatonError, ConfigError, PayloadError, StoreError, Wri
 from daemon.logs import bound, event
 from daemon.model import VersionInfo
 from daemon.reload import Reloader
-from daemon.render import render, render_env
+from daemon.renderworker import RenderWorker
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.service import Service
@@ -101,6 +101,8 @@ class Agent(Service):
         self.started = time.time()
         # Key of the env fingerprints: lives as long as this process, never stored.
         self.env_key = secrets.token_bytes(32)
+        # Renders every version in a child process: a runaway template is killed, not waited for.
+        self.renderer = RenderWorker()
         self.credentials: dict[str, CredentialState] = {}
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
@@ -130,6 +132,7 @@ class Agent(Service):
             await close_bounded(self.api.stop(), "api", self.close_limit)
         if self._own_store:
             await close_bounded(self.store.aclose(), "store", self.close_limit)
+        await self.renderer.aclose()
         event(log, "agent_stopped", node=self.config.node_id)
 
     async def reload(self) -> None:
@@ -259,21 +262,38 @@ class Agent(Service):
                     delay = backoff.next()
                     log.warning("version not written; retrying", extra={"error": str(e), "retry_in": delay})
                     await asyncio.sleep(delay)
+                except Exception as e:
+                    # Anything else (a bug, a library's surprise at a hostile payload) is
+                    # this credential's trouble, never the agent's: keep the files, back
+                    # off, follow on. Its message may quote the value: name the kind only.
+                    state.last_error = f"unexpected {type(e).__name__}"
+                    delay = backoff.next()
+                    log.warning("version not written; retrying", extra={"error": state.last_error, "retry_in": delay})
+                    await asyncio.sleep(delay)
 
     async def _apply(self, state: CredentialState, info: VersionInfo) -> None:
         cred = state.config
         if info.id == state.version and state.written:
             return
         received = time.time()
+        limits = self.config.agent
         try:
             secret = await self.store.read(cred.key, info.id)
-            files = render(cred.output.files, secret.payload)
-            env = render_env(cred.output.env, secret.payload)
+            rendered = await self.renderer.render(
+                files=cred.output.files,
+                env=cred.output.env,
+                payload=secret.payload,
+                time_limit=limits.render_timeout,
+                max_bytes=limits.max_file_size,
+            )
         except PayloadError as e:
+            # This version is refused for good (the last good files stay); the next one may do.
             metrics.writes_total.labels(cred.name, "rejected").inc()
+            metrics.payload_rejected_total.labels(cred.name, e.reason).inc()
             state.last_error = f"version {info.id}: {e}"
-            event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
+            event(log, "version_rejected", logging.ERROR, version=info.id, reason=e.reason, error=str(e))
             return
+        files, env = rendered.files, rendered.env
         try:
             changed = await asyncio.to_thread(state.writer.write, info.id, files)
         except (BatonError, OSError) as e:

@@ -25,7 +25,6 @@ from daemon import __version__, metrics
 from daemon.config import Config, ConsumerConfig
 from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import event
-from daemon.render import render_env
 from daemon.report.base import Holder, NodeReport
 from daemon.usage.consumers import START_SLACK, match_all, process_start
 from daemon.usage.environ import fingerprint
@@ -175,11 +174,19 @@ class Tracker:
             return ()
         if version not in state.fingerprints:
             # Written before this process started: render it again from the store.
+            limits = self.config.agent
             try:
                 secret = await self.agent.store.read(cred.key, version)  # type: ignore[arg-type]
-                values = render_env(cred.output.env, secret.payload)
-            except (StoreError, PayloadError):
+                rendered = await self.agent.renderer.render(
+                    files={},
+                    env=cred.output.env,
+                    payload=secret.payload,
+                    time_limit=limits.render_timeout,
+                    max_bytes=limits.max_file_size,
+                )
+            except (StoreError, PayloadError, OSError):
                 return None
+            values = rendered.env
             state.fingerprints[version] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
         return state.fingerprints[version]
 
@@ -295,25 +302,41 @@ class Tracker:
             self._last_publish[name] = now
 
     async def cleanup_retired(self) -> None:
-        """Delete the files of versions the store marks retired (never the current one)."""
+        """Delete the files of versions the store marks retired, and of superseded versions
+        that nothing on this node holds beyond the newest ``output.keep_previous`` (an
+        operator's puts retire nothing). Never the current one."""
         for name, state in self.agent.credentials.items():
             local = [d for d in await asyncio.to_thread(state.writer.versions) if d.version != state.version]
             if not local:
                 continue
+            doomed = self._unheld_beyond_keep(name, local, state.config.output.keep_previous)
             try:
                 known = {v.id: v for v in await self.agent.store.versions(state.config.key)}
             except StoreError as e:
                 metrics.store_errors_total.labels(self.config.store.kind, "versions").inc()
                 log.warning("cannot check for retired versions", extra={"credential": name, "error": str(e)})
-                continue
-            for d in local:
-                info = known.get(d.version)  # type: ignore[call-overload]
-                if info is None or info.retired:
-                    await asyncio.to_thread(state.writer.remove, d.version)
-                    state.fingerprints.pop(d.version, None)
-                    with contextlib.suppress(KeyError):
-                        metrics.versions_in_use.remove(name, d.version)
-                    event(log, "version_removed", credential=name, version=d.version)
+            else:
+                for d in local:
+                    info = known.get(d.version)  # type: ignore[call-overload]
+                    if info is None or info.retired:
+                        doomed.add(d.version)
+            for version in sorted(doomed):
+                try:
+                    await asyncio.to_thread(state.writer.remove, version)
+                except BatonError as e:
+                    log.warning("version files not removed", extra={"credential": name, "error": str(e)})
+                    continue
+                state.fingerprints.pop(version, None)
+                with contextlib.suppress(KeyError):
+                    metrics.versions_in_use.remove(name, version)
+                event(log, "version_removed", credential=name, version=version)
+
+    def _unheld_beyond_keep(self, name: str, local: list[OnDisk], keep: int) -> set[str]:
+        # Only versions the last scan saw superseded: their holder counts come from it.
+        usage = self.usage.get(name, Usage())
+        scanned = {d.version for d in self._on_disk.get(name, ()) if d.version != self._scanned_current.get(name)}
+        superseded = sorted((d for d in local if d.version in scanned), key=lambda d: d.swapped_in, reverse=True)
+        return {d.version for d in superseded[keep:] if usage.count(d.version) == 0}
 
     # ------------------------------------------------------------ status
 

@@ -13,11 +13,12 @@ import asyncio
 import contextlib
 import logging
 
+from daemon import metrics
 from daemon.backoff import Backoff
 from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import bound, event
-from daemon.render import render, render_env
+from daemon.renderworker import RenderWorker
 from daemon.service import Service
 from daemon.stopping import close_bounded
 from daemon.stores import open_store
@@ -51,6 +52,8 @@ class Exec(Service):
         )
         self.store = open_store(config)
         self.writer = Writer(self.cred.output)
+        # Renders in a killable child process, as the agent does: a runaway template is killed.
+        self.renderer = RenderWorker()
         self.version: str | None = None
         self.child_status: int | None = None
 
@@ -71,6 +74,7 @@ class Exec(Service):
         self.sup.remove_signal_handlers()
         await close_bounded(self.sup.aclose(), "child", self.sup.grace + 5)
         await close_bounded(self.store.aclose(), "store", self.close_limit)
+        await close_bounded(self.renderer.aclose(), "render worker", self.close_limit)
 
     def exit_code(self) -> int:
         return self.child_status if self.child_status is not None else 1
@@ -89,13 +93,33 @@ class Exec(Service):
                     async for info in store.watch(cred.key):
                         if info.id == self.version:
                             continue
+                        limits = self.config.agent
                         try:
                             secret = await store.read(cred.key, info.id)
-                            files = render(cred.output.files, secret.payload)
-                            env = render_env(cred.output.env, secret.payload)
-                            await asyncio.to_thread(self.writer.write, info.id, files)
-                        except (PayloadError, BatonError, OSError) as e:
+                            rendered = await self.renderer.render(
+                                files=cred.output.files,
+                                env=cred.output.env,
+                                payload=secret.payload,
+                                time_limit=limits.render_timeout,
+                                max_bytes=limits.max_file_size,
+                            )
+                            env = rendered.env
+                            await asyncio.to_thread(self.writer.write, info.id, rendered.files)
+                        except PayloadError as e:
+                            metrics.payload_rejected_total.labels(cred.name, e.reason).inc()
+                            event(
+                                log, "version_rejected", logging.ERROR, version=info.id, reason=e.reason, error=str(e)
+                            )
+                            continue
+                        except StoreError:
+                            raise  # an outage, not this version's fault: back off and read it again
+                        except (BatonError, OSError) as e:
                             event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
+                            continue
+                        except Exception as e:
+                            # One version's surprise must not stop the command: name the kind,
+                            # never the message (it may quote the value), and follow on.
+                            event(log, "version_rejected", logging.ERROR, version=info.id, error=type(e).__name__)
                             continue
                         self.version = info.id
                         if not self.ready.is_set():

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import string
 from collections.abc import Collection
 
 from daemon.config import GeneratorConfig
+from daemon.errors import PayloadError
+from daemon.logs import event
 from daemon.model import Secret
 from daemon.providers.base import Session
+from daemon.render import payload_object, salvage_fields
+
+log = logging.getLogger(__name__)
 
 _ALPHABETS = {
     "alnum": string.ascii_letters + string.digits,
@@ -31,11 +37,13 @@ class PasswordProvider:
         fields: dict[str, object] = {}
         if current is not None:
             try:
-                loaded = json.loads(current.reveal())
-            except ValueError:
-                loaded = None
-            if isinstance(loaded, dict):
-                fields = loaded
+                fields = payload_object(current) or {}
+            except PayloadError as e:
+                # A payload no agent can render (too deep, lone surrogates, too big):
+                # keep only the fields that are fine on their own, so that this
+                # rotation replaces the bad version rather than copies it.
+                fields = salvage_fields(current)
+                event(log, "generator_fields_dropped", logging.WARNING, reason=e.reason, kept=len(fields))
         fields[self.config.field] = value
         return Secret(json.dumps(fields))
 
