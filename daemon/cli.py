@@ -17,13 +17,32 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.config import Config, load_config
+from daemon.config import Config, load_config, store_path_problem
 from daemon.errors import BatonError, ConfigError, ListenError
+
+
+def load_checked(path: str) -> Config:
+    """``load_config``, and every template compiles (the config layer cannot import the renderer)."""
+    from daemon.render import check_templates
+
+    config = load_config(path)
+    problems = []
+    for i, cred in enumerate(config.credentials):
+        for part, templates in (("files", cred.output.files), ("env", cred.output.env)):
+            for name, source in templates.items():
+                try:
+                    lines = check_templates({name: source})
+                except RecursionError:  # jinja's parser recurses per nesting level
+                    lines = [f"{name}: template nested too deeply"]
+                problems += [f"credentials.{i}.output.{part}.{' '.join(line.split())}" for line in lines]
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def _load(path: str) -> Config:
     try:
-        return load_config(path)
+        return load_checked(path)
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
@@ -76,6 +95,9 @@ def cmd_store(args: argparse.Namespace) -> int:
     from daemon.stores.base import check_payload
     from daemon.stores.local import LocalStore
 
+    if (why := store_path_problem(args.path)) is not None:
+        print(f"baton store: --path: {why}", file=sys.stderr)
+        return 2
     store = LocalStore(args.path, watch_files=False)
     try:
         if args.store_cmd == "put":
@@ -108,6 +130,9 @@ def cmd_store(args: argparse.Namespace) -> int:
             if not secret.payload.reveal().endswith("\n"):
                 sys.stdout.write("\n")
         return 0
+    except OSError as e:  # the database's directory cannot be made or opened
+        print(f"baton store: --path {args.path}: {e.strerror or e}", file=sys.stderr)
+        return 2
     finally:
         store.close()
 

@@ -8,65 +8,195 @@ referenced by file path (``admin_dsn_file``, ``token_file``).
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import signal
 import socket
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from daemon.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# No timer, interval or timeout of Baton's makes sense beyond this; a bigger
+# number is a typo (or a unit mix-up) and would overflow some loop's arithmetic.
+MAX_DURATION = 10 * 365 * 86400.0  # 10 years
 
 
 def parse_duration(value: Any) -> float:
-    """``"30s"``, ``"1h"``, ``"250ms"``, ``2`` (seconds) -> seconds as float."""
+    """``"30s"``, ``"1h"``, ``"250ms"``, ``2`` (seconds) -> seconds as float: finite, 0 to 10 years."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 30s, 5m, 1h")
+    seconds: int | float
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError("expected a duration like 30s, 5m, 1h")
+        seconds = value  # an int is compared as an int: float() of a 400-digit int overflows
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration like 30s, 5m, 1h")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    if not seconds <= MAX_DURATION:  # also NaN and inf
+        raise ValueError("a duration must be finite and at most 10 years")
+    return float(seconds)
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+def _positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be more than 0")
+    return seconds
+
+
+# A zero interval or timeout is a busy loop or an instant failure, so durations
+# are > 0 unless the field says it may be 0 (``DurationOrZero``: debounce,
+# alive_for, min_restart_interval, min_drain, where 0 means "no wait").
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+DurationOrZero = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _parse_mode(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        # YAML reads 0440 as the octal int 288 only with YAML 1.1 `0o`; a bare
-        # int here is taken as already numeric.
-        mode = value
-    elif isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
-        mode = int(value, 8)
-    else:
+    if not isinstance(value, str):
+        # YAML reads `mode: 400` as the decimal 400 (0620) and `mode: 0400` as
+        # octal: never guess which one was meant.
+        raise ValueError('a mode must be a quoted octal string like "0440", not a number')
+    if not re.fullmatch(r"[0-7]{3,4}", value):
         raise ValueError('expected an octal file mode like "0440"')
-    if mode & 0o7000 or mode & 0o111:
-        raise ValueError("a credential file must not be executable, setuid or sticky")
-    if mode & 0o002:
-        raise ValueError("a credential file must not be world-writable")
+    mode = int(value, 8)
+    if mode & 0o7000:
+        raise ValueError("a credential file must not be setuid, setgid or sticky")
+    if mode & 0o111:
+        raise ValueError("a credential file must not be executable")
+    if mode & 0o022:
+        raise ValueError("a credential file must not be writable by group or others")
     return mode
 
 
 FileMode = Annotated[int, BeforeValidator(_parse_mode)]
+
+
+def _path_text(value: Any) -> Any:
+    # pydantic turns "" into Path("."), the current directory: refuse it first.
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        if not isinstance(text, str) or not text:
+            raise ValueError("a path must not be empty")
+        if "\0" in text:
+            raise ValueError("a path must not contain a NUL byte")
+    return value
+
+
+def _absolute(path: Path) -> Path:
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    return path
+
+
+FilePath = Annotated[Path, BeforeValidator(_path_text)]
+AbsPath = Annotated[Path, BeforeValidator(_path_text), AfterValidator(_absolute)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+def _http_url(value: str) -> str:
+    try:
+        url = urlsplit(value)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:  # a bad port or IPv6 literal
+        ok = False
+    if not ok or any(c.isspace() for c in value):
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return value
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+Argv = Annotated[list[NonEmpty], Field(min_length=1)]
+
+# What the writer (daemon.writer) keeps in an output dir besides the credential
+# files: ``..``-prefixed entries (``..current``, ``..v7-…``, ``..baton-state.json``,
+# ``..baton.lock``) and temp names holding ``.tmp-``, which recovery deletes at
+# every start. Kept here, not imported: the writer sits above the config.
+STATE_FILE = "..baton-state.json"
+LOCK_FILE = "..baton.lock"
+TMP_INFIX = ".tmp-"
+
+
+def file_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a credential file name in an output dir, or None."""
+    if not name:
+        return "empty"
+    if "/" in name or "\0" in name:
+        return "no '/' or NUL"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "no control characters"
+    if name in (".", "..") or name.startswith(".."):
+        return "names starting with '..' are Baton's own"
+    if TMP_INFIX in name:
+        return f"names holding {TMP_INFIX!r} are temp files, deleted at every start"
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if size > 255:
+        return "longer than 255 bytes"
+    return None
+
+
+# System directories an output dir must never be. The writer chmods its dir to
+# 0750 and owns what is in it: pointed at one of these it would lock users out
+# of it, or put credentials where everyone looks. Anything already non-empty and
+# not Baton's is refused by check_host as well; this list also covers the empty
+# ones (/srv, /mnt on a fresh host) and the ones a test machine may lack.
+SYSTEM_DIRS = frozenset(
+    """
+    / /bin /boot /dev /dev/shm /etc /home /lib /lib32 /lib64 /libx32 /lost+found /media /mnt /opt /root
+    /run /run/lock /run/user /sbin /snap /srv /tmp /usr /usr/bin /usr/include /usr/lib /usr/lib64
+    /usr/libexec /usr/local /usr/local/bin /usr/local/lib /usr/local/sbin /usr/sbin /usr/share /usr/src
+    /var /var/backups /var/cache /var/lib /var/local /var/lock /var/log /var/mail /var/opt /var/run
+    /var/spool /var/tmp
+    """.split()  # noqa: SIM905 (a word per dir reads better than 48 quoted strings)
+)
+# Kernel file systems: nothing under them is a place for files.
+VIRTUAL_ROOTS = ("/proc", "/sys")
+
+
+def lexical(path: Path) -> Path:
+    """``path`` made absolute and normalised without touching the disk (``a/../b`` -> ``b``)."""
+    text = os.path.normpath(os.path.abspath(path))
+    return Path("/" + text.lstrip("/"))  # POSIX keeps a leading "//"; it is "/"
+
+
+def _under_virtual(path: Path) -> bool:
+    return any(path == Path(root) or path.is_relative_to(root) for root in VIRTUAL_ROOTS)
+
+
+def _output_dir(value: Any) -> Any:
+    value = _path_text(value)
+    if not isinstance(value, str | os.PathLike):
+        return value  # pydantic names the type error
+    path = Path(value)
+    if not path.is_absolute():
+        raise ValueError("must be an absolute path")
+    norm = lexical(path)
+    if str(norm) in SYSTEM_DIRS or _under_virtual(norm):
+        raise ValueError(f"{str(norm)!r} is a system directory; use a directory of Baton's own")
+    return norm
 
 
 class Model(BaseModel):
@@ -80,18 +210,18 @@ class Model(BaseModel):
 
 class LocalStoreConfig(Model):
     kind: Literal["local"] = "local"
-    path: Path = Field(Path("./store.db"), description="SQLite database file of the embedded store.")
+    path: FilePath = Field(Path("./store.db"), description="SQLite database file of the embedded store.")
 
 
 class VaultAuthConfig(Model):
     method: Literal["token", "token_file", "approle", "kubernetes"] = Field(
         "token", description="How to log in: token (VAULT_TOKEN env), token_file, approle, kubernetes."
     )
-    token_file: Path | None = Field(None, description="File holding the token (method token_file).")
+    token_file: FilePath | None = Field(None, description="File holding the token (method token_file).")
     role_id: str | None = Field(None, description="AppRole role_id (method approle).")
-    secret_id_file: Path | None = Field(None, description="File holding the AppRole secret_id.")
+    secret_id_file: FilePath | None = Field(None, description="File holding the AppRole secret_id.")
     role: str | None = Field(None, description="Vault role for the kubernetes method.")
-    jwt_file: Path = Field(
+    jwt_file: FilePath = Field(
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         description="Service account token for the kubernetes method.",
     )
@@ -100,24 +230,24 @@ class VaultAuthConfig(Model):
 
 class VaultStoreConfig(Model):
     kind: Literal["vault"]
-    url: str = Field(description="Vault address, e.g. https://vault:8200.")
-    mount: str = Field("secret", description="KV v2 mount point.")
+    url: HttpUrl = Field(description="Vault address, e.g. https://vault:8200.")
+    mount: NonEmpty = Field("secret", description="KV v2 mount point.")
     namespace: str | None = Field(None, description="Vault Enterprise namespace.")
     auth: VaultAuthConfig = Field(default_factory=VaultAuthConfig, description="Login method.")
     poll_interval: Duration = Field(30.0, description="How often to read KV metadata for a new version.")
     timeout: Duration = Field(10.0, description="Per-request timeout.")
-    verify: bool | Path = Field(True, description="TLS verification: true, false or a CA bundle path.")
+    verify: bool | FilePath = Field(True, description="TLS verification: true, false or a CA bundle path.")
     reports: Literal["metadata", "status_path"] = Field(
         "metadata", description="Node reports in custom_metadata, or one KV entry per node."
     )
-    status_prefix: str = Field("baton/status", description="KV prefix for status_path reports.")
+    status_prefix: NonEmpty = Field("baton/status", description="KV prefix for status_path reports.")
     retire: Literal["destroy", "delete"] = Field("destroy", description="How a retired version is removed.")
 
 
 class AwsStoreConfig(Model):
     kind: Literal["aws"]
-    region: str = Field("us-east-1", description="AWS region.")
-    endpoint_url: str | None = Field(None, description="Custom endpoint (tests, VPC endpoints).")
+    region: NonEmpty = Field("us-east-1", description="AWS region.")
+    endpoint_url: HttpUrl | None = Field(None, description="Custom endpoint (tests, VPC endpoints).")
     poll_interval: Duration = Field(30.0, description="How often to call DescribeSecret.")
     reports: Literal["tags", "dynamodb"] = Field(
         "tags", description="Node reports as per-node tags, or items in a DynamoDB table."
@@ -137,7 +267,7 @@ class AwsStoreConfig(Model):
 class KubernetesStoreConfig(Model):
     kind: Literal["kubernetes"]
     namespace: str | None = Field(None, description="Namespace of the Secrets; default: the pod's own.")
-    kubeconfig: Path | None = Field(None, description="kubeconfig file; default: in-cluster config.")
+    kubeconfig: FilePath | None = Field(None, description="kubeconfig file; default: in-cluster config.")
     reports: Literal["secret", "pod"] = Field(
         "secret", description="Node reports as annotations on the Secret, or on the sidecar's own Pod."
     )
@@ -174,41 +304,51 @@ def _exactly_one(model: BaseModel, what: str) -> None:
 
 
 class MatchConfig(Model):
-    pidfile: Path | None = Field(None, description="File holding the consumer's main pid.")
+    pidfile: AbsPath | None = Field(None, description="File holding the consumer's main pid.")
     cmdline: str | None = Field(None, description="Regex searched in the joined command line.")
-    exe: Path | None = Field(None, description="Path of the executable.")
-    systemd_unit: str | None = Field(None, description="systemd unit whose cgroup holds the processes.")
+    exe: AbsPath | None = Field(None, description="Path of the executable.")
+    systemd_unit: NonEmpty | None = Field(None, description="systemd unit whose cgroup holds the processes.")
+
+    @field_validator("cmdline")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            pattern = re.compile(v)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ValueError(f"cmdline is not a valid regex: {e}") from None
+        # A pattern that matches "" matches every process on the host, which
+        # would all be signalled or restarted as this consumer.
+        if pattern.search(""):
+            raise ValueError("cmdline matches every process (it matches the empty string)")
+        return v
 
     @model_validator(mode="after")
     def _one(self) -> MatchConfig:
         _exactly_one(self, "match")
-        if self.cmdline is not None:
-            try:
-                re.compile(self.cmdline)
-            except re.error as e:
-                raise ValueError(f"cmdline is not a valid regex: {e}") from None
         return self
 
 
 class RestartConfig(Model):
     stop_signal: SignalName = Field("SIGTERM", description="Signal that asks the process to stop.")
     timeout: Duration = Field(30.0, description="Wait this long before SIGKILL.")
-    command: list[str] | None = Field(None, description="argv to start it again (supervised restart).")
+    command: Argv | None = Field(None, description="argv to start it again (supervised restart).")
 
 
 class RolloutConfig(Model):
     kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = Field("Deployment", description="Workload kind.")
-    name: str = Field(description="Workload name.")
+    name: NonEmpty = Field(description="Workload name.")
     namespace: str | None = Field(None, description="Namespace; default: the pod's own.")
     timeout: Duration = Field(600.0, description="How long to wait for the rollout to become available.")
-    kubeconfig: Path | None = Field(
+    kubeconfig: FilePath | None = Field(
         None, description="kubeconfig file; default: in-cluster config, else $KUBECONFIG (as kubectl)."
     )
 
 
 class ReloadConfig(Model):
     signal: SignalName | None = Field(None, description="Send this signal to each process.")
-    exec: list[str] | None = Field(None, description="Run this argv (e.g. `nginx -s reload`).")
+    exec: Argv | None = Field(None, description="Run this argv (e.g. `nginx -s reload`).")
     restart: RestartConfig | None = Field(None, description="Stop each process; start it again if a command is set.")
     systemd: Literal["restart", "reload"] | None = Field(None, description="systemctl try-restart/reload the unit.")
     container_restart: dict[str, Any] | None = Field(None, description="Stop the container's main process.")
@@ -238,8 +378,8 @@ class ReloadConfig(Model):
 
 
 class HealthConfig(Model):
-    alive_for: Duration | None = Field(None, description="Healthy when still running after this long.")
-    http: str | None = Field(None, description="Healthy when this URL answers 2xx.")
+    alive_for: DurationOrZero | None = Field(None, description="Healthy when still running after this long.")
+    http: HttpUrl | None = Field(None, description="Healthy when this URL answers 2xx.")
     timeout: Duration = Field(30.0, description="Give up (unhealthy) after this long.")
 
     @model_validator(mode="before")
@@ -259,14 +399,14 @@ class HealthConfig(Model):
 
 
 class ConsumerConfig(Model):
-    name: str = Field(description="Consumer name; the same name under two credentials is one consumer.")
+    name: NonEmpty = Field(description="Consumer name; the same name under two credentials is one consumer.")
     match: MatchConfig = Field(description="How to find the consumer's processes.")
     loads: Literal["at-start", "on-reload", "per-use"] = Field(
         "at-start", description="When it reads the credential: at start, on reload signal, on every use."
     )
     reload: ReloadConfig = Field(default_factory=lambda: ReloadConfig(none=True), description="Reload action.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Health check after a reload.")
-    min_restart_interval: Duration = Field(30.0, description="At most one restart per this interval.")
+    min_restart_interval: DurationOrZero = Field(30.0, description="At most one restart per this interval.")
 
 
 # ---------------------------------------------------------------- rotation
@@ -276,19 +416,19 @@ class GeneratorConfig(Model):
     kind: Literal["password"] = Field("password", description="Generator kind.")
     length: int = Field(32, ge=12, le=4096, description="Password length.")
     alphabet: Literal["alnum", "ascii", "hex"] = Field("alnum", description="Characters to draw from.")
-    field: str | None = Field(None, description="Put the password in this JSON field (others kept).")
+    field: NonEmpty | None = Field(None, description="Put the password in this JSON field (others kept).")
 
 
 class ProviderConfig(Model):
     kind: Literal["postgres"] = Field(description="Provider kind.")
-    admin_dsn_file: Path = Field(description="File holding the admin DSN; read at use, never logged.")
+    admin_dsn_file: FilePath = Field(description="File holding the admin DSN; read at use, never logged.")
     strategy: Literal["alternating-users", "role-per-version", "single-user"] = Field(
         "alternating-users", description="How versions map to database roles."
     )
     username: str = Field(description="Base role name.")
     grant_role: str | None = Field(None, description="role-per-version: new login roles join this role.")
     host: str | None = Field(None, description="Host written into the payload for consumers.")
-    port: int | None = Field(None, description="Port written into the payload for consumers.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port written into the payload for consumers.")
     database: str | None = Field(None, description="Database written into the payload for consumers.")
 
     @field_validator("username")
@@ -307,12 +447,12 @@ class ProviderConfig(Model):
 
 
 class RotationConfig(Model):
-    every: Duration = Field(description="Rotate this often.")
+    every: Duration = Field(ge=1.0, description="Rotate this often (at least 1s).")
     generator: GeneratorConfig | None = Field(None, description="Mint a random value (no provider).")
     provider: ProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
-    min_drain: Duration = Field(
+    min_drain: DurationOrZero = Field(
         0.0, description="Keep a superseded version at least this long (for clients that read, close, connect later)."
     )
 
@@ -334,7 +474,9 @@ class RotationConfig(Model):
 
 
 class OutputConfig(Model):
-    dir: Path = Field(description="Directory owned by Baton that holds the versions.")
+    dir: Annotated[Path, BeforeValidator(_output_dir)] = Field(
+        description="Absolute path of a directory Baton owns, not a system one; holds the versions."
+    )
     mode: FileMode = Field(0o400, description="File mode of credential files (octal string).")
     owner: str | int | None = Field(None, description="Owner of the files (name or uid).")
     group: str | int | None = Field(None, description="Group of the files (name or gid).")
@@ -344,20 +486,40 @@ class OutputConfig(Model):
     )
     env: dict[str, str] = Field(default_factory=dict, description="Env var -> template, for `baton exec`.")
 
+    @field_validator("owner", "group", mode="before")
+    @classmethod
+    def _id(cls, v: Any) -> Any:
+        # A name is looked up on the host by check_host; a number is taken as is
+        # (containers run as uids without a passwd entry), but -1 means "leave
+        # unchanged" to chown and 4294967295 is the same -1.
+        if isinstance(v, bool) or (isinstance(v, int) and not 0 <= v < 2**32 - 1):
+            raise ValueError("expected a name, or a uid/gid from 0 to 4294967294")
+        if isinstance(v, str) and not v:
+            raise ValueError("must not be empty")
+        return v
+
     @field_validator("files")
     @classmethod
     def _file_names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if not name or "/" in name or name in (".", "..") or name.startswith(".."):
-                raise ValueError(f"bad file name {name!r}: no '/', no leading '..'")
+            if (why := file_name_problem(name)) is not None:
+                raise ValueError(f"bad file name {name!r}: {why}")
         if not v:
             raise ValueError("at least one file is needed")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", name):
+                raise ValueError(f"bad env var name {name!r}: expected letters, digits and '_', not a digit first")
         return v
 
 
 class CredentialConfig(Model):
     name: str = Field(description="Credential name, unique.")
-    key: str = Field(description="The secret's key in the store.")
+    key: NonEmpty = Field(description="The secret's key in the store.")
     required: bool = Field(True, description="/readyz waits for it.")
     output: OutputConfig = Field(description="Where and how the files are written.")
     consumers: list[ConsumerConfig] = Field(default_factory=list, description="Processes that use it.")
@@ -376,20 +538,33 @@ class CredentialConfig(Model):
 
 class ApiConfig(Model):
     listen: str = Field("127.0.0.1:8787", description='"host:port" or "unix:/path".')
-    token_file: Path | None = Field(None, description="Token needed for state-changing calls.")
+    token_file: FilePath | None = Field(None, description="Token needed for state-changing calls.")
     max_connections: int = Field(256, ge=1, le=4096, description="Connections held at once; full: drop an idle one.")
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         if v.startswith("unix:"):
-            if len(v) <= 5:
-                raise ValueError("unix: needs a path")
+            path = v[5:]
+            if not path.startswith("/") or "\0" in path:
+                raise ValueError("unix: needs an absolute path")
+            if len(path.encode(errors="replace")) > 107:  # sun_path holds 108 bytes with the NUL
+                raise ValueError("a unix socket path is at most 107 bytes")
             return v
         host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise ValueError('expected "host:port" or "unix:/path"')
+        if (
+            not sep
+            or not host.strip("[]")
+            or any(c.isspace() or c in "/\0" for c in host)
+            or not re.fullmatch(r"[0-9]{1,5}", port)
+            or not 0 < int(port) < 65536
+        ):
+            raise ValueError('expected "host:port" (port 1-65535) or "unix:/path"')
         return v
+
+    @property
+    def unix_path(self) -> Path | None:
+        return Path(self.listen[5:]) if self.listen.startswith("unix:") else None
 
 
 class ReportConfig(Model):
@@ -398,13 +573,21 @@ class ReportConfig(Model):
     max_holders: int = Field(10, ge=0, le=100, description="Holder summaries per report.")
     forget_after: Duration | None = Field(None, description="Forget a node silent this long (default: never).")
 
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, v: float | None, info: ValidationInfo) -> float | None:
+        heartbeat = info.data.get("heartbeat")
+        if v is not None and heartbeat is not None and v <= heartbeat:
+            raise ValueError(f"must be longer than report.heartbeat ({heartbeat:g}s), or every report goes stale")
+        return v
+
     @property
     def report_ttl(self) -> float:
         return self.ttl if self.ttl is not None else 3 * self.heartbeat
 
 
 class AgentConfig(Model):
-    debounce: Duration = Field(2.0, description="Wait this long for more changes before reloading.")
+    debounce: DurationOrZero = Field(2.0, description="Wait this long for more changes before reloading.")
     scan_interval: Duration = Field(5.0, description="How often to rescan processes for holders.")
     fanotify: Literal["auto", "off"] = Field("auto", description="Use fanotify open events when allowed.")
     retry_min: Duration = Field(1.0, description="First retry delay after a store error.")
@@ -416,6 +599,14 @@ class AgentConfig(Model):
         1 << 20, ge=1024, le=16 << 20, description="Largest rendered file or env value, in bytes; over it: rejected."
     )
 
+    @field_validator("retry_max")
+    @classmethod
+    def _retry_max(cls, v: float, info: ValidationInfo) -> float:
+        retry_min = info.data.get("retry_min")
+        if retry_min is not None and v < retry_min:
+            raise ValueError(f"must be at least agent.retry_min ({retry_min:g}s)")
+        return v
+
 
 class LogConfig(Model):
     format: Literal["json", "text"] = Field("text", description="Log line format.")
@@ -423,7 +614,11 @@ class LogConfig(Model):
 
 
 class Config(Model):
-    node_id: str = Field(default_factory=socket.gethostname, description="This node's id; default: host name.")
+    node_id: str = Field(
+        default_factory=socket.gethostname,
+        validate_default=True,
+        description="This node's id: letters, digits, '.', '_', '-' (not '.' first), max 253; default: host name.",
+    )
     store: StoreConfig = Field(default_factory=LocalStoreConfig, description="The secret store.")
     api: ApiConfig = Field(default_factory=ApiConfig, description="Local endpoint.")
     log: LogConfig = Field(default_factory=LogConfig, description="Logging.")
@@ -431,20 +626,39 @@ class Config(Model):
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Agent tuning.")
     credentials: list[CredentialConfig] = Field(description="Credentials to deliver.")
 
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str) -> str:
+        # The id names report keys, tags, annotations and status entries in the
+        # store: a path-like or odd one could land on another node's entry.
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}", v):
+            raise ValueError("expected letters, digits, '.', '_', '-', not '.' first, max 253 (default: the host name)")
+        return v
+
     @model_validator(mode="after")
     def _unique(self) -> Config:
         problems: list[str] = []
         names: set[str] = set()
         dirs: dict[Path, int] = {}
+        above: dict[Path, int] = {}  # every ancestor of a dir seen so far
         consumers: dict[str, ConsumerConfig] = {}
         for i, cred in enumerate(self.credentials):
             if cred.name in names:
                 problems.append(f"credentials.{i}.name: duplicate credential name {cred.name!r}")
             names.add(cred.name)
-            d = Path(os.path.normpath(Path(cred.output.dir).absolute()))
+            # One writer per dir, and none inside another's: a writer owns its
+            # whole dir (chmod, ..-names, temp clean-up at start).
+            d = lexical(cred.output.dir)
+            inside = next((dirs[p] for p in d.parents if p in dirs), None)
             if d in dirs:
                 problems.append(f"credentials.{i}.output.dir: same output dir as credentials.{dirs[d]}")
+            elif inside is not None:
+                problems.append(f"credentials.{i}.output.dir: inside the output dir of credentials.{inside}")
+            elif d in above:
+                problems.append(f"credentials.{i}.output.dir: contains the output dir of credentials.{above[d]}")
             dirs.setdefault(d, i)
+            for p in d.parents:
+                above.setdefault(p, i)
             if self.store.kind == "kubernetes" and cred.rotation is not None and cred.rotation.max_draining > 1:
                 problems.append(
                     f"credentials.{i}.rotation.max_draining: the kubernetes store keeps one previous version; use 1"
@@ -477,9 +691,19 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(parts)
 
 
+# A config holds no secret values, but an operator may paste one where it does
+# not belong: into a template, the auth section, a field named like a secret, or
+# a key that does not exist. The values found there are never echoed.
+_QUIET_KEYS = {"files", "env", "auth"}
+_QUIET_WORDS = ("token", "secret", "passw", "dsn", "jwt", "private", "api_key", "apikey")
+
+
+def _quiet(loc: tuple[int | str, ...]) -> bool:
+    return any(isinstance(p, str) and (p in _QUIET_KEYS or any(w in p.lower() for w in _QUIET_WORDS)) for p in loc)
+
+
 def _shown(value: Any) -> str:
-    # Only scalars are echoed, shortened: a config holds no secret values, but
-    # a dump of a whole mapping would be unreadable anyway.
+    # Only scalars are echoed, shortened: a dump of a whole mapping would be unreadable.
     if isinstance(value, str | int | float | bool):
         text = repr(value)
         return text if len(text) <= 60 else text[:57] + "..."
@@ -498,7 +722,8 @@ def format_errors(err: ValidationError) -> list[str]:
             msg = "unknown key"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        shown = _shown(e.get("input")) if e["type"] != "missing" else ""
+        quiet = e["type"] in ("missing", "extra_forbidden") or _quiet(tuple(e["loc"]))
+        shown = "" if quiet else _shown(e.get("input"))
         lines.append(f"{path}: {msg}" + (f" (got {shown})" if shown else ""))
     return lines
 
@@ -513,15 +738,149 @@ def parse_config(data: Any) -> Config:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config. Raises ``ConfigError`` naming every problem."""
+    """Read and validate a YAML config, then check it against this host (``check_host``).
+
+    Raises ``ConfigError`` naming every problem."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([f"{path}:{where} invalid YAML: {getattr(e, 'problem', e)}"]) from None
-    return parse_config(data)
+        problem = " ".join(str(getattr(e, "problem", None) or "unreadable").split())
+        raise ConfigError([f"{path}:{where} invalid YAML: {problem}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: invalid YAML: nested too deeply"]) from None
+    try:
+        config = parse_config(data)
+    except RecursionError:
+        raise ConfigError(["(top level): nested too deeply"]) from None
+    problems = check_host(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+# ---------------------------------------------------------------- checks against this host
+
+
+def _ancestor_problem(path: Path) -> str | None:
+    """The nearest existing ancestor of a path still to be created must be a directory."""
+    for parent in path.parents:
+        try:
+            st = os.stat(parent)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return None  # not ours to see (permissions): the agent's own open decides
+        return None if stat.S_ISDIR(st.st_mode) else f"{parent} is not a directory"
+    return None
+
+
+def store_path_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be the embedded store's database file, or None.
+
+    It may not exist yet (the store creates it and its parents), but it must not
+    be empty, a directory, anything but a regular file, on /proc or /sys, or
+    under something that is not a directory."""
+    text = os.fspath(path)
+    if not text:
+        return "must not be empty"
+    if "\0" in text:
+        return "must not contain a NUL byte"
+    if _under_virtual(lexical(Path(text))):
+        return f"{text} is on a kernel file system"
+    try:
+        st = os.stat(text)
+    except (FileNotFoundError, NotADirectoryError):
+        return _ancestor_problem(Path(text))
+    except OSError as e:
+        return f"{text}: {e.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{text} is a directory; give the database file's path"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{text} is not a regular file"
+    return None
+
+
+def _batons(entry: os.DirEntry[str], files: set[str]) -> bool:
+    """An entry the writer makes: ``..``-names, temp files, the credential files."""
+    return entry.name.startswith("..") or TMP_INFIX in entry.name or entry.name in files
+
+
+def output_dir_problem(path: Path, files: set[str]) -> str | None:
+    """Why Baton must not take ``path`` as an output dir, or None.
+
+    A missing dir is fine (the writer creates it). An existing one must be a real
+    directory (not a symlink) that is empty or Baton's: it holds the writer's
+    state or lock file, or only entries the writer makes (a first write that was
+    interrupted before the state file)."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return _ancestor_problem(path)
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink; Baton never writes through one"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} exists and is not a directory"
+    try:
+        with os.scandir(path) as it:
+            entries = list(it)
+    except PermissionError:
+        return None  # the agent, running as its own user, checks again when it writes
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if any(e.name in (STATE_FILE, LOCK_FILE) for e in entries):
+        return None
+    foreign = sorted(e.name for e in entries if not _batons(e, files))
+    if foreign:
+        return (
+            f"{path} is a non-empty directory Baton did not create (it holds {foreign[0]!r}"
+            f" and no {STATE_FILE}); use a new or empty directory"
+        )
+    return None
+
+
+def _id_problem(value: str | int | None, *, group: bool) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        (grp.getgrnam if group else pwd.getpwnam)(value)
+    except (KeyError, ValueError):
+        return f"no such {'group' if group else 'user'} {value!r} on this host"
+    return None
+
+
+def check_host(config: Config) -> list[str]:
+    """What the config asks of this host that the host cannot give, one line per field.
+
+    Kept apart from the models because it reads the file system and the user
+    database: ``parse_config`` stays pure (the demo and the tests build configs
+    for paths that do not exist yet)."""
+    problems: list[str] = []
+    if config.store.kind == "local" and (why := store_path_problem(config.store.path)):
+        problems.append(f"store.path: {why}")
+    if (sock := config.api.unix_path) is not None:
+        try:
+            if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+                problems.append(f"api.listen: {sock} exists and is not a socket; Baton will not replace it")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            problems.append(f"api.listen: {sock}: {e.strerror}")
+    for i, cred in enumerate(config.credentials):
+        out = cred.output
+        if (why := output_dir_problem(out.dir, set(out.files))) is not None:
+            problems.append(f"credentials.{i}.output.dir: {why}")
+        if (why := _id_problem(out.owner, group=False)) is not None:
+            problems.append(f"credentials.{i}.output.owner: {why}")
+        if (why := _id_problem(out.group, group=True)) is not None:
+            problems.append(f"credentials.{i}.output.group: {why}")
+    return problems

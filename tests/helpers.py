@@ -29,7 +29,7 @@ credentials:
   - name: app-db
     key: app/db
     output:
-      dir: ./out/app-db
+      dir: /var/lib/baton-good-config/app-db
       mode: "0440"
       files:
         password: "{{ password }}"

@@ -56,6 +56,10 @@ class Scene:
         self.agents: list[AgentProcess] = []
 
     def configure(self, *credentials: dict[str, Any], **extra: Any) -> Path:
+        # An output dir must be absolute: the tests name theirs relative to the root.
+        credentials = tuple(
+            {**c, "output": {**c["output"], "dir": str(self.root / c["output"]["dir"])}} for c in credentials
+        )
         return write_config(self.config_path, agent_config(port=self.port, credentials=credentials, **extra))
 
     def put(self, value: str, key: str = KEY) -> str:

@@ -34,8 +34,8 @@ BAD = {
     ),
     "duplicates": (
         GOOD_CONFIG
-        + "  - {name: app-db, key: b, output: {dir: ./out/b}}\n"
-        + "  - {name: c, key: c, output: {dir: ./out/app-db}}\n",
+        + "  - {name: app-db, key: b, output: {dir: /var/lib/baton-good-config/b}}\n"
+        + "  - {name: c, key: c, output: {dir: /var/lib/baton-good-config/app-db}}\n",
         ["credentials.1.name: duplicate credential name", "credentials.2.output.dir: same output dir"],
     ),
     "bad duration and signal and match": (
@@ -122,6 +122,8 @@ def test_the_example_config_runs_an_agent_that_writes_into_demo_out(tmp_path: Pa
     config = tmp_path / "agent.yaml"
     text = EXAMPLE.read_text()
     assert '"127.0.0.1:8787"' in text
+    assert "/tmp/baton-demo/" in text
+    text = text.replace("/tmp/baton-demo/", f"{tmp_path / 'demo-out'}/")
     config.write_text(text.replace('"127.0.0.1:8787"', f'"127.0.0.1:{port}"'))
     store_put(tmp_path / "demo-out" / "store.db", "app/db", json.dumps({"username": "app", "password": SECRET}))
 

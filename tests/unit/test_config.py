@@ -164,11 +164,11 @@ BAD_CASES = {
     ),
     "missing credentials": ("node_id: a\n", "credentials: required field is missing"),
     "duplicate credential names": (
-        GOOD_CONFIG + "  - {name: app-db, key: other, output: {dir: ./out/other}}\n",
+        GOOD_CONFIG + "  - {name: app-db, key: other, output: {dir: /var/lib/baton-good-config/other}}\n",
         "credentials.1.name: duplicate credential name 'app-db'",
     ),
     "duplicate output dirs": (
-        GOOD_CONFIG + "  - {name: other, key: other, output: {dir: ./out/x/../app-db/}}\n",
+        GOOD_CONFIG + "  - {name: other, key: other, output: {dir: /var/lib/baton-good-config/x/../app-db/}}\n",
         "credentials.1.output.dir: same output dir as credentials.0",
     ),
     "bad listen port": (GOOD_CONFIG.replace("127.0.0.1:8787", "127.0.0.1:99999"), "api.listen: "),
