@@ -84,10 +84,11 @@ def payload_object(payload: Secret) -> dict[str, Any] | None:
         raise PayloadError(f"payload JSON nests deeper than {MAX_DEPTH} levels", reason="depth") from None
     except ValueError:
         return None
-    if isinstance(data, dict):
+    if isinstance(data, dict | list):
+        # A list too, though templates see it as text: how deep json.loads gets
+        # before RecursionError depends on the caller's stack, the bound must not.
         _check_tree(data)
-        return data
-    return None
+    return data if isinstance(data, dict) else None
 
 
 def salvage_fields(payload: Secret) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def _check_text(text: str, what: str) -> None:
         raise PayloadError(f"{what} holds a lone UTF-16 surrogate (not encodable as UTF-8)", reason="encoding")
 
 
-def _check_tree(data: dict[str, Any]) -> None:
+def _check_tree(data: dict[str, Any] | list[Any]) -> None:
     """Depth and encoding of every container, key and string; iterative, so depth cannot hurt it."""
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
