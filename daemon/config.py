@@ -485,6 +485,9 @@ class OutputConfig(Model):
         default_factory=lambda: {"value": "{{ value }}"}, description="File name -> Jinja2 template."
     )
     env: dict[str, str] = Field(default_factory=dict, description="Env var -> template, for `baton exec`.")
+    keep_previous: int = Field(
+        1, ge=0, le=1000, description="Superseded versions kept on disk; older ones go once nothing holds them."
+    )
 
     @field_validator("owner", "group", mode="before")
     @classmethod

@@ -24,10 +24,13 @@ from typing import Any
 
 import pytest
 
-from daemon.config import OutputConfig
+from daemon.app import Agent
+from daemon.config import OutputConfig, parse_config
 from daemon.errors import WriteError
-from daemon.model import VersionId
+from daemon.model import Secret, VersionId
+from daemon.stores.local import LocalStore
 from daemon.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
+from tests.helpers import everything_logged, running_agent, until
 
 pytestmark = pytest.mark.hostile
 
@@ -396,3 +399,69 @@ def test_a_full_disk_leaves_no_temp_dir_behind_however_often_it_is_retried(small
     assert (out / "password").read_bytes() == V1["password"]
     assert w.current() == "1"
     w.close()
+
+
+# ---------------------------------------------------------------- finding 11: superseded versions leave the disk
+
+HOLD_OPEN = """
+import sys
+f = open(sys.argv[1])           # holds version 1 by an open fd
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def version_dirs(out: Path) -> set[str]:
+    return {n for n in os.listdir(out) if n.startswith("..v")}
+
+
+@pytest.mark.parametrize("keep", [1, 0])
+async def test_superseded_versions_an_operator_put_leave_the_disk_once_nothing_holds_them(
+    tree: Path, keep: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    values = [f"hostile-test-secret-put-{n}" for n in range(1, 5)]
+    store = LocalStore(tree / "store.db", watch_files=False)
+    store.put_sync("k", Secret(values[0]))
+    out = tree / "out"
+    config = parse_config(
+        {
+            "node_id": "n1",
+            "store": {"kind": "local", "path": str(tree / "store.db")},
+            "api": {"listen": f"unix:{tree / 'api.sock'}"},
+            "report": {"heartbeat": 0.2},
+            "agent": {"scan_interval": 0.1, "fanotify": "off"},
+            "credentials": [{"name": "db", "key": "k", "output": {"dir": str(out), "keep_previous": keep}}],
+        }
+    )
+    holder = None
+    try:
+        async with running_agent(Agent(config, install_signals=False)) as agent:
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLD_OPEN, str(out / "value")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
+            for n in (2, 3, 4):  # no rotator: nothing in the store is ever retired
+                store.put_sync("k", Secret(values[n - 1]))
+                await until(lambda n=n: agent.credentials["db"].version == str(n), timeout=10, what=f"version {n}")
+
+            # Version 2: superseded, held by nobody, older than the kept one(s): removed.
+            # Version 1 stays while a process holds it, however old.
+            await until(lambda: not any(d.startswith("..v2-") for d in version_dirs(out)), timeout=10, what="v2 gone")
+            dirs = version_dirs(out)
+            assert any(d.startswith("..v1-") for d in dirs)
+            assert any(d.startswith("..v3-") for d in dirs) is (keep == 1)
+            assert values[1].encode() not in bytes_under(out)
+
+            holder.stdin.close()  # type: ignore[union-attr]
+            holder.wait(5)
+            await until(lambda: not any(d.startswith("..v1-") for d in version_dirs(out)), timeout=10, what="v1 gone")
+            assert {d.split("-")[0] for d in version_dirs(out)} == ({"..v3", "..v4"} if keep else {"..v4"})
+            assert (out / "value").read_text() == values[3]
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder is not None and holder.stdout is not None:
+            holder.stdout.close()
+        store.close()
+    assert not any(v in everything_logged(caplog) for v in values)
