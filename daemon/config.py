@@ -241,6 +241,7 @@ class VaultStoreConfig(Model):
         "metadata", description="Node reports in custom_metadata, or one KV entry per node."
     )
     status_prefix: NonEmpty = Field("baton/status", description="KV prefix for status_path reports.")
+    lease_prefix: NonEmpty = Field("baton/lease", description="KV prefix of the rotators' leases (one per key).")
     retire: Literal["destroy", "delete"] = Field("destroy", description="How a retired version is removed.")
 
 
@@ -254,6 +255,7 @@ class AwsStoreConfig(Model):
     )
     dynamodb_table: str | None = Field(None, description="Table for reports: dynamodb.")
     draining_label: str = Field("BATON_DRAINING", description="Staging label kept on draining versions.")
+    lease_prefix: NonEmpty = Field("baton-lease/", description="Name prefix of the rotators' lease secrets.")
     timeout: Duration = Field(10.0, description="Connect and read timeout of each AWS request.")
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts per AWS request, retries included.")
 
@@ -454,6 +456,9 @@ class RotationConfig(Model):
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
     min_drain: DurationOrZero = Field(
         0.0, description="Keep a superseded version at least this long (for clients that read, close, connect later)."
+    )
+    lease_ttl: Duration = Field(
+        15.0, ge=0.3, description="The rotator's lease on this credential in the store: renewed every third of it."
     )
 
     @model_validator(mode="before")
@@ -689,8 +694,16 @@ _TAGS = {"local", "vault", "aws", "kubernetes"}
 _NAMED = re.compile(r"^[\w.]+: ")
 
 
+def path_part(p: int | str) -> str:
+    """One component of a field path, quoted when the file's key is not a plain name."""
+    # A key from the file (a file name, an unknown key) may hold anything, a
+    # newline or ": " included: quote it then, so a problem stays one line.
+    text = str(p)
+    return text if re.fullmatch(r"[\w.\-]{1,60}", text) else repr(text)[:62]
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "store" and p in _TAGS)]
+    parts = [path_part(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "store" and p in _TAGS)]
     return ".".join(parts)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import logging
 import re
@@ -33,10 +34,11 @@ import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from daemon.errors import PayloadError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
+from daemon.errors import PayloadError, StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
 from daemon.stores.awsclient import AwsClient, ErrorRules, classify
 from daemon.stores.base import StatusHook, check_payload
+from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -48,6 +50,7 @@ AWSPREVIOUS = "AWSPREVIOUS"
 AWSPENDING = "AWSPENDING"
 DRAINING = "draining"
 _STAGE_NAMES = {AWSCURRENT: CURRENT, AWSPREVIOUS: PREVIOUS, AWSPENDING: PENDING}
+_LEASE_NAME_BAD = re.compile(r"[^A-Za-z0-9/_+=.@-]")  # what a secret name may not hold
 
 # Secrets Manager's own codes; the ones every AWS API shares are in awsclient.
 _RULES = ErrorRules(conflict=frozenset({"ResourceExistsException", "PreconditionNotMetException"}))
@@ -176,6 +179,7 @@ class AwsStore:
         draining_label: str = "BATON_DRAINING",
         timeout: float = 10.0,
         max_attempts: int = 3,
+        lease_prefix: str = "baton-lease/",
     ) -> None:
         self.region = region
         self.endpoint_url = endpoint_url
@@ -183,6 +187,7 @@ class AwsStore:
         self.draining_label = draining_label
         self.timeout = timeout
         self.max_attempts = max_attempts
+        self.lease_prefix = lease_prefix
         self._aws = AwsClient(
             "secretsmanager",
             region=region,
@@ -204,6 +209,7 @@ class AwsStore:
             draining_label=store.draining_label,
             timeout=store.timeout,
             max_attempts=store.max_attempts,
+            lease_prefix=store.lease_prefix,
         )
 
     # ------------------------------------------------------------ plumbing
@@ -389,6 +395,66 @@ class AwsStore:
         if left:
             log.warning("retired version keeps foreign labels", extra={"key": key, "version": version, "labels": left})
         log.info("version retired", extra={"key": key, "version": version})
+
+    # ------------------------------------------------------------ rotator lease
+    #
+    # A lease is a secret of its own (``lease_prefix`` + the key), whose AWSCURRENT
+    # version holds the record; its VersionId is the revision. Secrets Manager has
+    # no conditional write, but it has one conditional move: UpdateSecretVersionStage
+    # of AWSCURRENT with RemoveFromVersionId succeeds only while AWSCURRENT is still
+    # on that version. A write puts the new record under a label of the writer's
+    # own (so it is not current yet), then moves AWSCURRENT onto it off the
+    # expected version: of two writers expecting one version, one move succeeds.
+    # The label moves on with the writer's next put; versions left without a label
+    # are deprecated, and deleted, by AWS itself.
+
+    def _lease_name(self, key: str) -> str:
+        return (self.lease_prefix + _LEASE_NAME_BAD.sub("_", key))[:512]
+
+    async def read_lease(self, key: str) -> LeaseRecord | None:
+        name = self._lease_name(key)
+        try:
+            resp = await self._call("get_secret_value", name, SecretId=name, VersionStage=AWSCURRENT)
+        except StoreNotFound:
+            return None
+        return LeaseRecord.from_json(str(resp.get("SecretString", "")), revision=str(resp["VersionId"]))
+
+    async def write_lease(self, key: str, record: LeaseRecord, *, expect: str | None) -> LeaseRecord | None:
+        name = self._lease_name(key)
+        text = record.to_json()
+        if expect is None:
+            try:
+                resp = await self._call(
+                    "create_secret",
+                    name,
+                    Name=name,
+                    SecretString=text,
+                    ClientRequestToken=str(uuid.uuid4()),
+                    Description=f"Baton rotator lease of {key}"[:2048],
+                )
+            except StoreConflict:
+                return None  # another contender created it first
+            return record.at(str(resp["VersionId"]))
+        label = "BATON_LEASE_" + hashlib.sha256(record.holder.encode()).hexdigest()[:16]
+        put = await self._call(
+            "put_secret_value",
+            name,
+            SecretId=name,
+            SecretString=text,
+            VersionStages=[label],
+            ClientRequestToken=str(uuid.uuid4()),
+        )
+        vid = str(put["VersionId"])
+        try:
+            await self._move(name, AWSCURRENT, to=vid, off=expect)
+        except StoreAuthError:
+            raise
+        except StoreError:
+            # Lost the move, or won it and lost the answer (a retry then fails): the store says which.
+            labels = await self._labels(name)
+            if AWSCURRENT not in labels.get(vid, []):
+                return None
+        return record.at(vid)
 
     # ------------------------------------------------------------ metadata
 

@@ -28,12 +28,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ from daemon.errors import (
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
 from daemon.stores.base import MAX_PAYLOAD, StatusHook, check_payload
+from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -68,6 +70,8 @@ GENERIC_PREFIX = "baton."
 CREATED = "baton.io/created"
 RETIRED = "baton.io/retired-version"
 COMPANION_OF = "baton.io/companion-of"
+LEASE_SUFFIX = "-baton-lease"
+LEASE_RECORD = "baton.io/lease"
 MERGE_PATCH = "application/merge-patch+json"
 
 _NAME_PART = 63  # the name part of an annotation key (after the '/') is at most 63 characters
@@ -594,6 +598,64 @@ class KubernetesStore:
             log.info("retired version", extra={"key": key, "version": version})
             return
         # Not found anywhere: already retired (idempotent), or never existed.
+
+    # ------------------------------------------------------------ rotator lease
+    #
+    # A coordination.k8s.io/v1 Lease ``<key>-baton-lease`` per key, as kubectl
+    # shows leases (holderIdentity, renewTime, leaseDurationSeconds), with Baton's
+    # exact record in an annotation. Its resourceVersion is the revision: a PUT
+    # carrying it, or a POST of a new Lease, answers 409 to the second writer.
+
+    async def _coord(self) -> Any:
+        core = await self._core()
+        return client.CoordinationV1Api(core.api_client)  # the same client (and connection pool) as _core's
+
+    async def read_lease(self, key: str) -> LeaseRecord | None:
+        name = key + LEASE_SUFFIX
+        coord = await self._coord()
+        try:
+            obj = await kube_call(
+                coord.read_namespaced_lease(
+                    name, self.namespace, _preload_content=False, _request_timeout=self.request_timeout
+                ),
+                op="get lease",
+                what=name,
+            )
+        except StoreNotFound:
+            return None
+        text = (obj["metadata"].get("annotations") or {}).get(LEASE_RECORD, "")
+        return LeaseRecord.from_json(text, revision=str(obj["metadata"]["resourceVersion"]))
+
+    async def write_lease(self, key: str, record: LeaseRecord, *, expect: str | None) -> LeaseRecord | None:
+        name = key + LEASE_SUFFIX
+        coord = await self._coord()
+        metadata: Obj = {"name": name, "namespace": self.namespace, "annotations": {LEASE_RECORD: record.to_json()}}
+        if expect is not None:
+            metadata["resourceVersion"] = expect
+        renewed = datetime.fromtimestamp(record.renewed, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": metadata,
+            "spec": {
+                "holderIdentity": record.holder or None,
+                "leaseDurationSeconds": max(1, math.ceil(record.ttl)),
+                "renewTime": renewed,
+            },
+        }
+        kw = {"_preload_content": False, "_request_timeout": self.request_timeout}
+        try:
+            if expect is None:
+                obj = await kube_call(
+                    coord.create_namespaced_lease(self.namespace, body, **kw), op="create lease", what=name
+                )
+            else:
+                obj = await kube_call(
+                    coord.replace_namespaced_lease(name, self.namespace, body, **kw), op="replace lease", what=name
+                )
+        except StoreConflict:
+            return None  # another contender wrote first
+        return record.at(str(obj["metadata"]["resourceVersion"]))
 
     # ------------------------------------------------------------ metadata
 

@@ -7,6 +7,8 @@ watcher task, which reads the current version ids of all keys in one query
 idle agent costs nothing and 100 credentials cost one query. Metadata entries are
 merged in one transaction per call, so two nodes writing their own report
 keys can never overwrite each other. A retired version's payload is erased.
+A rotator lease (daemon.stores.lease) is one row per key in ``leases``, checked
+and written in one ``BEGIN IMMEDIATE`` transaction.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from daemon.errors import StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, Secret, SecretVersion, VersionId, VersionInfo
 from daemon.stores.base import StatusHook, check_payload
+from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
     from daemon.config import Config
@@ -51,6 +54,11 @@ CREATE TABLE IF NOT EXISTS metadata (
     name  TEXT NOT NULL,
     value TEXT NOT NULL,
     PRIMARY KEY (key, name)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    key      TEXT    PRIMARY KEY,
+    record   TEXT    NOT NULL,
+    revision INTEGER NOT NULL
 );
 """
 
@@ -331,6 +339,43 @@ class LocalStore:
 
     async def read_metadata(self, key: str) -> dict[str, str]:
         return await asyncio.to_thread(self.read_metadata_sync, key)
+
+    # ------------------------------------------------------------ rotator lease
+
+    def read_lease_sync(self, key: str) -> LeaseRecord | None:
+        row = self._run(lambda c: c.execute("SELECT record, revision FROM leases WHERE key=?", (key,)).fetchone())
+        return None if row is None else LeaseRecord.from_json(row[0], revision=str(row[1]))
+
+    async def read_lease(self, key: str) -> LeaseRecord | None:
+        return await asyncio.to_thread(self.read_lease_sync, key)
+
+    def write_lease_sync(self, key: str, record: LeaseRecord, *, expect: str | None) -> LeaseRecord | None:
+        """Check and write in one BEGIN IMMEDIATE transaction: of two writers expecting one revision, one wins."""
+
+        def tx(c: sqlite3.Connection) -> int | None:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                row = c.execute("SELECT revision FROM leases WHERE key=?", (key,)).fetchone()
+                if (None if row is None else str(row[0])) != expect:
+                    c.execute("ROLLBACK")
+                    return None
+                revision = 1 if row is None else int(row[0]) + 1
+                c.execute(
+                    "INSERT INTO leases (key, record, revision) VALUES (?,?,?) "
+                    "ON CONFLICT (key) DO UPDATE SET record=excluded.record, revision=excluded.revision",
+                    (key, record.to_json(), revision),
+                )
+                c.execute("COMMIT")
+                return revision
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        revision = self._run(tx)
+        return None if revision is None else record.at(str(revision))
+
+    async def write_lease(self, key: str, record: LeaseRecord, *, expect: str | None) -> LeaseRecord | None:
+        return await asyncio.to_thread(self.write_lease_sync, key, record, expect=expect)
 
     # ------------------------------------------------------------ watch
 
