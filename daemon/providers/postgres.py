@@ -531,12 +531,18 @@ class PostgresProvider:
             candidates = [slot_a]
         else:
             candidates = [slot_a, slot_b]
-        live = []
+        live: list[str] = []
         async with self._admin() as conn:
             for slot in candidates:
                 info = await self._role(conn, slot)
                 sessions = await self._sessions_of(conn, slot) if info is not None else 0
                 if info is None or (not info.can_login and not sessions):
+                    if live:
+                        log.warning(
+                            "role %s is live and no current version names it; it is left as it is",
+                            live[0],
+                            extra={"role": candidates[0], "event": "live_role_left"},
+                        )
                     return slot
                 said = "can log in" if info.can_login else "is locked"
                 live.append(f"{slot} ({said}, {sessions} session(s))")

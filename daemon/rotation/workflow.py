@@ -33,7 +33,9 @@ can kill the rotator inside each of them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -155,6 +157,19 @@ def _test_delay() -> float:
         return 0.0
 
 
+def _fingerprint(payload: Secret) -> str:
+    """A digest that survives a store's round trip: Vault gives a JSON object back
+    with its keys sorted and no spaces, so an object is hashed in that form."""
+    text = payload.reveal()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _state(meta: Mapping[str, str]) -> dict[str, Any]:
     try:
         state = json.loads(meta.get(STATE_KEY, "") or "{}")
@@ -188,6 +203,7 @@ class CredentialRotator:
         self.retired_total = 0
         self.retired_event = asyncio.Event()  # set whenever a version is retired
         self._seen: set[str] = set()
+        self._had_current = False  # this rotator has seen a current version (so a missing one was lost)
         self._full_at: float | None = None  # monotonic time of the last full evaluate
         self._full_new = ""  # the current version that evaluate judged against
         self._blocking: dict[str, set[str]] = {}  # version -> nodes still to re-read (quick check)
@@ -231,6 +247,7 @@ class CredentialRotator:
             owned = ledger(meta)
             await self._settle(versions, owned)
             current = await self._current_payload()
+            self._had_current = self._had_current or current is not None
             found = await self._in_flight(versions, owned, _state(meta))
             if found is not None:
                 info, new = found
@@ -249,7 +266,7 @@ class CredentialRotator:
                     )
                     self.last_outcome = outcome
                     return outcome
-                if current is None and (versions or owned or LAST_KEY in meta):
+                if current is None and (versions or owned or LAST_KEY in meta or self._had_current):
                     event(
                         log,
                         "current_version_lost",
@@ -263,15 +280,18 @@ class CredentialRotator:
                 principal = self._principal(new)
                 step = "write"
                 # Said before the data write, so a write that lands unrecorded is found again.
-                await self._record(None, "creating", digest=new.digest(), principal=principal)
+                # A key that does not exist yet has no metadata to say it in (Vault, AWS);
+                # its store records the first version as it makes the key.
+                with contextlib.suppress(StoreNotFound):
+                    await self._record(None, "creating", digest=_fingerprint(new), principal=principal)
                 info = await self.store.create(self.key, new)
-                await self._record(info.id, "created", digest=new.digest(), principal=principal)
+                await self._record(info.id, "created", digest=_fingerprint(new), principal=principal)
             step = "apply"
             await self.provider.apply(new, current=current)
-            await self._record(info.id, "applied", digest=new.digest(), principal=self._principal(new))
+            await self._record(info.id, "applied", digest=_fingerprint(new), principal=self._principal(new))
             step = "test"
             await self.provider.test(new)
-            await self._record(info.id, "tested", digest=new.digest(), principal=self._principal(new))
+            await self._record(info.id, "tested", digest=_fingerprint(new), principal=self._principal(new))
             step = "promote"
             await self.store.promote(self.key, info.id)
             await self.store.merge_metadata(
@@ -332,7 +352,7 @@ class CredentialRotator:
             except StoreNotFound:
                 continue
             if own is None:
-                if payload.digest() != digest:
+                if _fingerprint(payload) != digest:
                     if PENDING in info.stages:
                         self._foreign(info.id, "pending, but not written by Baton: not applied")
                     continue

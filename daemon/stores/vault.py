@@ -19,8 +19,11 @@ values are strings, lists are comma-separated version numbers):
                     that KV reports deleted or destroyed counts as retired too.
     baton.node.*    node reports of ``reports: metadata`` (daemon/report/metadata.py).
 
-- ``create`` writes with ``cas`` = the current KV version, so a concurrent
-  writer makes it fail with ``StoreConflict``, then records the version pending.
+- ``create`` records the version it is about to write pending (with ``cas`` =
+  the current KV version, the new one is that plus one), then writes it with
+  that ``cas``, so a concurrent writer makes it fail with ``StoreConflict`` and
+  a write whose answer is lost is pending all the same. It refuses a write that
+  would make KV's ``max_versions`` purge a version that is not retired.
 - ``promote`` is one metadata PATCH (current, pending and previous together),
   which Vault applies atomically. Metadata has no check-and-set, so two
   rotators of one credential could race; the rotator's lease keeps it to one.
@@ -146,6 +149,7 @@ class _Meta:
     current_version: int
     versions: dict[int, _VersionMeta]
     custom: dict[str, str] = field(default_factory=dict)
+    max_versions: int = 0  # the key's own setting; 0: the mount's
 
     @classmethod
     def parse(cls, resp: Any) -> _Meta:
@@ -160,7 +164,12 @@ class _Meta:
                 destroyed=bool(v.get("destroyed")),
             )
         custom = {str(k): str(v) for k, v in (data.get("custom_metadata") or {}).items()}
-        return cls(current_version=int(data.get("current_version") or 0), versions=versions, custom=custom)
+        return cls(
+            current_version=int(data.get("current_version") or 0),
+            versions=versions,
+            custom=custom,
+            max_versions=int(data.get("max_versions") or 0),
+        )
 
     @property
     def current(self) -> int:
@@ -335,6 +344,7 @@ class VaultStore:
         self._grant: _Grant | None = None
         self._renew_at: float | None = None
         self._closed = False
+        self._mount_max: int | None = None
 
     @classmethod
     def from_config(cls, config: Config) -> VaultStore:
@@ -626,17 +636,33 @@ class VaultStore:
             # version stays pending like any other.
             await self._call(
                 f"create metadata of {key}",
-                lambda c: c.adapter.post(self._url("metadata", key), json={"custom_metadata": {K_CURRENT: "0"}}),
+                lambda c: c.adapter.post(
+                    self._url("metadata", key), json={"custom_metadata": {K_CURRENT: "0", K_PENDING: "1"}}
+                ),
             )
-            cas, pending = 0, frozenset[int]()
+            cas, pending = 0, frozenset({1})
         else:
-            cas, pending = meta.current_version, meta.pending
+            await self._check_room(key, meta)
+            cas = meta.current_version
+            # The version this write makes (cas: KV numbers versions one by one) is
+            # recorded pending *before* the write, in the same PATCH that pins the
+            # current one: a write whose answer is lost (slow, or the writer died)
+            # is still pending, never a stray version nobody recorded.
+            pending = frozenset({n for n in meta.pending if not meta.gone(n)} | {cas + 1})
+            entries = {K_PENDING: _join(pending)}
             if K_CURRENT not in meta.custom:
                 # Pin the current version before the write makes the new one KV's newest.
-                await self._patch(key, {K_CURRENT: str(meta.current_version)})
-        resp = await self._write(key, data, cas=cas)
+                entries[K_CURRENT] = str(meta.current_version)
+            await self._patch(key, entries)
+        try:
+            resp = await self._write(key, data, cas=cas)
+        except StoreConflict:
+            # Someone else's write made that version: it is not pending.
+            await self._patch(key, {K_PENDING: _join(pending - {cas + 1})})
+            raise
         number = int(resp["data"]["version"])
-        await self._patch(key, {K_PENDING: _join(pending | {number})})
+        if number != cas + 1:  # not with cas; kept honest all the same
+            await self._patch(key, {K_PENDING: _join((pending - {cas + 1}) | {number})})
         log.info("vault version created", extra={"key": key, "version": number})
         return VersionInfo(
             id=VersionId(str(number)),
@@ -644,13 +670,42 @@ class VaultStore:
             created=_parse_time(resp["data"].get("created_time")),
         )
 
+    async def _check_room(self, key: str, meta: _Meta) -> None:
+        """Refuse a write that would make KV purge a version Baton has not retired.
+
+        KV v2 keeps ``max_versions`` versions (the key's, else the mount's, 10 when
+        unset) and permanently deletes the oldest on the next write, whatever it is.
+        """
+        limit = meta.max_versions or await self._mount_max_versions()
+        numbers = sorted(meta.versions)
+        over = len(numbers) + 1 - limit
+        if over <= 0:
+            return
+        live = [n for n in numbers[:over] if not meta.info(n).retired]
+        if live:
+            raise StoreError(
+                f"vault {key}: a new version would make KV purge version(s) {_join(set(live))}, which are not "
+                f"retired (max_versions {limit}); nothing was written. Retire them, or raise max_versions of the key"
+            )
+
+    async def _mount_max_versions(self) -> int:
+        if self._mount_max is None:
+            try:
+                url = f"/v1/{self.mount}/config"
+                resp = await self._call(f"read config of {self.mount}", lambda c: c.adapter.get(url))
+                self._mount_max = int((resp.get("data") or {}).get("max_versions") or 0) or 10
+            except StoreError:
+                self._mount_max = 10  # a token without read on <mount>/config: KV's default
+        return self._mount_max
+
     async def promote(self, key: str, version: VersionId) -> None:
         number = _parse_version(version)
         meta = await self._metadata(key)
         if meta.gone(number):
             raise StoreNotFound(f"vault {key}: version {number} does not exist or is deleted")
         old = meta.current
-        pending = meta.pending - {number}
+        # Older pending versions (a write by hand, an abandoned attempt) are pending no more.
+        pending = frozenset(n for n in meta.pending if n > number)
         previous = set(meta.previous)
         if old and old != number and not meta.gone(old):
             previous.add(old)

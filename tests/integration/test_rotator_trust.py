@@ -1,0 +1,462 @@
+"""Issue 18 on real servers: the rotator retires only what it applied, and never re-passwords a live role.
+
+Each test first does what broke it (a real OpenBao dev server, moto_server,
+PostgreSQL 15): an operator's ``bao kv put``/``bao kv metadata delete`` typed
+as an operator types it, staging labels removed by hand with boto3, ``baton
+store put`` of a seed, a slow answer through ``tests/doubles/faultproxy.py``,
+a rotator that dies between the store's write and Baton's record, and a token
+that may write data but not patch metadata. Then it checks the current
+credential still logs in, what Baton said (events), and that nothing in use
+was retired or re-passworded. No secret value may appear in the captured logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import Config, ProviderConfig, VaultAuthConfig
+from daemon.errors import StoreError
+from daemon.model import Secret, VersionId
+from daemon.providers.postgres import PostgresProvider
+from daemon.report.base import NodeReport
+from daemon.report.metadata import MetadataReporter
+from daemon.rotation.workflow import OWN_PREFIX, CredentialRotator
+from daemon.stores.aws import AwsStore
+from daemon.stores.base import SecretStore
+from daemon.stores.local import LocalStore
+from daemon.stores.vault import VaultStore
+from tests.doubles.faultproxy import FaultProxy, Rule
+from tests.fixtures.moto import MotoServer
+from tests.fixtures.postgres import PgScratch, login_error
+from tests.fixtures.vault import VaultTarget
+
+pytestmark = pytest.mark.integration
+
+BAO = Path(sys.executable).with_name("bao")
+
+
+@dataclass
+class Db:
+    scratch: PgScratch
+    strategy: str
+    base: str
+    grant: str
+
+    def provider(self) -> PostgresProvider:
+        return PostgresProvider(
+            ProviderConfig(
+                kind="postgres",
+                admin_dsn_file=self.scratch.admin_dsn_file,
+                strategy=self.strategy,  # type: ignore[arg-type]
+                username=self.base,
+                grant_role=self.grant,
+                database=self.scratch.dbname,
+            )
+        )
+
+    async def login(self, payload: Secret) -> str | None:
+        data = json.loads(payload.reveal())
+        return await login_error(
+            self.scratch.cluster, user=data["username"], password=data["password"], dbname=self.scratch.dbname
+        )
+
+    def can_login(self, role: str) -> bool | None:
+        rows = self.scratch.admin_sql(f"SELECT rolcanlogin FROM pg_roles WHERE rolname = '{role}'")
+        return None if not rows else bool(rows[0][0])
+
+
+def make_db(scratch: PgScratch, strategy: str) -> Db:
+    db = Db(scratch=scratch, strategy=strategy, base=f"{scratch.prefix}app", grant=f"{scratch.prefix}rw")
+    scratch.admin_sql(f"CREATE ROLE {db.grant} NOLOGIN")
+    return db
+
+
+def make_config(tmp_path: Path, key: str) -> Config:
+    return Config.model_validate(
+        {
+            "node_id": "rotator-1",
+            "store": {"kind": "local", "path": str(tmp_path / "unused.db")},
+            "report": {"heartbeat": 10, "ttl": 30},
+            "credentials": [
+                {
+                    "name": "db",
+                    "key": key,
+                    "output": {"dir": str(tmp_path / "out")},
+                    "rotation": {"every": 3600, "max_draining": 1},
+                }
+            ],
+        }
+    )
+
+
+def rotator(tmp_path: Path, key: str, store: SecretStore, provider: Any) -> CredentialRotator:
+    config = make_config(tmp_path, key)
+    return CredentialRotator(
+        config=config,
+        credential=config.credentials[0],
+        store=store,
+        reporter=MetadataReporter(store),
+        provider=provider,
+    )
+
+
+async def everyone_on(store: SecretStore, key: str, version: str) -> None:
+    """One node, on ``version``, holding nothing else."""
+    report = NodeReport(node="node-a", credential="db", current=version, heartbeat=time.time(), agent_version="t")
+    await MetadataReporter(store).publish(key, report)
+
+
+def role_of(payload: Secret) -> str:
+    return str(json.loads(payload.reveal())["username"])
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == name]
+
+
+def assert_no_secret(caplog: pytest.LogCaptureFixture, *payloads: Secret) -> None:
+    texts = [caplog.text, *(repr(vars(r)) for r in caplog.records)]
+    for p in payloads:
+        password = json.loads(p.reveal())["password"]
+        assert not any(password in t for t in texts)
+
+
+# ---------------------------------------------------------------- OpenBao
+
+
+@pytest.fixture
+async def bao_store(openbao: VaultTarget) -> AsyncIterator[VaultStore]:
+    store = VaultStore(
+        url=openbao.url,
+        auth=VaultAuthConfig(method="token"),
+        env={"VAULT_TOKEN": openbao.root_token},
+        timeout=5.0,
+    )
+    yield store
+    await store.aclose()
+
+
+def bao(openbao: VaultTarget, *argv: str) -> str:
+    """The ``bao`` CLI as an operator runs it (token in the environment, never on the command line)."""
+    env = {**os.environ, "BAO_ADDR": openbao.url, "BAO_TOKEN": openbao.root_token, "HOME": "/tmp"}
+    done = subprocess.run([str(BAO), *argv], env=env, capture_output=True, text=True, timeout=30, check=True)
+    return done.stdout
+
+
+def kv_versions(openbao: VaultTarget, key: str) -> int:
+    c = openbao.client()
+    try:
+        return len(c.adapter.get(f"/v1/secret/metadata/{key}")["data"]["versions"])
+    finally:
+        c.adapter.close()
+
+
+async def test_a_version_written_by_hand_is_retired_in_the_store_only_and_never_drops_the_current_role(
+    openbao: VaultTarget,
+    openbao_prefix: str,
+    bao_store: VaultStore,
+    pg_scratch: PgScratch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    db = make_db(pg_scratch, "role-per-version")
+    r = rotator(tmp_path, key, bao_store, db.provider())
+    assert (await r.rotate()).result == "rotated"
+    await everyone_on(bao_store, key, "1")
+    assert (await r.rotate()).result == "rotated"
+    await everyone_on(bao_store, key, "2")
+    assert await r.retire_ready() == ["1"]
+
+    # The operator writes the next role's name by hand (finding 1).
+    bao(openbao, "kv", "put", f"secret/{key}", f"username={db.base}_v3", "password=typed-by-hand")
+    outcome = await r.rotate()
+    assert outcome.result == "rotated" and outcome.version == "4"
+    current = (await bao_store.read(key)).payload
+    assert role_of(current) == f"{db.base}_v3", "no role _v3 existed: the fresh name is _v3"
+    await everyone_on(bao_store, key, "4")
+
+    assert sorted(await r.retire_ready()) == ["2", "3"]
+
+    assert await db.login(current) is None, "the current role must still log in"
+    assert db.can_login(f"{db.base}_v3") is True
+    assert db.can_login(f"{db.base}_v2") is None, "Baton's own superseded role was dropped"
+    [store_only] = events(caplog, "retired_in_store_only")
+    assert store_only.version == "3" and store_only.found == "not applied by Baton"  # type: ignore[attr-defined]
+    meta = await bao_store.read_metadata(key)
+    assert {k for k in meta if k.startswith(OWN_PREFIX)} == {OWN_PREFIX + "4"}
+    assert_no_secret(caplog, current)
+
+
+async def test_a_slow_answer_to_the_data_write_is_resumed_not_written_again(
+    openbao: VaultTarget,
+    openbao_prefix: str,
+    bao_store: VaultStore,
+    pg_scratch: PgScratch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    db = make_db(pg_scratch, "alternating-users")
+    host, port = openbao.url.removeprefix("http://").split(":")
+    proxy = await FaultProxy(host, int(port)).start()
+    slow = VaultStore(
+        url=proxy.url, auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": openbao.root_token}, timeout=0.5
+    )
+    try:
+        r = rotator(tmp_path, key, slow, db.provider())
+        assert (await r.rotate()).result == "rotated"
+        first = (await bao_store.read(key)).payload
+        await everyone_on(bao_store, key, "1")
+        # The data write lands, its answer comes after the store's timeout.
+        proxy.rules.append(Rule("POST", f"/v1/secret/data/{key}", delay=1.5))
+
+        failed = await r.rotate()
+
+        assert (failed.result, failed.step) == ("failed", "write")
+        assert kv_versions(openbao, key) == 2
+        writes = [p for m, p in proxy.seen if m == "POST" and "/data/" in p]
+        resumed = await r.rotate()
+        assert resumed.result == "rotated" and resumed.version == "2"
+        assert [p for m, p in proxy.seen if m == "POST" and "/data/" in p] == writes, "no second data write"
+        assert kv_versions(openbao, key) == 2
+        assert len(events(caplog, "rotation_resumed")) == 1
+        second = (await bao_store.read(key)).payload
+        assert role_of(second) == f"{db.base}_b" and await db.login(second) is None
+        assert await db.login(first) is None, "the previous slot keeps working until retired"
+        assert_no_secret(caplog, first, second)
+    finally:
+        await slow.aclose()
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("operator", ["kv metadata delete", "kv delete"])
+async def test_a_lost_secret_never_re_passwords_the_slot_in_use(
+    openbao: VaultTarget,
+    openbao_prefix: str,
+    bao_store: VaultStore,
+    pg_scratch: PgScratch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    operator: str,
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    db = make_db(pg_scratch, "alternating-users")
+    r = rotator(tmp_path, key, bao_store, db.provider())
+    for n in (1, 2, 3):  # a, b, a: slot a is current, b was retired (NOLOGIN)
+        assert (await r.rotate()).result == "rotated"
+        await everyone_on(bao_store, key, str(n))
+        await r.retire_ready()
+    live = (await bao_store.read(key)).payload
+    assert role_of(live) == f"{db.base}_a" and db.can_login(f"{db.base}_b") is False
+
+    bao(openbao, *operator.split(), f"secret/{key}")  # finding 2
+    outcome = await r.rotate()
+
+    assert outcome.result == "rotated"
+    assert len(events(caplog, "current_version_lost")) == 1
+    new = (await bao_store.read(key)).payload
+    assert role_of(new) == f"{db.base}_b", "the live slot a is not re-passworded"
+    assert await db.login(live) is None, "what consumers hold keeps working"
+    assert await db.login(new) is None
+    # With slot a still live and no version naming it, the next rotation stops and says why.
+    await everyone_on(bao_store, key, outcome.version or "")
+    await r.retire_ready()
+    stopped = await r.rotate()
+    if stopped.result == "failed":
+        assert stopped.step == "create" and "will not re-password a live role" in (stopped.error or "")
+    assert await db.login(live) is None
+    assert_no_secret(caplog, live, new)
+
+
+async def test_a_token_that_cannot_patch_metadata_writes_no_version(
+    openbao: VaultTarget, openbao_prefix: str, bao_store: VaultStore, tmp_path: Path
+) -> None:
+    from daemon.config import GeneratorConfig
+    from daemon.providers.password import PasswordProvider
+
+    key = f"{openbao_prefix}/db"
+    c = openbao.client()
+    try:
+        c.sys.create_or_update_policy(
+            name="write-no-patch",
+            policy=(
+                f'path "secret/data/{openbao_prefix}/*" {{ capabilities = ["create", "update", "read"] }}\n'
+                f'path "secret/metadata/{openbao_prefix}/*" {{ capabilities = ["read", "list"] }}'
+            ),
+        )
+        token = c.auth.token.create(policies=["write-no-patch"], ttl="1h")["auth"]["client_token"]
+    finally:
+        c.adapter.close()
+    openbao.write(key, {"value": "seed-value-123"})
+    limited = VaultStore(url=openbao.url, auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token})
+    try:
+        r = rotator(tmp_path, key, limited, PasswordProvider(GeneratorConfig(length=24)))
+        outcomes = [await r.rotate() for _ in range(12)]  # finding 5: more than KV's 10
+    finally:
+        await limited.aclose()
+
+    assert {(o.result, o.step) for o in outcomes} == {("failed", "write")}
+    assert kv_versions(openbao, key) == 1, "nothing is written while the record of it cannot be"
+    assert (await bao_store.read(key)).payload == Secret("seed-value-123")
+
+
+async def test_a_write_that_would_make_kv_purge_a_live_version_is_refused(
+    openbao: VaultTarget, openbao_prefix: str, bao_store: VaultStore
+) -> None:
+    key = f"{openbao_prefix}/db"
+    bao(openbao, "kv", "put", f"secret/{key}", "value=live-one")
+    bao(openbao, "kv", "metadata", "put", "-max-versions=3", f"secret/{key}")
+    await bao_store.promote(key, VersionId("1"))
+    for n in (2, 3):
+        bao(openbao, "kv", "put", f"secret/{key}", f"value=by-hand-{n}")
+
+    with pytest.raises(StoreError, match=r"would make KV purge version\(s\) 1, which are not retired"):
+        await bao_store.create(key, Secret("next-value"))
+
+    assert kv_versions(openbao, key) == 3
+    assert (await bao_store.read(key)).payload == Secret("live-one")
+    await bao_store.retire(key, VersionId("2"))  # the oldest is retired: room for one more
+    await bao_store.promote(key, VersionId("3"))
+    await bao_store.retire(key, VersionId("1"))
+    info = await bao_store.create(key, Secret("next-value"))
+    assert info.id == "4"
+
+
+# ---------------------------------------------------------------- moto
+
+
+@pytest.fixture
+async def aws_store(moto: MotoServer) -> AsyncIterator[AwsStore]:
+    store = AwsStore(endpoint_url=moto.url, poll_interval=0.05, timeout=5.0)
+    yield store
+    await store.aclose()
+
+
+@pytest.fixture
+def sm(moto: MotoServer) -> Iterator[Any]:
+    with moto.client("secretsmanager") as client:
+        yield client
+
+
+async def test_labels_removed_by_hand_do_not_end_a_drain(
+    aws_store: AwsStore, sm: Any, pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = "app/db-labels"
+    seed_secret(sm, key)
+    db = make_db(pg_scratch, "alternating-users")
+    r = rotator(tmp_path, key, aws_store, db.provider())
+    first = (await r.rotate()).version
+    assert first is not None
+    await everyone_on(aws_store, key, first)
+    assert len(await r.retire_ready()) == 1  # the seed
+    second = (await r.rotate()).version
+    draining = (await aws_store.read(key, VersionId(first))).payload
+
+    # Finding 3: the operator strips every label from the draining version.
+    for label in sm.describe_secret(SecretId=key)["VersionIdsToStages"][first]:
+        sm.update_secret_version_stage(SecretId=key, VersionStage=label, RemoveFromVersionId=first)
+    assert [v.retired for v in await aws_store.versions(key) if v.id == first] == [True]
+
+    postponed = await r.rotate()
+    assert postponed.result == "postponed", "the version Baton promoted still drains"
+    assert await db.login(draining) is None
+    assert db.can_login(role_of(draining)) is True
+
+    await everyone_on(aws_store, key, second or "")
+    assert await r.retire_ready() == [first]
+    assert db.can_login(role_of(draining)) is False, "retired through the provider, by Baton"
+    assert (await r.rotate()).result == "rotated"
+    assert_no_secret(caplog, draining)
+
+
+def seed_secret(sm: Any, key: str) -> None:
+    """The secret as an operator makes it before Baton takes over (moto answers 500, not
+    ResourceNotFound, to ListSecretVersionIds of a secret that does not exist)."""
+    sm.create_secret(Name=key, SecretString=json.dumps({"username": "seed"}))
+
+
+class Died(BaseException):
+    """The rotator process dying (not an error it could handle)."""
+
+
+class DiesAfterCreate(AwsStore):
+    async def create(self, key: str, payload: Secret) -> Any:
+        await super().create(key, payload)
+        raise Died
+
+
+async def test_a_rotator_that_dies_between_the_data_write_and_its_record_resumes_that_version(
+    moto: MotoServer, aws_store: AwsStore, sm: Any, pg_scratch: PgScratch, tmp_path: Path
+) -> None:
+    key = "app/db-died"
+    seed_secret(sm, key)
+    db = make_db(pg_scratch, "alternating-users")
+    dying = DiesAfterCreate(endpoint_url=moto.url, timeout=5.0)
+    try:
+        with pytest.raises(Died):
+            await rotator(tmp_path, key, dying, db.provider()).rotate()
+    finally:
+        await dying.aclose()
+    assert len(sm.list_secret_version_ids(SecretId=key)["Versions"]) == 2
+
+    outcome = await rotator(tmp_path, key, aws_store, db.provider()).rotate()
+
+    assert outcome.result == "rotated"
+    assert len(sm.list_secret_version_ids(SecretId=key)["Versions"]) == 2, "resumed, not written again"
+    assert await db.login((await aws_store.read(key)).payload) is None
+    assert OWN_PREFIX + (outcome.version or "") in await aws_store.read_metadata(key)
+
+
+# ---------------------------------------------------------------- local store, the operator's CLI
+
+
+def baton_store(path: Path, *argv: str, stdin: str | None = None) -> str:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("baton")), "store", "--path", str(path), *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+async def test_a_seed_the_provider_did_not_make_never_stalls_rotation(
+    pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    key = "app/db"
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps({"username": "seed"}))
+    baton_store(tmp_path / "store.db", "put", key, "--value-file", str(seed))  # finding 4
+    store = LocalStore(tmp_path / "store.db", watch_files=False)
+    try:
+        db = make_db(pg_scratch, "alternating-users")
+        r = rotator(tmp_path, key, store, db.provider())
+        assert (await r.rotate()).result == "rotated"
+        await everyone_on(store, key, "2")
+
+        assert await r.retire_ready() == ["1"]
+        assert not any("cannot list sessions" in reason for d in r.last_decisions for reason in d.reasons)
+        [warned] = events(caplog, "retired_in_store_only")
+        assert warned.version == "1"  # type: ignore[attr-defined]
+        assert (await r.rotate()).result == "rotated", "rotation goes on"
+    finally:
+        await store.aclose()
