@@ -39,6 +39,12 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 psmisc lsof >/dev/null; \
 		else echo "missing PostgreSQL 15 / psmisc / lsof and cannot apt-get install them" >&2; fi; \
 	fi
+	@# tests/systemd: systemd-nspawn boots a Debian rootfs that mmdebstrap builds (cached in .cache/).
+	@if ! command -v systemd-nspawn >/dev/null || ! command -v mmdebstrap >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd-container mmdebstrap >/dev/null; \
+		else echo "missing systemd-nspawn / mmdebstrap and cannot apt-get install them: tests/systemd will skip" >&2; fi; \
+	fi
 
 # The fuzz suite and the crash campaigns, long: the same tests make test runs
 # with bounded counts (tests/fuzz/conftest.py), here with BATON_FUZZ=1.
@@ -58,6 +64,7 @@ bench: $(STAMP) system-deps
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build daemon/usage/_fdscan.*.so
+	rm -rf .cache/systemd-rootfs
 
 # Packaging lint tools (tests/integration/test_packaging.py) in a venv of their
 # own: checkov's pinned dependencies clash with the main venv's (boto3/botocore).
