@@ -142,9 +142,13 @@ class _Conn(asyncio.Protocol):
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:
+    """Who is on the other end: a uid on a unix socket (the kernel's word), else an address."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family == socket.AF_UNIX:
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return "uid:?"
         return f"uid:{struct.unpack('3i', creds)[1]}"
     peername = transport.get_extra_info("peername")
     return f"ip:{peername[0]}" if peername else "ip:?"
