@@ -565,11 +565,24 @@ class Writer:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.stat(STATE, dir_fd=dfd, follow_symlinks=False).st_mode):
+                    _remove_entry(dfd, STATE)  # planted under our name: rename() cannot replace a dir
             os.replace(tmp, STATE, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
             raise
+
+    def _record(self, dfd: int) -> None:
+        """Save the state after a change already made on disk (a swap, a relabel, a removal).
+        The change holds whatever happens here, so a failure (disk full) is said, not raised:
+        the state in memory is right, the next save catches up, and a stale file disagrees
+        with ``..current``, so it is rebuilt at the next start."""
+        try:
+            self._save(dfd)
+        except OSError as e:
+            event(log, "state_not_saved", logging.WARNING, output=str(self.dir), error=str(_os_error(e)))
 
     def _sweep(self, dfd: int) -> None:
         """Remove temp leftovers and version dirs that no state entry or ``..current`` names:
@@ -664,7 +677,7 @@ class Writer:
             if self._current != version:  # same content under a new id: relabel, do not rewrite
                 state[version] = dataclasses.replace(state.pop(cur.version), version=version)
                 self._current = version
-                self._save(dfd)
+                self._record(dfd)
             return False
         if self.output.layout == "copy":
             dirname, inodes = None, self._write_copy(dfd, files)
@@ -672,7 +685,7 @@ class Writer:
             dirname, inodes = self._write_versioned(dfd, version, files, digest)
         state[version] = OnDisk(version, dirname, tuple(inodes), digest, time.time())
         self._current = version
-        self._save(dfd)
+        self._record(dfd)
         return True
 
     def _stable_links_ok(self, dfd: int, cur: OnDisk, names: list[str]) -> bool:
@@ -784,7 +797,7 @@ class Writer:
             in_use = {e.dirname for e in state.values()} | {self._current_target(dfd)}
             if entry.dirname is not None and entry.dirname not in in_use:
                 _remove_entry(dfd, entry.dirname)
-            self._save(dfd)
+            self._record(dfd)
         except OSError as e:
             raise _os_error(e) from None
 

@@ -444,9 +444,12 @@ async def test_superseded_versions_an_operator_put_leave_the_disk_once_nothing_h
                 store.put_sync("k", Secret(values[n - 1]))
                 await until(lambda n=n: agent.credentials["db"].version == str(n), timeout=10, what=f"version {n}")
 
-            # Version 2: superseded, held by nobody, older than the kept one(s): removed.
-            # Version 1 stays while a process holds it, however old.
-            await until(lambda: not any(d.startswith("..v2-") for d in version_dirs(out)), timeout=10, what="v2 gone")
+            # Version 2 (and 3 when none is kept): superseded, held by nobody, older than
+            # the kept ones: removed. Version 1 stays while a process holds it, however old.
+            def gone(*labels: str) -> bool:
+                return not any(d.startswith(labels) for d in version_dirs(out))
+
+            await until(lambda: gone("..v2-") and (keep == 1 or gone("..v3-")), timeout=10, what="v2 (v3) gone")
             dirs = version_dirs(out)
             assert any(d.startswith("..v1-") for d in dirs)
             assert any(d.startswith("..v3-") for d in dirs) is (keep == 1)
@@ -454,14 +457,16 @@ async def test_superseded_versions_an_operator_put_leave_the_disk_once_nothing_h
 
             holder.stdin.close()  # type: ignore[union-attr]
             holder.wait(5)
-            await until(lambda: not any(d.startswith("..v1-") for d in version_dirs(out)), timeout=10, what="v1 gone")
+            await until(lambda: gone("..v1-"), timeout=10, what="v1 gone")
             assert {d.split("-")[0] for d in version_dirs(out)} == ({"..v3", "..v4"} if keep else {"..v4"})
             assert (out / "value").read_text() == values[3]
     finally:
         if holder is not None and holder.poll() is None:
             holder.kill()
             holder.wait()
-        if holder is not None and holder.stdout is not None:
-            holder.stdout.close()
+        if holder is not None:
+            for pipe in (holder.stdin, holder.stdout):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
         store.close()
     assert not any(v in everything_logged(caplog) for v in values)
