@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import os
@@ -28,6 +29,7 @@ from daemon.logs import event
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
+from daemon.rotation.leadership import Leadership, holder_id
 from daemon.rotation.workflow import CredentialRotator
 from daemon.service import Service
 from daemon.stopping import cancel_all, close_bounded
@@ -60,6 +62,8 @@ class Rotator(Service):
         self.reporter = reporter if reporter is not None else open_reporter(config, self.store)
         self.serve_api = serve_api
         self.rotators = self._rotators(config)
+        self.holder = holder_id(config.node_id)  # this process's id on the credentials' leases
+        self.leases = self._leases()
         self.api: ApiServer | None = None
         self.rotate_now = asyncio.Event()
         self.election: Any = None
@@ -150,8 +154,10 @@ class Rotator(Service):
                 self._now("standby")
                 if not await self._until(election.elected.wait()):
                     return
-            self._now("leading")
-            event(log, "rotator_leading", credentials=sorted(self.rotators))
+            # With leases, leading is per credential: standby until one is taken (on_change says so).
+            self._now("standby" if self.leases.leases else "leading")
+            if not self.leases.leases:  # with leases, each credential's lease says it (leadership.py)
+                event(log, "rotator_leading", credentials=sorted(self.rotators))
             if await self._lead(election):
                 # Stop the rotator so its supervisor restarts it, rather than limp on.
                 self.failed = RuntimeError("a rotation task failed")
@@ -213,10 +219,27 @@ class Rotator(Service):
             kubeconfig=getattr(store, "kubeconfig", None),
         )
 
+    def _leases(self) -> Leadership:
+        def changed() -> None:
+            self._now("standby" if self.leases.standing_by else "leading")
+
+        credentials = {n: (r.key, r.rotation.lease_ttl) for n, r in self.rotators.items()}
+        return Leadership(store=self.store, holder=self.holder, credentials=credentials, on_change=changed)
+
+    async def _credential(self, rotator: CredentialRotator) -> None:
+        """One credential's schedule and retirement loop; either failing ends both."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.schedule(rotator), name=f"rotate:{rotator.cred.name}")
+            tg.create_task(self.retire_loop(rotator), name=f"retire:{rotator.cred.name}")
+
     async def _lead(self, election: Any) -> bool:
         """Run the schedules until stopped or the lease is lost. True when a task failed."""
-        tasks = [asyncio.create_task(self.schedule(r), name=f"rotate:{n}") for n, r in self.rotators.items()]
-        tasks += [asyncio.create_task(self.retire_loop(r), name=f"retire:{n}") for n, r in self.rotators.items()]
+        # Each credential's schedule and retirement run only while this rotator holds its lease.
+        self.leases = self._leases()
+        tasks = [
+            asyncio.create_task(self.leases.lead(n, functools.partial(self._credential, r)), name=f"lead:{n}")
+            for n, r in self.rotators.items()
+        ]
         watchers: list[asyncio.Task[Any]] = [asyncio.create_task(self.should_exit.wait(), name="wait-exit")]
         if election is not None:
             watchers.append(asyncio.create_task(self._lost(election), name="wait-lease-lost"))
@@ -292,6 +315,7 @@ class Rotator(Service):
                     "last_outcome": vars(r.last_outcome) if r.last_outcome else None,
                     "pending": [d.as_dict() for d in r.last_decisions],
                     "retired_total": r.retired_total,
+                    "lease": self.leases.status().get(name),
                 }
                 for name, r in self.rotators.items()
             },
