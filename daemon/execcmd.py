@@ -18,7 +18,7 @@ from daemon.backoff import Backoff
 from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.logs import bound, event
-from daemon.renderworker import RenderWorker
+from daemon.renderworker import RenderUnavailable, RenderWorker
 from daemon.service import Service
 from daemon.stopping import close_bounded
 from daemon.stores import open_store
@@ -111,8 +111,8 @@ class Exec(Service):
                                 log, "version_rejected", logging.ERROR, version=info.id, reason=e.reason, error=str(e)
                             )
                             continue
-                        except StoreError:
-                            raise  # an outage, not this version's fault: back off and read it again
+                        except (StoreError, RenderUnavailable):
+                            raise  # an outage, not this version's fault: back off and try it again
                         except (BatonError, OSError) as e:
                             event(log, "version_rejected", logging.ERROR, version=info.id, error=str(e))
                             continue
@@ -137,9 +137,12 @@ class Exec(Service):
                             return  # supervision is ending: the child's task ends the service
                         self.refresh_status()
                         backoff.reset()
-                except StoreError as e:
+                except (StoreError, RenderUnavailable) as e:
                     delay = backoff.next()
-                    log.warning("store error; the child keeps running", extra={"error": str(e), "retry_in": delay})
+                    log.warning(
+                        "store or render worker unavailable; the child keeps running",
+                        extra={"error": str(e), "retry_in": delay},
+                    )
                     await asyncio.sleep(delay)
 
     async def _child(self) -> None:

@@ -244,24 +244,29 @@ def _render_one(name: str, source: str, fields: dict[str, Any], max_bytes: int) 
 # ---------------------------------------------------------------- the worker's side
 
 
-def serve(channel_in: BinaryIO, channel_out: BinaryIO) -> None:
+def serve(channel_in: BinaryIO, channel_out: BinaryIO, *, hello: dict[str, Any]) -> None:
     """The render worker's loop (``daemon.renderworker`` starts it): one request, one reply, until EOF.
 
-    Frames are a 4-byte big-endian length and a JSON object. A request is
-    ``{"files", "env", "payload", "max_bytes"}``; a reply ``{"files", "env"}``
-    or ``{"error", "reason"}``. Every error is a reply: the worker ends only at
-    EOF, or when its parent kills it.
+    Frames are a 4-byte big-endian length and a JSON object. The first frame
+    out is ``hello`` (the child is up). A request is ``{"files", "env",
+    "payload", "max_bytes"}``; a reply ``{"files", "env"}`` or ``{"error",
+    "reason"}``. Every error is a reply: the worker ends only at EOF, or when
+    its parent kills it.
     """
+    _send(channel_out, hello)
     while True:
         header = channel_in.read(4)
         if len(header) < 4:
             return
         body = channel_in.read(int.from_bytes(header, "big"))
-        reply = _handle(body)
-        # Texts were checked encodable; the reason and message are ours.
-        data = json.dumps(reply, ensure_ascii=False).encode()
-        channel_out.write(len(data).to_bytes(4, "big") + data)
-        channel_out.flush()
+        _send(channel_out, _handle(body))
+
+
+def _send(channel_out: BinaryIO, reply: dict[str, Any]) -> None:
+    # Texts were checked encodable; the reason and message are ours.
+    data = json.dumps(reply, ensure_ascii=False).encode()
+    channel_out.write(len(data).to_bytes(4, "big") + data)
+    channel_out.flush()
 
 
 def _handle(body: bytes) -> dict[str, Any]:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from daemon import renderworker
 from daemon.errors import PayloadError
 from daemon.model import Secret
 from daemon.render import render_version
-from daemon.renderworker import RenderWorker, _parse_reply
+from daemon.renderworker import RenderUnavailable, RenderWorker, _parse_reply
 
 SECRET = "w0rker-Secr3t-9d1e"
 FILES = {"password": "{{ password }}", "dsn": "postgresql://{{ username }}:{{ password }}@db/app"}
@@ -201,3 +202,57 @@ def test_an_error_reply_keeps_a_known_reason_and_maps_an_unknown_one_to_worker()
     with pytest.raises(PayloadError) as info:
         _parse_reply(b'{"error": "e", "reason": "' + SECRET.encode() + b'"}', files=FILES, env={})
     assert info.value.reason == "worker"
+
+
+# Grows by a fresh megabyte per step: RSS climbs fast, with no single huge allocation.
+HOARD = (
+    "{% set ns = namespace(l=[]) %}"
+    "{% for i in range(99999) %}{% set _ = ns.l.append('x' * (1000000 + i)) %}{% endfor %}x"
+)
+
+
+async def test_without_rlimit_the_parent_kills_a_child_whose_rss_passes_the_limit() -> None:
+    # As under baton.service, whose SystemCallFilter refuses setrlimit.
+    worker = RenderWorker(memory_limit=200 << 20, use_rlimit=False)
+    try:
+        await _render(worker, FILES, PAYLOAD)
+        assert worker.memory_limited is False
+        started = time.monotonic()
+        with pytest.raises(PayloadError) as info:
+            await _render(worker, {"f": HOARD}, PAYLOAD, limit=30)
+
+        assert info.value.reason == "memory"
+        assert time.monotonic() - started < 10
+        got = await worker.render(files=FILES, env={}, payload=PAYLOAD, time_limit=5, max_bytes=1 << 20)
+        assert got.files["password"] == SECRET.encode()
+    finally:
+        await worker.aclose()
+
+
+async def test_with_rlimit_the_same_hoard_is_a_memory_error_the_child_survives() -> None:
+    worker = RenderWorker(memory_limit=200 << 20)
+    try:
+        await _render(worker, FILES, PAYLOAD)
+        assert worker.memory_limited is True
+
+        with pytest.raises(PayloadError) as info:
+            await _render(worker, {"f": HOARD}, PAYLOAD, limit=30)
+
+        assert info.value.reason == "memory"
+        await _render(worker, FILES, PAYLOAD)
+        assert worker.starts == 1
+    finally:
+        await worker.aclose()
+
+
+async def test_a_child_that_cannot_start_is_unavailable_not_a_payload_rejection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(renderworker, "_BOOT", "import sys; sys.exit(3)")
+    worker = RenderWorker()
+    try:
+        with pytest.raises(RenderUnavailable):
+            await _render(worker, FILES, PAYLOAD)
+        assert worker.pid is None
+    finally:
+        await worker.aclose()
