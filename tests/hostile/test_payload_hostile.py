@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -25,9 +26,13 @@ from typing import Any
 
 import pytest
 
-from daemon.model import Secret
+from daemon.app import Agent
+from daemon.config import Config
+from daemon.model import Secret, SecretVersion, VersionId
 from daemon.render import render
+from daemon.stores.local import LocalStore
 from tests.e2e.helpers import BATON, AgentProcess, agent_config, free_port, poll, start_agent, store_put, write_config
+from tests.helpers import everything_logged, running_agent, until
 
 pytestmark = pytest.mark.hostile
 
@@ -386,3 +391,57 @@ def test_a_rotator_with_a_generator_field_survives_a_bad_current_version_and_rot
             proc.wait(timeout=10)
     said = out.read_text()
     assert SECRETS[0] not in said and "generator_fields_dropped" in said
+
+
+# ---------------------------------------------------------------- in process: an exception nobody planned for
+
+
+class SurprisingStore(LocalStore):
+    """The real local store, except that reading a payload marked "surprise" raises what no one catches by name
+    (as a library might on a hostile payload), with the value in its message."""
+
+    def read_sync(self, key: str, version: VersionId | None = None) -> SecretVersion:
+        got = super().read_sync(key, version)
+        if "surprise" in got.payload.reveal():
+            raise RuntimeError(f"cannot handle {got.payload.reveal()}")
+        return got
+
+
+async def test_an_unexpected_exception_from_one_version_backs_off_and_never_stops_the_agent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    store = SurprisingStore(tmp_path / "store.db")
+    await store.put("app/db", Secret(good(SECRETS[0])))
+    await store.put("other/token", Secret(SECRETS[5]))
+    config = Config.model_validate(
+        {
+            "node_id": "node-hostile",
+            "store": {"kind": "local", "path": str(tmp_path / "store.db")},
+            "api": {"listen": f"127.0.0.1:{free_port()}"},
+            "agent": {"fanotify": "off", "retry_min": 0.05, "retry_max": 0.2},
+            "credentials": [
+                {"name": "app", "key": "app/db", "output": {"dir": str(tmp_path / "app"), "files": APP_FILES}},
+                {"name": "other", "key": "other/token", "output": {"dir": str(tmp_path / "other")}},
+            ],
+        }
+    )
+    try:
+        async with running_agent(Agent(config, store=store, install_signals=False)) as agent:
+            app, other = agent.credentials["app"], agent.credentials["other"]
+            first = app.version
+            await store.put("app/db", Secret(json.dumps({"username": "app", "password": SECRETS[1], "x": "surprise"})))
+            await until(lambda: app.last_error == "unexpected RuntimeError", timeout=10, what="the surprise")
+            # The other credential follows meanwhile; the surprised one keeps its files.
+            v = await store.put("other/token", Secret(SECRETS[6]))
+            await until(lambda: other.version == v.id, timeout=10, what="other's new version")
+            assert app.version == first and (tmp_path / "app" / "password").read_text() == SECRETS[0]
+            # Backing off and trying again, not stopped: the next good version is written.
+            v = await store.put("app/db", Secret(good(SECRETS[2])))
+            await until(lambda: app.version == v.id, timeout=10, what="app's next good version")
+            assert not agent.should_exit.is_set()
+    finally:
+        await store.aclose()
+    logged = everything_logged(caplog)
+    assert "version not written; retrying" in logged
+    assert not [s for s in SECRETS if s in logged]
