@@ -250,6 +250,48 @@ def test_a_second_agent_on_the_same_output_dir_is_refused_while_the_first_runs(t
     second.close()
 
 
+def agent_config(tree: Path, name: str, **output: Any) -> Any:
+    return parse_config(
+        {
+            "node_id": name,
+            "store": {"kind": "local", "path": str(tree / "store.db")},
+            "api": {"listen": f"unix:{tree / (name + '.sock')}"},
+            "report": {"heartbeat": 0.2},
+            "agent": {"scan_interval": 0.1, "fanotify": "off", "retry_min": 0.05, "retry_max": 0.2},
+            "credentials": [
+                {"name": "db", "key": "k", "required": False, "output": {"dir": str(tree / "out"), **output}}
+            ],
+        }
+    )
+
+
+async def test_two_agents_on_one_output_dir_the_second_is_refused_with_a_clear_error_and_writes_nothing(
+    tree: Path,
+) -> None:
+    values = [f"hostile-test-secret-agents-{n}" for n in range(1, 21)]
+    store = LocalStore(tree / "store.db", watch_files=False)
+    store.put_sync("k", Secret(values[0]))
+    out = tree / "out"
+    try:
+        async with running_agent(Agent(agent_config(tree, "a"), install_signals=False)) as first:
+            await until(lambda: first.credentials["db"].written, timeout=10, what="the first agent's write")
+            async with running_agent(Agent(agent_config(tree, "b"), install_signals=False)) as second:
+                theirs = second.credentials["db"]
+                await until(lambda: theirs.last_error, timeout=10, what="the second agent's error")
+                for n in range(2, 21):  # on main the two raced: a version dir per write each
+                    store.put_sync("k", Secret(values[n - 1]))
+                    await until(lambda n=n: first.credentials["db"].version == str(n), timeout=10, what=f"v{n}")
+
+                assert "in use by another Baton process" in str(theirs.last_error)
+                assert theirs.written is False
+                assert second.status()["credentials"]["db"]["last_error"] == theirs.last_error
+                assert not any(v in str(second.status()) for v in values)
+            await until(lambda: len(version_dirs(out)) <= 2, timeout=10, what="superseded versions removed")
+            assert (out / "value").read_text() == values[-1]
+    finally:
+        store.close()
+
+
 def test_version_dirs_orphaned_by_a_crash_are_swept_at_start_and_after_each_write(tree: Path) -> None:
     out = tree / "out"
     w = Writer(output(out))
