@@ -71,9 +71,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from daemon.config import ProviderConfig
-from daemon.errors import ProviderError
+from daemon.errors import PayloadError, ProviderError
 from daemon.model import Secret
 from daemon.providers.base import Session
+from daemon.render import payload_object
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +324,10 @@ class PostgresProvider:
 
     def _parse(self, payload: Secret) -> _Credential:
         try:
-            data = json.loads(payload.reveal())
-        except ValueError:
+            # Checked as the agent checks it: a lone surrogate would fail later in
+            # psycopg's encoder, deep nesting in json.loads, neither as a ProviderError.
+            data = payload_object(payload)
+        except PayloadError:
             data = None
         if (
             not isinstance(data, dict)

@@ -27,8 +27,10 @@ from typing import Any
 import pytest
 
 from daemon.app import Agent
-from daemon.config import Config
+from daemon.config import Config, ProviderConfig
+from daemon.errors import ProviderError
 from daemon.model import Secret, SecretVersion, VersionId
+from daemon.providers.postgres import PostgresProvider
 from daemon.render import render
 from daemon.stores.local import LocalStore
 from tests.e2e.helpers import BATON, AgentProcess, agent_config, free_port, poll, start_agent, store_put, write_config
@@ -445,3 +447,16 @@ async def test_an_unexpected_exception_from_one_version_backs_off_and_never_stop
     logged = everything_logged(caplog)
     assert "version not written; retrying" in logged
     assert not [s for s in SECRETS if s in logged]
+
+
+@pytest.mark.parametrize("make", [surrogate, deep], ids=["surrogate", "deep"])
+def test_the_postgres_provider_refuses_a_hostile_payload_as_a_provider_error(make: Any) -> None:
+    provider = PostgresProvider(ProviderConfig(kind="postgres", admin_dsn_file=Path("/nonexistent"), username="app"))
+    payload = Secret(make(SECRETS[0]).replace('"app"', '"app_a"'))
+
+    with pytest.raises(ProviderError) as info:
+        provider._parse(payload)
+
+    assert SECRETS[0] not in str(info.value)
+    # Lenient parsing (the current payload of a rotation) starts afresh instead.
+    assert provider._parse_lenient(payload) is None
