@@ -277,10 +277,30 @@ class LocalStore:
         await self._write(lambda: self.promote_sync(key, version))
 
     def put_sync(self, key: str, payload: Secret) -> VersionInfo:
-        """Operator put: create and promote at once."""
-        info = self.create_sync(key, payload)
-        self.promote_sync(key, info.id)
-        return VersionInfo(id=info.id, stages=frozenset([CURRENT]), created=info.created, digest=info.digest)
+        """Operator put: a new version, current at once. A rotation's pending version
+        stays pending (a put in the middle of a rotation must not un-stage it, or the
+        retire loop would take it for a superseded one and retire it)."""
+        text = check_payload(payload.reveal())
+        digest = hashlib.sha256(text.encode()).hexdigest()
+
+        def tx(c: sqlite3.Connection) -> tuple[int, float]:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                (top,) = c.execute("SELECT COALESCE(MAX(id), 0) FROM versions WHERE key=?", (key,)).fetchone()
+                now = time.time()
+                c.execute(
+                    "INSERT INTO versions (key, id, payload, digest, stage, created) VALUES (?,?,?,?,NULL,?)",
+                    (key, top + 1, text, digest, now),
+                )
+                c.execute("COMMIT")
+                return top + 1, now
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+        vid, created = self._run(tx)
+        self.promote_sync(key, VersionId(str(vid)))
+        return VersionInfo(id=VersionId(str(vid)), stages=frozenset([CURRENT]), created=created, digest=digest)
 
     async def put(self, key: str, payload: Secret) -> VersionInfo:
         return await self._write(lambda: self.put_sync(key, payload))

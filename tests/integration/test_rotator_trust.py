@@ -460,3 +460,47 @@ async def test_a_seed_the_provider_did_not_make_never_stalls_rotation(
         assert (await r.rotate()).result == "rotated", "rotation goes on"
     finally:
         await store.aclose()
+
+
+async def test_an_operators_put_in_the_middle_of_a_rotation_does_not_retire_the_version_in_flight(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.config import GeneratorConfig
+    from daemon.errors import ProviderError
+    from daemon.providers.password import PasswordProvider
+
+    class FailsTestOnce(PasswordProvider):
+        failed = False
+
+        async def test(self, new: Secret) -> None:
+            if not self.failed:
+                self.failed = True
+                raise ProviderError("test refused once")
+
+    caplog.set_level(logging.INFO)
+    key = "app/db"
+    path = tmp_path / "store.db"
+    store = LocalStore(path, watch_files=False)
+    try:
+        r = rotator(tmp_path, key, store, FailsTestOnce(GeneratorConfig(length=24)))
+        assert (await r.rotate()).step == "test"  # version 1 pending, in flight
+        (tmp_path / "v.txt").write_text("typed-by-the-operator")
+        put = baton_store(path, "put", key, "--value-file", str(tmp_path / "v.txt"))  # finding 6
+        assert put.endswith("2")
+        assert [sorted(v.stages) for v in store.versions_sync(key)] == [["pending"], ["current"]]
+        await everyone_on(store, key, "2")
+        assert await r.retire_ready() == [], "the version in flight is not superseded"
+
+        assert (await r.rotate()).version == "1", "the rotation in flight is promoted"
+        await everyone_on(store, key, "1")
+        await r.retire_ready()
+        assert events(caplog, "retirement_failed") == []
+        assert [v.retired for v in store.versions_sync(key)] == [False, False]
+        # The operator's version is newer than the current one: it is superseded by the next rotation.
+        assert (await r.rotate()).version == "3"
+        await everyone_on(store, key, "3")
+        assert await r.retire_ready() == ["1", "2"]
+        [warned] = events(caplog, "retired_in_store_only")
+        assert warned.version == "2"  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
