@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from daemon.errors import StoreError
+from daemon.errors import StoreConflict, StoreError
 from daemon.logs import event
 from daemon.stores.lease import LeaseRecord, LeaseStore
 
@@ -152,6 +152,20 @@ class CredentialLease:
         self.record = wrote
         self._seen, self._seen_at = (wrote.revision, wrote.holder), time.monotonic()
         return True
+
+    async def verify(self) -> None:
+        """Raise ``StoreConflict`` unless the store still names this rotator the holder.
+
+        Awaited right before each step that changes the credential (write, apply,
+        promote): a leader that stalled past its lease while another took it over
+        stops there, instead of applying a payload minted from a stale current.
+        """
+        if not self.is_leader or time.monotonic() - self._renewed_at >= self.renew_deadline:
+            raise StoreConflict(f"{self.credential}: this rotator's lease has run out")
+        rec = await self.store.read_lease(self.key)
+        if rec is None or rec.holder != self.holder:
+            leader = rec.holder if rec is not None else None
+            raise StoreConflict(f"{self.credential}: the lease is held by {leader or 'no one'}, not this rotator")
 
     async def release(self) -> None:
         """Give the lease up (a clean stop), so a standby takes it at its next round."""

@@ -224,7 +224,10 @@ class Rotator(Service):
             self._now("standby" if self.leases.standing_by else "leading")
 
         credentials = {n: (r.key, r.rotation.lease_ttl) for n, r in self.rotators.items()}
-        return Leadership(store=self.store, holder=self.holder, credentials=credentials, on_change=changed)
+        leadership = Leadership(store=self.store, holder=self.holder, credentials=credentials, on_change=changed)
+        for name, lease in leadership.leases.items():
+            self.rotators[name].fence = lease.verify
+        return leadership
 
     async def _credential(self, rotator: CredentialRotator) -> None:
         """One credential's schedule and retirement loop; either failing ends both."""

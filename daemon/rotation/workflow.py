@@ -42,7 +42,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -202,6 +202,9 @@ class CredentialRotator:
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
         self.retired_event = asyncio.Event()  # set whenever a version is retired
+        # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
+        # changes the credential: it raises once another rotator holds the lease.
+        self.fence: Callable[[], Awaitable[None]] | None = None
         self._seen: set[str] = set()
         self._had_current = False  # this rotator has seen a current version (so a missing one was lost)
         self._full_at: float | None = None  # monotonic time of the last full evaluate
@@ -279,6 +282,7 @@ class CredentialRotator:
                 new = await self.provider.create(current=current)
                 principal = self._principal(new)
                 step = "write"
+                await self._fenced()
                 # Said before the data write, so a write that lands unrecorded is found again.
                 # A key that does not exist yet has no metadata to say it in (Vault, AWS);
                 # its store records the first version as it makes the key.
@@ -287,12 +291,14 @@ class CredentialRotator:
                 info = await self.store.create(self.key, new)
                 await self._record(info.id, "created", digest=_fingerprint(new), principal=principal)
             step = "apply"
+            await self._fenced()
             await self.provider.apply(new, current=current)
             await self._record(info.id, "applied", digest=_fingerprint(new), principal=self._principal(new))
             step = "test"
             await self.provider.test(new)
             await self._record(info.id, "tested", digest=_fingerprint(new), principal=self._principal(new))
             step = "promote"
+            await self._fenced()
             await self.store.promote(self.key, info.id)
             await self.store.merge_metadata(
                 self.key,
@@ -312,6 +318,10 @@ class CredentialRotator:
         event(log, "rotated", credential=self.cred.name, version=info.id)
         self.last_outcome = Outcome("rotated", version=info.id)
         return self.last_outcome
+
+    async def _fenced(self) -> None:
+        if self.fence is not None:
+            await self.fence()
 
     async def _in_flight(
         self, versions: list[VersionInfo], owned: Mapping[str, Own], state: Mapping[str, Any]

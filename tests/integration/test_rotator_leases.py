@@ -25,10 +25,12 @@ import pytest
 from daemon.config import parse_config
 from daemon.errors import StoreError
 from daemon.model import Secret
+from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import NodeReport
 from daemon.rotation.leadership import CredentialLease
 from daemon.rotation.service import Rotator
+from daemon.rotation.workflow import CredentialRotator
 from daemon.stores import open_store
 from daemon.stores.lease import LeaseRecord, LeaseStore
 from tests.helpers import until
@@ -260,3 +262,40 @@ async def test_two_rotators_started_together_make_one_version_per_interval_and_t
 async def _dies(lease: CredentialLease) -> None:
     """A killed rotator stops leading and releases nothing."""
     lease.held.clear()
+
+
+# ---------------------------------------------------------------- a leader that stalled
+
+
+async def test_a_leader_whose_lease_was_taken_while_it_stalled_stops_before_it_writes_anything(
+    backend: Backend, tmp_path: Path, open_stores: Callable[[], Any]
+) -> None:
+    config = backend.config(tmp_path, node="rot-a")
+    store = open_stores()
+    seed = await store.create(backend.key, Secret("seed-value-0"))
+    await store.promote(backend.key, seed.id)
+    lease = CredentialLease(store=store, credential="db", key=backend.key, holder="rot-a/1-aaaaaa", ttl=5.0)
+    await lease.step()
+    assert lease.is_leader and lease.record is not None
+    await lease.verify()  # still the holder: passes
+    # Another rotator took the lease meanwhile (as after a takeover); this one has not looked since.
+    taken = await open_stores().write_lease(
+        backend.key, LeaseRecord("rot-b/2-bbbbbb", time.time(), 5.0), expect=lease.record.revision
+    )
+    assert taken is not None and lease.is_leader
+    cred = config.credentials[0]
+    rotator = CredentialRotator(
+        config=config,
+        credential=cred,
+        store=store,
+        reporter=open_reporter(config, store),
+        provider=open_provider(cred.rotation),
+    )
+    rotator.fence = lease.verify
+    before = [v.id for v in await store.versions(backend.key)]
+    meta_before = await store.read_metadata(backend.key)
+    outcome = await rotator.rotate()
+    assert outcome.result == "failed" and outcome.step == "write", outcome
+    assert "rot-b/2-bbbbbb" in str(outcome.error)
+    assert [v.id for v in await store.versions(backend.key)] == before  # no version written
+    assert await store.read_metadata(backend.key) == meta_before  # nor anything recorded
