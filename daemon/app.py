@@ -132,7 +132,7 @@ class Agent(Service):
             await close_bounded(self.api.stop(), "api", self.close_limit)
         if self._own_store:
             await close_bounded(self.store.aclose(), "store", self.close_limit)
-        await self.renderer.aclose()
+        await close_bounded(self.renderer.aclose(), "render worker", self.close_limit)
         event(log, "agent_stopped", node=self.config.node_id)
 
     async def reload(self) -> None:

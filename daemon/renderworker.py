@@ -84,6 +84,7 @@ class RenderWorker:
         # Whether the running child got RLIMIT_AS; if not, _roundtrip watches its RSS.
         self.memory_limited = False
         self._said_unlimited = False
+        self._closed = False
 
     async def render(
         self,
@@ -161,6 +162,8 @@ class RenderWorker:
         if self._proc is not None and self._proc.returncode is None:
             return self._proc
         await self._kill()
+        if self._closed:
+            raise RenderUnavailable("the render worker is closed")
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-I",
@@ -212,6 +215,12 @@ class RenderWorker:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
     async def aclose(self) -> None:
+        """Kill the child at once, even mid-render (that render fails); no child is started after."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
         async with self._lock:
             await self._kill()
 

@@ -256,3 +256,21 @@ async def test_a_child_that_cannot_start_is_unavailable_not_a_payload_rejection(
         assert worker.pid is None
     finally:
         await worker.aclose()
+
+
+async def test_aclose_kills_the_child_mid_render_and_starts_no_other() -> None:
+    worker = RenderWorker()
+    await _render(worker, FILES, PAYLOAD)
+    pid = worker.pid
+    assert pid is not None
+    task = asyncio.create_task(_render(worker, {"f": SPIN}, PAYLOAD, limit=60))
+    await asyncio.sleep(0.1)  # the render holds the lock (it spins: nothing to wait on)
+
+    started = time.monotonic()
+    await worker.aclose()
+
+    assert time.monotonic() - started < 2
+    assert _gone(pid)
+    with pytest.raises((PayloadError, RenderUnavailable)):
+        await task
+    assert worker.pid is None and worker.starts == 1
