@@ -103,6 +103,9 @@ async def print_status(config: Config, *, pending: bool, as_json: bool, url: str
     if as_json:
         print(json.dumps(data, indent=1))
         return 0
+    if data.get("role") == "rotator":
+        _print_rotator(data)
+        return 0
     print(f"node {data.get('node')}  ready={data.get('ready')}")
     for name, c in data.get("credentials", {}).items():
         when = time.strftime("%H:%M:%S", time.localtime(c["last_change"])) if c.get("last_change") else "-"
@@ -112,6 +115,27 @@ async def print_status(config: Config, *, pending: bool, as_json: bool, url: str
         if c.get("last_error"):
             print(f"    last error: {c['last_error']}")
     return 0
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _print_rotator(data: dict[str, Any]) -> None:
+    """The rotator's view: leading or standby, and per credential who holds its lease until when."""
+    print(f"rotator {data.get('leadership')}")
+    for name, c in data.get("credentials", {}).items():
+        lease = c.get("lease")
+        if lease is None:
+            held = "no lease (store without leases)"
+        elif lease.get("leading"):
+            held = f"leading, lease until {_clock(lease.get('expires'))}"
+        elif lease.get("leader"):
+            held = f"standing by: {lease['leader']} holds the lease until {_clock(lease.get('expires'))}"
+        else:
+            held = "standing by: lease free"
+        outcome = (c.get("last_outcome") or {}).get("result") or "-"
+        print(f"  {name}: {held}; next rotation {_clock(c.get('next_rotation'))}; last {outcome}")
 
 
 async def forget_node(config: Config, node: str) -> int:
