@@ -115,6 +115,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
         c.run(INSTALL, timeout=300)
         h = Host(c)
         h.put()
+        h.put("app/outside")  # the credential whose output dir is outside ReadWritePaths
         c.run("systemctl daemon-reload")
         h.started = time.monotonic()
         c.run("systemctl enable --now " + " ".join(UNITS), timeout=120)

@@ -84,8 +84,9 @@ def wheels(dest: Path) -> Path:
 class Container:
     """One booted container; ``run()`` a shell script inside it, as root."""
 
-    def __init__(self, root: Path, *, binds: dict[Path, str], log: Path) -> None:
+    def __init__(self, root: Path, *, binds: dict[Path, str], log: Path, extra: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.extra = extra
         self.binds = binds
         self.log_path = log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -108,7 +109,11 @@ class Container:
             "--private-network",
             # No console: boot output goes to the log file, not a tty we do not have.
             "--pipe",
+            # nspawn's own seccomp filter answers fanotify_init with EPERM (even for root);
+            # a host that wants open events in a container must allow the two calls.
+            "--system-call-filter=fanotify_init fanotify_mark",
             *(f"--bind-ro={src}:{dst}" for src, dst in self.binds.items()),
+            *self.extra,
         ]
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
