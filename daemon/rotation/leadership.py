@@ -188,6 +188,24 @@ class CredentialLease:
             self.record = gone
             event(log, "rotator_released_lease", credential=self.credential, holder=self.holder)
 
+    async def _release_on_the_way_out(self) -> None:
+        """Release, riding out a stop's re-cancels (daemon.stopping repeats them every 0.2 s, which would
+        cut a release short on a busy store) for at most ``renew_every`` (2 s at most); then re-raise."""
+        job = asyncio.ensure_future(self.release())
+        deadline = time.monotonic() + min(self.renew_every, 2.0)
+        cancelled = False
+        while not job.done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                job.cancel()  # the lease then simply expires
+                break
+            try:
+                await asyncio.wait({job}, timeout=left)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+
     # ------------------------------------------------------------ the loop
 
     async def run(self, lead: Callable[[], Awaitable[None]]) -> None:
@@ -216,7 +234,7 @@ class CredentialLease:
                 task.cancel()
                 # asyncio.wait, not ``await task``: a cancel of this task must not be swallowed here.
                 await asyncio.wait({task})
-            await self.release()  # best effort: cancelled again, the lease simply expires
+            await self._release_on_the_way_out()
 
 
 class Leadership:

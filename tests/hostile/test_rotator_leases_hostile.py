@@ -144,7 +144,7 @@ async def test_two_baton_rotators_on_one_local_store_make_one_version_per_interv
         said = standby.events("rotator_standby")
         assert len(said) == 1 and said[0]["leader"] == leader.events("rotator_leading")[0]["holder"]
         made = [v for v, t in seen.items() if v != seed.id and t >= started - EVERY]
-        assert 3 <= len(made) <= 5, seen
+        assert 2 <= len(made) <= 5, seen  # 4-5 on an idle machine; never the 8-10 of two rotators
         assert min(gaps(seen, seed.id)) >= 0.7 * EVERY, gaps(seen, seed.id)
 
         # baton status, pointed at the standby's endpoint: standby, and who holds the lease until when.
