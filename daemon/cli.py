@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -17,8 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.config import Config, load_config, store_path_problem
+from daemon.config import Config, load_config, path_part, store_path_problem
 from daemon.errors import BatonError, ConfigError, ListenError
+
+
+def _unquoted(message: str, source: str) -> str:
+    """Jinja's message on one line, without the bits it quotes from the template
+    ("got 'hunter2'"): a template may hold a literal secret."""
+    text = re.sub(r"'([^']*)'", lambda m: "'...'" if m.group(1) in source else m.group(0), message)
+    return " ".join(text.split())
 
 
 def load_checked(path: str) -> Config:
@@ -32,9 +40,10 @@ def load_checked(path: str) -> Config:
             for name, source in templates.items():
                 try:
                     lines = check_templates({name: source})
-                except RecursionError:  # jinja's parser recurses per nesting level
-                    lines = [f"{name}: template nested too deeply"]
-                problems += [f"credentials.{i}.output.{part}.{' '.join(line.split())}" for line in lines]
+                except (RecursionError, ValueError, OverflowError):  # nesting depth, a 5,000-digit literal
+                    lines = [f"{name}: template cannot be compiled"]
+                at = f"credentials.{i}.output.{part}.{path_part(name)}"
+                problems += [f"{at}: {_unquoted(line.removeprefix(f'{name}: '), source)}" for line in lines]
     if problems:
         raise ConfigError(problems)
     return config

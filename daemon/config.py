@@ -694,8 +694,16 @@ _TAGS = {"local", "vault", "aws", "kubernetes"}
 _NAMED = re.compile(r"^[\w.]+: ")
 
 
+def path_part(p: int | str) -> str:
+    """One component of a field path, quoted when the file's key is not a plain name."""
+    # A key from the file (a file name, an unknown key) may hold anything, a
+    # newline or ": " included: quote it then, so a problem stays one line.
+    text = str(p)
+    return text if re.fullmatch(r"[\w.\-]{1,60}", text) else repr(text)[:62]
+
+
 def _path(loc: tuple[int | str, ...]) -> str:
-    parts = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "store" and p in _TAGS)]
+    parts = [path_part(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "store" and p in _TAGS)]
     return ".".join(parts)
 
 

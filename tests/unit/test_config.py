@@ -7,13 +7,33 @@ no traceback included, are in tests/e2e/test_cli.py).
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from daemon import writer
 from daemon.cli import main
-from daemon.config import Config, HealthConfig, RotationConfig, load_config, parse_duration
+from daemon.config import (
+    LOCK_FILE,
+    MAX_DURATION,
+    STATE_FILE,
+    SYSTEM_DIRS,
+    TMP_INFIX,
+    Config,
+    HealthConfig,
+    RotationConfig,
+    check_host,
+    file_name_problem,
+    lexical,
+    load_config,
+    output_dir_problem,
+    parse_config,
+    parse_duration,
+    store_path_problem,
+)
 from daemon.errors import ConfigError
 from tests.helpers import GOOD_CONFIG
 
@@ -90,10 +110,161 @@ def test_durations_are_read_in_their_units(text: str | int, seconds: float) -> N
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("bad", ["soon", "-1s", "5 parsecs", True, -3, None])
+@pytest.mark.parametrize(
+    "bad",
+    ["soon", "-1s", "5 parsecs", True, -3, None, float("nan"), float("inf"), "9" * 20 + "d", 10**400, "\u0661s"],
+)
 def test_a_bad_duration_is_refused(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
+
+
+def test_a_duration_of_ten_years_is_the_longest_accepted() -> None:
+    assert parse_duration("3650d") == MAX_DURATION
+    with pytest.raises(ValueError, match="at most 10 years"):
+        parse_duration("3651d")
+
+
+@pytest.mark.parametrize(
+    ("field", "zero_ok"),
+    [
+        ("agent.debounce", True),
+        ("agent.scan_interval", False),
+        ("agent.retry_min", False),
+        ("report.heartbeat", False),
+        ("credentials.0.rotation.min_drain", True),
+        ("credentials.0.rotation.max_drain", False),
+    ],
+)
+def test_only_the_fields_where_zero_means_no_wait_accept_zero(field: str, zero_ok: bool) -> None:
+    data: dict[str, Any] = {
+        "credentials": [{"name": "x", "key": "x", "output": {"dir": "/tmp/x"}, "rotation": {"every": "1h"}}]
+    }
+    *parents, last = field.split(".")
+    node: Any = data
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    node[last] = "0s"
+
+    if zero_ok:
+        parse_config(data)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(field) + ": must be more than 0"):
+            parse_config(data)
+
+
+def test_the_names_the_config_reserves_are_the_writers_own() -> None:
+    assert TMP_INFIX == writer._TMP
+    assert STATE_FILE == writer.STATE
+    assert LOCK_FILE == writer.LOCK
+    assert writer.CURRENT_LINK.startswith("..")
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("password", True),
+        ("db.json", True),
+        (".pgpass", True),
+        ("é" * 127, True),
+        ("é" * 128, False),
+        ("x" * 255, True),
+        ("x" * 256, False),
+        ("a/b", False),
+        ("a\0b", False),
+        ("tab\there", False),
+        ("..current", False),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("pw.tmp-x", False),
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+def test_a_file_name_must_be_a_plain_name_of_at_most_255_bytes(name: str, ok: bool) -> None:
+    assert (file_name_problem(name) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("/run/baton/../../etc", "/etc"), ("//etc", "/etc"), ("/a/./b/", "/a/b"), ("/a//b", "/a/b")],
+)
+def test_an_output_dir_is_normalised_lexically(given: str, expected: str) -> None:
+    assert lexical(Path(given)) == Path(expected)
+    config = parse_config({"credentials": [{"name": "x", "key": "x", "output": {"dir": f"{given}/x"}}]})
+    assert config.credentials[0].output.dir == Path(expected) / "x"
+
+
+def test_every_system_dir_is_absolute_and_normalised() -> None:
+    assert all(lexical(Path(d)) == Path(d) for d in SYSTEM_DIRS)
+    assert {"/", "/etc", "/usr", "/var", "/home", "/tmp", "/var/lib", "/usr/local", "/run", "/opt"} <= SYSTEM_DIRS
+
+
+def test_a_path_part_that_is_not_a_plain_name_is_quoted_so_a_problem_stays_one_line(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, GOOD_CONFIG + '"colour\\nred": 1\n"a: b": 2\n')
+
+    assert "'colour\\nred': unknown key" in problems, problems
+    assert "'a: b': unknown key" in problems
+
+
+def test_an_unknown_key_never_echoes_its_value(tmp_path: Path) -> None:
+    problems = _problems(tmp_path, GOOD_CONFIG + "vault_token: s.very-secret-token\n")
+
+    assert problems == ["vault_token: unknown key"]
+
+
+# ---------------------------------------------------------------- checks against the host
+
+
+def test_store_path_problem_names_what_is_wrong_with_a_path(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+
+    assert store_path_problem(tmp_path / "new" / "store.db") is None
+    assert store_path_problem(tmp_path / "f") is None  # an existing file: SQLite says if it is a database
+    assert store_path_problem("") == "must not be empty"
+    assert "is a directory" in (store_path_problem(tmp_path) or "")
+    assert f"{tmp_path / 'f'} is not a directory" == store_path_problem(tmp_path / "f" / "store.db")
+    assert "kernel file system" in (store_path_problem("/proc/self/nope/store.db") or "")
+    assert "not a regular file" in (store_path_problem("/dev/null") or "")
+
+
+def test_output_dir_problem_accepts_new_empty_and_batons_own_dirs_only(tmp_path: Path) -> None:
+    files = {"password"}
+    assert output_dir_problem(tmp_path / "new", files) is None
+    (tmp_path / "empty").mkdir()
+    assert output_dir_problem(tmp_path / "empty", files) is None
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "..baton.lock").touch()
+    (tmp_path / "ours" / "unrelated").touch()  # the lock says it is ours, whatever else is there
+    assert output_dir_problem(tmp_path / "ours", files) is None
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "password").touch()
+    (tmp_path / "theirs" / "index.html").touch()
+    assert "'index.html'" in (output_dir_problem(tmp_path / "theirs", files) or "")
+
+
+def test_check_host_looks_up_owner_and_group_names_and_takes_numbers_as_they_are(tmp_path: Path) -> None:
+    def output(**kw: Any) -> dict[str, Any]:
+        return {"name": "x", "key": "x", "output": {"dir": str(tmp_path / "x"), **kw}}
+
+    ok = parse_config({"credentials": [output(owner="root", group="root")]})
+    numeric = parse_config({"credentials": [output(owner=54321, group=54321)]})
+    bad = parse_config({"credentials": [output(owner="no-such-user-baton", group="no-such-group-baton")]})
+
+    assert check_host(ok) == []
+    assert check_host(numeric) == []
+    assert check_host(bad) == [
+        "credentials.0.output.owner: no such user 'no-such-user-baton' on this host",
+        "credentials.0.output.group: no such group 'no-such-group-baton' on this host",
+    ]
+
+
+def test_a_socket_file_at_the_unix_listen_path_is_fine_and_anything_else_is_not(tmp_path: Path) -> None:
+    sock = tmp_path / "api.sock"
+    config = parse_config({"api": {"listen": f"unix:{sock}"}, "credentials": []})
+    assert check_host(config) == []
+    sock.mkdir()
+    assert check_host(config) == [f"api.listen: {sock} exists and is not a socket; Baton will not replace it"]
 
 
 def test_a_consumer_without_a_health_check_gets_the_alive_for_default_without_a_warning(tmp_path: Path) -> None:
