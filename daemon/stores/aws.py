@@ -53,7 +53,18 @@ _STAGE_NAMES = {AWSCURRENT: CURRENT, AWSPREVIOUS: PREVIOUS, AWSPENDING: PENDING}
 _LEASE_NAME_BAD = re.compile(r"[^A-Za-z0-9/_+=.@-]")  # what a secret name may not hold
 
 # Secrets Manager's own codes; the ones every AWS API shares are in awsclient.
-_RULES = ErrorRules(conflict=frozenset({"ResourceExistsException", "PreconditionNotMetException"}))
+_RULES = ErrorRules(
+    conflict=frozenset({"ResourceExistsException", "PreconditionNotMetException"}),
+    explain=(
+        (
+            "InvalidRequestException",
+            "delet",  # "... it was marked for deletion", "... currently marked deleted"
+            "the secret is scheduled for deletion; restore it within its recovery window "
+            "(aws secretsmanager restore-secret --secret-id <the secret>), or point the credential "
+            "at another key",
+        ),
+    ),
+)
 
 # ---------------------------------------------------------------- tags
 #

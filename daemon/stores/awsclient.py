@@ -83,11 +83,15 @@ class ErrorRules:
     ``transient``: codes that are worth a retry in this service only (the same
     code can mean a hard quota in another). ``not_found``: the text after
     ``"<what>: "`` for ResourceNotFoundException; ``{code}`` is filled in.
+    ``explain``: ``(code, phrase, text)``: a code that covers several causes
+    (InvalidRequestException) told apart by a phrase of AWS's own message, which
+    is matched, never quoted; ``text`` says what it means and what to do.
     """
 
     conflict: frozenset[str] = field(default_factory=frozenset)
     transient: frozenset[str] = field(default_factory=frozenset)
     not_found: str = "not found ({code})"
+    explain: tuple[tuple[str, str, str], ...] = ()
 
 
 def classify(e: BaseException, *, what: str, rules: ErrorRules) -> StoreError:
@@ -96,6 +100,10 @@ def classify(e: BaseException, *, what: str, rules: ErrorRules) -> StoreError:
         code = str(e.response.get("Error", {}).get("Code", "Unknown"))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         text = f"{what} failed: {code} (HTTP {status})"
+        message = str(e.response.get("Error", {}).get("Message", "")).lower()
+        for known, phrase, meaning in rules.explain:
+            if code == known and phrase in message:
+                return StoreError(f"{what} failed: {meaning} ({code})")
         if code in AUTH_CODES or status in (401, 403):
             return StoreAuthError(text)
         if code in NOT_FOUND_CODES:

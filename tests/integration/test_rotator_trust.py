@@ -385,6 +385,40 @@ async def test_labels_removed_by_hand_do_not_end_a_drain(
     assert_no_secret(caplog, draining)
 
 
+async def test_a_secret_scheduled_for_deletion_fails_rotation_saying_so_and_how_to_restore_it(
+    aws_store: AwsStore, sm: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.config import GeneratorConfig
+    from daemon.providers.password import PasswordProvider
+
+    caplog.set_level(logging.INFO)
+    key = "app/db-deleted"
+    sm.create_secret(Name=key, SecretString="seed-before-baton")
+    r = rotator(tmp_path, key, aws_store, PasswordProvider(GeneratorConfig(length=24)))
+    assert (await r.rotate()).result == "rotated"
+    live = (await aws_store.read(key)).payload
+    versions_before = len(sm.list_secret_version_ids(SecretId=key)["Versions"])
+
+    sm.delete_secret(SecretId=key, RecoveryWindowInDays=7)  # as `aws secretsmanager delete-secret` does
+    outcome = await r.rotate()
+
+    assert outcome.result == "failed"
+    assert "scheduled for deletion" in (outcome.error or "") and "restore-secret" in (outcome.error or "")
+    assert "InvalidRequestException" in (outcome.error or "")
+    [said] = events(caplog, "rotation_failed")
+    assert "scheduled for deletion" in said.error  # type: ignore[attr-defined]
+    with pytest.raises(StoreError, match="scheduled for deletion"):
+        await aws_store.read(key)
+
+    sm.restore_secret(SecretId=key)
+    assert len(sm.list_secret_version_ids(SecretId=key)["Versions"]) == versions_before, "nothing was written"
+    assert (await aws_store.read(key)).payload == live
+    await everyone_on(aws_store, key, (await aws_store.read(key)).info.id)
+    assert len(await r.retire_ready()) == 1  # the seed
+    assert (await r.rotate()).result == "rotated", "restored, rotation goes on"
+    assert live.reveal() not in caplog.text
+
+
 def seed_secret(sm: Any, key: str) -> None:
     """The secret as an operator makes it before Baton takes over (moto answers 500, not
     ResourceNotFound, to ListSecretVersionIds of a secret that does not exist)."""
