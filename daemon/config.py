@@ -218,21 +218,21 @@ class VaultAuthConfig(Model):
         "token", description="How to log in: token (VAULT_TOKEN env), token_file, approle, kubernetes."
     )
     token_file: FilePath | None = Field(None, description="File holding the token (method token_file).")
-    role_id: str | None = Field(None, description="AppRole role_id (method approle).")
+    role_id: NonEmpty | None = Field(None, description="AppRole role_id (method approle).")
     secret_id_file: FilePath | None = Field(None, description="File holding the AppRole secret_id.")
-    role: str | None = Field(None, description="Vault role for the kubernetes method.")
+    role: NonEmpty | None = Field(None, description="Vault role for the kubernetes method.")
     jwt_file: FilePath = Field(
         Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         description="Service account token for the kubernetes method.",
     )
-    mount: str | None = Field(None, description="Auth mount path; default: the method's name.")
+    mount: NonEmpty | None = Field(None, description="Auth mount path; default: the method's name.")
 
 
 class VaultStoreConfig(Model):
     kind: Literal["vault"]
     url: HttpUrl = Field(description="Vault address, e.g. https://vault:8200.")
     mount: NonEmpty = Field("secret", description="KV v2 mount point.")
-    namespace: str | None = Field(None, description="Vault Enterprise namespace.")
+    namespace: NonEmpty | None = Field(None, description="Vault Enterprise namespace.")
     auth: VaultAuthConfig = Field(default_factory=VaultAuthConfig, description="Login method.")
     poll_interval: Duration = Field(30.0, description="How often to read KV metadata for a new version.")
     timeout: Duration = Field(10.0, description="Per-request timeout.")
@@ -254,7 +254,7 @@ class AwsStoreConfig(Model):
         "tags", description="Node reports as per-node tags, or items in a DynamoDB table."
     )
     dynamodb_table: str | None = Field(None, description="Table for reports: dynamodb.")
-    draining_label: str = Field("BATON_DRAINING", description="Staging label kept on draining versions.")
+    draining_label: NonEmpty = Field("BATON_DRAINING", description="Staging label kept on draining versions.")
     lease_prefix: NonEmpty = Field("baton-lease/", description="Name prefix of the rotators' lease secrets.")
     timeout: Duration = Field(10.0, description="Connect and read timeout of each AWS request.")
     max_attempts: int = Field(3, ge=1, le=10, description="Attempts per AWS request, retries included.")
@@ -268,12 +268,12 @@ class AwsStoreConfig(Model):
 
 class KubernetesStoreConfig(Model):
     kind: Literal["kubernetes"]
-    namespace: str | None = Field(None, description="Namespace of the Secrets; default: the pod's own.")
+    namespace: NonEmpty | None = Field(None, description="Namespace of the Secrets; default: the pod's own.")
     kubeconfig: FilePath | None = Field(None, description="kubeconfig file; default: in-cluster config.")
     reports: Literal["secret", "pod"] = Field(
         "secret", description="Node reports as annotations on the Secret, or on the sidecar's own Pod."
     )
-    pod_selector: str = Field("baton.io/agent=true", description="Label selector of agent pods (rotator).")
+    pod_selector: NonEmpty = Field("baton.io/agent=true", description="Label selector of agent pods (rotator).")
 
 
 StoreConfig = Annotated[
@@ -341,7 +341,7 @@ class RestartConfig(Model):
 class RolloutConfig(Model):
     kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = Field("Deployment", description="Workload kind.")
     name: NonEmpty = Field(description="Workload name.")
-    namespace: str | None = Field(None, description="Namespace; default: the pod's own.")
+    namespace: NonEmpty | None = Field(None, description="Namespace; default: the pod's own.")
     timeout: Duration = Field(600.0, description="How long to wait for the rollout to become available.")
     kubeconfig: FilePath | None = Field(
         None, description="kubeconfig file; default: in-cluster config, else $KUBECONFIG (as kubectl)."
@@ -428,10 +428,10 @@ class ProviderConfig(Model):
         "alternating-users", description="How versions map to database roles."
     )
     username: str = Field(description="Base role name.")
-    grant_role: str | None = Field(None, description="role-per-version: new login roles join this role.")
-    host: str | None = Field(None, description="Host written into the payload for consumers.")
+    grant_role: NonEmpty | None = Field(None, description="role-per-version: new login roles join this role.")
+    host: NonEmpty | None = Field(None, description="Host written into the payload for consumers.")
     port: int | None = Field(None, ge=1, le=65535, description="Port written into the payload for consumers.")
-    database: str | None = Field(None, description="Database written into the payload for consumers.")
+    database: NonEmpty | None = Field(None, description="Database written into the payload for consumers.")
 
     @field_validator("username")
     @classmethod
@@ -587,6 +587,19 @@ class ReportConfig(Model):
         heartbeat = info.data.get("heartbeat")
         if v is not None and heartbeat is not None and v <= heartbeat:
             raise ValueError(f"must be longer than report.heartbeat ({heartbeat:g}s), or every report goes stale")
+        return v
+
+    @field_validator("forget_after")
+    @classmethod
+    def _forget_after(cls, v: float | None, info: ValidationInfo) -> float | None:
+        # Forgetting a node between two of its heartbeats drops a live node's
+        # holders from the gate: its old version could be retired under it.
+        heartbeat, ttl = info.data.get("heartbeat"), info.data.get("ttl")
+        if v is None or heartbeat is None or "ttl" not in info.data:
+            return v
+        stale = ttl if ttl is not None else 3 * heartbeat
+        if v <= stale:
+            raise ValueError(f"must be longer than the report TTL ({stale:g}s), or live nodes are forgotten")
         return v
 
     @property
@@ -815,6 +828,8 @@ def store_path_problem(path: str | os.PathLike[str]) -> str | None:
         st = os.stat(text)
     except (FileNotFoundError, NotADirectoryError):
         return _ancestor_problem(Path(text))
+    except PermissionError:
+        return None  # an operator checking the agent's config: the agent's own open decides
     except OSError as e:
         return f"{text}: {e.strerror}"
     if stat.S_ISDIR(st.st_mode):
@@ -840,6 +855,8 @@ def output_dir_problem(path: Path, files: set[str]) -> str | None:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
         return _ancestor_problem(path)
+    except PermissionError:
+        return None
     except OSError as e:
         return f"{path}: {e.strerror}"
     if stat.S_ISLNK(st.st_mode):
@@ -887,7 +904,7 @@ def check_host(config: Config) -> list[str]:
         try:
             if not stat.S_ISSOCK(os.lstat(sock).st_mode):
                 problems.append(f"api.listen: {sock} exists and is not a socket; Baton will not replace it")
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
             pass
         except OSError as e:
             problems.append(f"api.listen: {sock}: {e.strerror}")

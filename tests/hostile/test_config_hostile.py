@@ -347,6 +347,17 @@ OTHER: dict[str, tuple[str, Any, str]] = {
     "max_draining 0": ("credentials.0.rotation.max_draining", 0, "credentials.0.rotation.max_draining"),
     "ttl below heartbeat": ("report", {"heartbeat": "30s", "ttl": "10s"}, "report.ttl"),
     "retry_max below retry_min": ("agent", {"retry_min": "10s", "retry_max": "1s"}, "agent.retry_max"),
+    "forget_after within the report ttl": (
+        "report",
+        {"heartbeat": "30s", "forget_after": "60s"},
+        "report.forget_after",
+    ),
+    "empty pod selector": ("store", {"kind": "kubernetes", "pod_selector": ""}, "store.pod_selector"),
+    "empty approle role_id": (
+        "store",
+        {"kind": "vault", "url": "https://vault:8200", "auth": {"method": "approle", "role_id": ""}},
+        "store.auth.role_id",
+    ),
 }
 
 

@@ -7,6 +7,7 @@ no traceback included, are in tests/e2e/test_cli.py).
 
 from __future__ import annotations
 
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -417,3 +418,27 @@ def test_a_missing_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert out == ""
     assert err == f"{tmp_path / 'nope.yaml'}: cannot read: No such file or directory\n"
+
+
+def test_an_operator_who_cannot_look_into_the_agents_dirs_gets_no_false_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # check-config run by a user who may not read /var/lib/baton: the agent,
+    # running as its own user, checks again when it opens or writes.
+    config = parse_config(
+        {
+            "store": {"kind": "local", "path": str(tmp_path / "store.db")},
+            "api": {"listen": f"unix:{tmp_path / 'api.sock'}"},
+            "credentials": [{"name": "x", "key": "x", "output": {"dir": str(tmp_path / "x")}}],
+        }
+    )
+
+    def denied(*_args: object, **_kw: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        for name in ("stat", "lstat", "scandir"):
+            m.setattr(os, name, denied)
+        problems = check_host(config)
+
+    assert problems == []
