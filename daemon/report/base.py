@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol
 
 REPORT_PREFIX = "baton.node."
+# A report is a few KiB at most (max_holders <= 100 summaries): far larger text is not one.
+MAX_REPORT_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,18 @@ class NodeReport:
         """Parse a report; fields this version does not know are ignored.
 
         A newer agent may add fields, and an older rotator reading its report
-        must still see the fields it gates on. A missing required field or a
-        value that is not a JSON object still raises (TypeError, ValueError or
-        KeyError), and the caller then treats the node as unknown.
+        must still see the fields it gates on. Anything else that is not a
+        report raises TypeError, ValueError or KeyError, never another error
+        (the text may come from a hostile node), and the caller then treats the
+        node as unknown.
         """
-        data = json.loads(text)
+        if len(text) > MAX_REPORT_CHARS:
+            raise ValueError(f"a node report is at most {MAX_REPORT_CHARS} characters")
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            # Nested deeper than the parser's stack: would escape every reporter's except.
+            raise ValueError("a node report is not nested that deep") from None
         if not isinstance(data, dict):
             raise TypeError(f"a node report is a JSON object, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -59,22 +68,34 @@ class NodeReport:
         if not isinstance(raw_holders, list) or not all(isinstance(h, dict) for h in raw_holders):
             raise TypeError("report holders are a list of objects")
         holders = tuple(Holder(**{k: v for k, v in h.items() if k in holder_fields}) for h in raw_holders)
-        errors = tuple(str(e) for e in data.pop("errors", []))
+        if not all(_holder_ok(h) for h in holders):
+            raise TypeError("report holders have a pid, exe, consumer, how and version of their types")
+        errors = data.pop("errors", [])
+        if not isinstance(errors, list) or not all(isinstance(e, str) for e in errors):
+            raise TypeError("report errors are a list of strings")
         raw_in_use = data.pop("in_use", {})
         if not isinstance(raw_in_use, dict):
             raise TypeError("report in_use is an object")
-        in_use = {str(k): int(v) for k, v in raw_in_use.items()}
-        report = cls(holders=holders, errors=errors, in_use=in_use, **data)
+        if not all(_count_ok(v) for v in raw_in_use.values()):
+            # int() would truncate 0.5 to "no holder" and raise OverflowError on Infinity.
+            raise TypeError("report in_use counts are non-negative integers")
+        report = cls(holders=holders, errors=tuple(errors), in_use=dict(raw_in_use), **data)
         # The gate keys and sorts on these and compares heartbeats: a wrong type is unreadable, not a crash later.
         if not isinstance(report.node, str) or not isinstance(report.credential, str):
             raise TypeError("report node and credential are strings")
         if report.current is not None and not isinstance(report.current, str):
             raise TypeError("report current is a string or null")
+        if not isinstance(report.agent_version, str):
+            raise TypeError("report agent_version is a string")
         if isinstance(report.heartbeat, bool) or not isinstance(report.heartbeat, int | float):
             raise TypeError("report heartbeat is a number")
-        if not math.isfinite(report.heartbeat):
+        try:
+            finite = math.isfinite(report.heartbeat)
+        except OverflowError:  # an integer beyond any float: the gate's age arithmetic would raise it
+            finite = False
+        if not finite or report.heartbeat < 0:
             # NaN would never compare as stale, so the gate would take it as fresh.
-            raise ValueError("report heartbeat is a finite number")
+            raise ValueError("report heartbeat is a finite, non-negative number")
         return report
 
     def same_state(self, other: NodeReport | None) -> bool:
@@ -87,6 +108,20 @@ class NodeReport:
             other.holders,
             other.errors,
         )
+
+
+def _count_ok(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _holder_ok(h: Holder) -> bool:
+    return (
+        _count_ok(h.pid)
+        and isinstance(h.exe, str)
+        and (h.consumer is None or isinstance(h.consumer, str))
+        and isinstance(h.how, str)
+        and isinstance(h.version, str)
+    )
 
 
 class Reporter(Protocol):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.report.base import Holder, NodeReport
+from daemon.report.base import MAX_REPORT_CHARS, Holder, NodeReport
 from daemon.rotation.gate import decide
 
 NOW = 1_000_000.0
@@ -124,3 +124,67 @@ def test_the_stale_stand_in_for_an_unreadable_report_blocks_the_gate_and_names_t
     assert not decision.retire
     assert [r for r in decision.reasons if r.startswith("n2:")] == [decision.reasons[0]]
     assert "stale" in decision.reasons[0]
+
+
+# ---------------------------------------------------------------- found by tests/fuzz/test_report_fuzz.py
+# Each of these escaped the reporters' except (TypeError, ValueError, KeyError) and would
+# have ended the rotator's retire pass, or read a malformed count as "no holder".
+
+
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_a_report_nested_deeper_than_the_stack_is_unreadable_not_a_recursion_error(opener: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    text = '{"node": "n1", "credential": "db", "current": null, "in_use": ' + opener * 5000 + closer * 5000 + "}"
+    with pytest.raises(ValueError, match="nested"):
+        NodeReport.from_json(text)
+
+
+@pytest.mark.parametrize("count", ["Infinity", "-Infinity", "NaN", "0.5", "1.0", "-1", '"1"', "true", "null"])
+def test_a_holder_count_that_is_not_a_non_negative_integer_is_unreadable(count: str) -> None:
+    # Infinity raised OverflowError from int(); 0.5 was truncated to 0, a node with no holder.
+    text = '{"node": "n1", "credential": "db", "current": "v2", "in_use": {"v1": ' + count + "}}"
+    with pytest.raises(TypeError, match="in_use"):
+        NodeReport.from_json(text)
+
+
+@pytest.mark.parametrize("beat", ["-1", "-0.5", "1" + "0" * 400])
+def test_a_negative_heartbeat_or_one_beyond_any_float_is_unreadable(beat: str) -> None:
+    # 10**400 passed json and raised OverflowError in math.isfinite (and in the gate's age).
+    text = '{"node": "n1", "credential": "db", "current": "v2", "heartbeat": ' + beat + "}"
+    with pytest.raises(ValueError, match="non-negative"):
+        NodeReport.from_json(text)
+
+
+@pytest.mark.parametrize(
+    "holder",
+    [
+        {"pid": "7"},
+        {"pid": -1},
+        {"pid": True},
+        {"exe": ["/bin/app"]},
+        {"consumer": 5},
+        {"how": None},
+        {"version": 1},
+    ],
+    ids=repr,
+)
+def test_a_holder_field_of_the_wrong_type_is_unreadable(holder: dict[str, Any]) -> None:
+    data = as_dict()
+    data["holders"][0].update(holder)
+    with pytest.raises(TypeError, match="holders"):
+        NodeReport.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "change", [{"errors": "scan failed"}, {"errors": [["deep"]]}, {"agent_version": [1]}], ids=repr
+)
+def test_errors_and_agent_version_of_the_wrong_type_are_unreadable(change: dict[str, Any]) -> None:
+    # A string was split into one error per character; str() of a nested list can recurse.
+    with pytest.raises(TypeError):
+        NodeReport.from_json(json.dumps(as_dict() | change))
+
+
+def test_a_report_over_the_size_cap_is_unreadable() -> None:
+    text = json.dumps(as_dict() | {"agent_version": "x" * MAX_REPORT_CHARS})
+    with pytest.raises(ValueError, match="at most"):
+        NodeReport.from_json(text)
