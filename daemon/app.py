@@ -119,7 +119,13 @@ class Agent(Service):
         )
         await self.api.start(self.config.api.listen)
         self._start_generation()
-        event(log, "agent_started", node=self.config.node_id, credentials=len(self.config.credentials))
+        event(
+            log,
+            "agent_started",
+            node=self.config.node_id,
+            credentials=len(self.config.credentials),
+            api=self.api.address,
+        )
         if not fdscan.NATIVE:
             log.info("fd scans use the pure Python walk (daemon.usage._fdscan was not built: no C compiler at install)")
 

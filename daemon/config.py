@@ -565,9 +565,11 @@ class ApiConfig(Model):
             or not host.strip("[]")
             or any(c.isspace() or c in "/\0" for c in host)
             or not re.fullmatch(r"[0-9]{1,5}", port)
-            or not 0 < int(port) < 65536
+            # Port 0 asks the kernel for a free port (the demo and the tests; the
+            # bound address is in the agent_started event and the status).
+            or not 0 <= int(port) < 65536
         ):
-            raise ValueError('expected "host:port" (port 1-65535) or "unix:/path"')
+            raise ValueError('expected "host:port" (port 0-65535) or "unix:/path"')
         return v
 
     @property

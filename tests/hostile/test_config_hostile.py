@@ -313,7 +313,7 @@ def test_a_store_path_that_is_a_directory_or_under_a_file_is_refused(tmp_path: P
 
 
 OTHER: dict[str, tuple[str, Any, str]] = {
-    "port 0": ("api.listen", "127.0.0.1:0", "api.listen"),
+    "port out of range": ("api.listen", "127.0.0.1:65536", "api.listen"),
     "relative unix socket": ("api.listen", "unix:api.sock", "api.listen"),
     "empty host": ("api.listen", ":8787", "api.listen"),
     "empty cmdline": ("credentials.0.consumers.0.match", {"cmdline": ""}, "credentials.0.consumers.0.match.cmdline"),
