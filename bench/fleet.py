@@ -6,7 +6,7 @@ Paths: ``local`` (SQLite store, ``MetadataReporter``), ``aws`` (moto_server,
 on loopback; nothing talks to a real cloud.
 
 A simulated node is a coroutine, not an agent: it builds ``NodeReport``s and
-publishes them with the agent's own rule (``daemon.drain.Tracker.publish_all``:
+publishes them with the agent's own rule (``daemon.agent.tracker.Tracker.publish_all``:
 on a change of state, else when a heartbeat is due). The nodes run in a fleet
 process of their own (``--fleet-processes``, default 1), apart from the
 rotator's, as a real fleet runs on other machines; all nodes of a fleet process

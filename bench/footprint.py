@@ -267,7 +267,8 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def imports_rss() -> float | None:
     """RSS of a Python that only imports what the agent imports, then exits: the floor of the agent's RSS."""
     code = (
-        "import daemon.cli, daemon.app, daemon.stores.local, daemon.usage.scan, daemon.reload, sqlite3;"
+        "import daemon.cli, daemon.agent.service, daemon.stores.local, daemon.usage.scan, sqlite3;"
+        "import daemon.reload.reloader;"
         "print(open('/proc/self/status').read())"
     )
     try:
@@ -312,9 +313,10 @@ async def _variant(spec: dict[str, Any], *, seconds: float, credentials: int, co
     import collections
 
     import daemon.stores.local as local
-    from daemon import drain, writer
-    from daemon.app import Agent
+    from daemon.agent import tracker as drain
+    from daemon.agent.service import Agent
     from daemon.config import parse_config
+    from daemon.files import writer
 
     calls: collections.Counter[str] = collections.Counter()
 
@@ -369,7 +371,7 @@ IMPORT_GROUPS = [
     ("jinja2, psutil, sqlite3, yaml", "import jinja2.sandbox, psutil, sqlite3, yaml"),
     ("prometheus_client", "import prometheus_client"),
     ("aiohttp (api server, http health check)", "import aiohttp.web"),
-    ("the rest of daemon (app, drain, reload, ...)", "import daemon.cli, daemon.app, daemon.stores.local"),
+    ("the rest of daemon (app, drain, reload, ...)", "import daemon.cli, daemon.agent.service, daemon.stores.local"),
 ]
 
 

@@ -1,8 +1,8 @@
 """Benchmark: what rendering in the killable worker costs, against rendering in process.
 
 Renders one credential's templates (a password file and a DSN from a JSON
-payload) --renders times in process (``daemon.render.render_version``) and
-through ``daemon.renderworker.RenderWorker`` (a child process over a pipe),
+payload) --renders times in process (``daemon.files.render.render_version``) and
+through ``daemon.files.renderworker.RenderWorker`` (a child process over a pipe),
 and reports per-render p50/p99 of each, the worker's start time and RSS, and
 how long a runaway template (10^10 loop steps, no output) takes to be stopped
 at a 1 s bound. Target: the worker adds < 5 ms at p99 (propagation's p99
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._util import emit, machine, mb, percentile, progress, sample
 from daemon.errors import PayloadError
+from daemon.files.render import render_version
+from daemon.files.renderworker import RenderWorker
 from daemon.model import Secret
-from daemon.render import render_version
-from daemon.renderworker import RenderWorker
 
 NAME = "render"
 TARGET_ADDED_P99_MS = 5.0

@@ -58,9 +58,9 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from daemon.app import Agent  # noqa: E402
+from daemon.agent.service import Agent  # noqa: E402
 from daemon.config import Config, parse_config  # noqa: E402
-from daemon.logs import setup  # noqa: E402
+from daemon.kit.logs import setup  # noqa: E402
 from daemon.model import PENDING  # noqa: E402
 from daemon.rotation.service import Rotator  # noqa: E402
 from daemon.stores.local import LocalStore  # noqa: E402

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from daemon import metrics
 from daemon.errors import ListenError
-from daemon.logs import event
+from daemon.kit import metrics
+from daemon.kit.logs import event
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

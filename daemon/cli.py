@@ -31,7 +31,7 @@ def _unquoted(message: str, source: str) -> str:
 
 def load_checked(path: str) -> Config:
     """``load_config``, and every template compiles (the config layer cannot import the renderer)."""
-    from daemon.render import check_templates
+    from daemon.files.render import check_templates
 
     config = load_config(path)
     problems = []
@@ -59,7 +59,7 @@ def _load(path: str) -> Config:
 
 
 def _setup_logging(config: Config) -> None:
-    from daemon import logs
+    from daemon.kit import logs
 
     logs.setup(config.log.format, config.log.level)
 
@@ -76,8 +76,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_agent(args: argparse.Namespace) -> int:
     config = _load(args.config)
     _setup_logging(config)
+    from daemon.agent.service import run_agent
     from daemon.api import raise_open_files_limit
-    from daemon.app import run_agent
 
     raise_open_files_limit()
     return run_agent(config, config_path=args.config)
@@ -162,7 +162,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
-    from daemon.execcmd import run_exec
+    from daemon.exec.command import run_exec
 
     config = _load(args.config)
     _setup_logging(config)
@@ -179,7 +179,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from daemon.demo.run import run_demo
 
     return run_demo(rotations=args.rotations, as_json=args.json, keep=args.keep)
 

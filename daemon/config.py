@@ -128,7 +128,7 @@ def _http_url(value: str) -> str:
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 Argv = Annotated[list[NonEmpty], Field(min_length=1)]
 
-# What the writer (daemon.writer) keeps in an output dir besides the credential
+# What the writer (daemon.files.writer) keeps in an output dir besides the credential
 # files: ``..``-prefixed entries (``..current``, ``..v7-…``, ``..baton-state.json``,
 # ``..baton.lock``) and temp names holding ``.tmp-``, which recovery deletes at
 # every start. Kept here, not imported: the writer sits above the config.

@@ -122,7 +122,7 @@ class ContainerRestart:
 
 
 class ContainerRestartAction(ContainerRestart):
-    """The ``container_restart`` reload action as daemon.reload builds it: ``Cls(consumer)``."""
+    """The ``container_restart`` reload action as daemon.reload.reloader builds it: ``Cls(consumer)``."""
 
     replaces = True  # the kubelet starts the replacement; the health check looks for it
 

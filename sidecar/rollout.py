@@ -120,7 +120,7 @@ class RolloutRestart:
 
 
 class RolloutAction(RolloutRestart):
-    """The ``rollout`` reload action as daemon.reload builds it: ``Cls(consumer)``.
+    """The ``rollout`` reload action as daemon.reload.reloader builds it: ``Cls(consumer)``.
 
     Called once per batch (``per_consumer``), even when no local process matches
     (``needs_process = False``): the workload may live on other nodes.

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import pytest
 
-    from daemon.app import Agent
-    from daemon.reload import Reloader
+    from daemon.agent.service import Agent
+    from daemon.reload.reloader import Reloader
 
 # A valid agent config file (local store, one credential with two templated files),
 # the base the config tests break one field at a time.

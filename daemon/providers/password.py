@@ -10,10 +10,10 @@ from collections.abc import Collection
 
 from daemon.config import GeneratorConfig
 from daemon.errors import PayloadError
-from daemon.logs import event
+from daemon.files.render import payload_object, salvage_fields
+from daemon.kit.logs import event
 from daemon.model import Secret
 from daemon.providers.base import Session
-from daemon.render import payload_object, salvage_fields
 
 log = logging.getLogger(__name__)
 

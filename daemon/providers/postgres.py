@@ -72,9 +72,9 @@ from psycopg.rows import TupleRow
 
 from daemon.config import ProviderConfig
 from daemon.errors import PayloadError, ProviderError
+from daemon.files.render import payload_object
 from daemon.model import Secret
 from daemon.providers.base import Session
-from daemon.render import payload_object
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """Node reports as DynamoDB items: one item per (credential, node), for fleets past 50 tags.
 
-Owns the reporter's own DynamoDB client (a ``daemon.stores.awsclient`` client,
+Owns the reporter's own DynamoDB client (a ``daemon.clients.aws`` client,
 lazy, closed in ``aclose``), the DynamoDB error codes and wording that
 ``awsclient`` does not share, and the table layout: partition key
 ``credential``, sort key ``node``, plus ``key`` (the store key), ``report``
 (``NodeReport.to_json()``) and ``heartbeat`` (a Number). Each node writes only its own item, with a condition so that an
 older heartbeat never replaces a newer one. It must never import a store
-(``daemon.stores.awsclient`` is the shared client plumbing, not a store), never
+(``daemon.clients.aws`` is the shared client plumbing, not a store), never
 create the table unless asked, never log a response body.
 """
 
@@ -16,9 +16,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from daemon.clients.aws import AwsClient, ErrorRules
 from daemon.errors import StoreConflict, StoreError, StoreNotFound
 from daemon.report.base import NodeReport
-from daemon.stores.awsclient import AwsClient, ErrorRules
 
 if TYPE_CHECKING:
     from daemon.config import Config

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from daemon.errors import StoreConflict, StoreError
-from daemon.logs import event
+from daemon.kit.logs import event
 from daemon.stores.lease import LeaseRecord, LeaseStore
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class CredentialLease:
             event(log, "rotator_released_lease", credential=self.credential, holder=self.holder)
 
     async def _release_on_the_way_out(self) -> None:
-        """Release, riding out a stop's re-cancels (daemon.stopping repeats them every 0.2 s, which would
+        """Release, riding out a stop's re-cancels (daemon.kit.tasks repeats them every 0.2 s, which would
         cut a release short on a busy store) for at most ``renew_every`` (2 s at most); then re-raise."""
         job = asyncio.ensure_future(self.release())
         deadline = time.monotonic() + min(self.renew_every, 2.0)

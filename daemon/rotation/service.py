@@ -3,7 +3,7 @@
 Rotations run at ``rotation.every`` (a failed or postponed one is retried at
 the next interval); the retirement gate is evaluated every half heartbeat, so a
 version is retired within one heartbeat of its last holder letting go. Its
-lifecycle is ``daemon.service.Service``'s, shared with the agent: READY=1 once
+lifecycle is ``daemon.kit.service.Service``'s, shared with the agent: READY=1 once
 the store answered and it leads or stands by, STATUS= says which, SIGHUP
 re-reads the config.
 """
@@ -22,17 +22,17 @@ from typing import Any
 
 from daemon import __version__
 from daemon.api import ApiServer
-from daemon.backoff import Backoff
 from daemon.config import Config, load_config
 from daemon.errors import BatonError, ConfigError
-from daemon.logs import event
+from daemon.kit.backoff import Backoff
+from daemon.kit.logs import event
+from daemon.kit.service import Service
+from daemon.kit.tasks import cancel_all, close_bounded
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.rotation.leadership import Leadership, holder_id
 from daemon.rotation.workflow import CredentialRotator
-from daemon.service import Service
-from daemon.stopping import cancel_all, close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
@@ -87,7 +87,7 @@ class Rotator(Service):
             if c.rotation is not None
         }
 
-    # ------------------------------------------------------------ lifecycle (see daemon.service)
+    # ------------------------------------------------------------ lifecycle (see daemon.kit.service)
 
     async def startup(self) -> None:
         if self.serve_api:

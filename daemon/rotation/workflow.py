@@ -46,10 +46,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from daemon import metrics
 from daemon.config import Config, CredentialConfig
 from daemon.errors import BatonError, PayloadError, StoreNotFound
-from daemon.logs import event
+from daemon.kit import metrics
+from daemon.kit.logs import event
 from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
 from daemon.providers.base import Provider, Session
 from daemon.report.base import NodeReport, Reporter

@@ -1,6 +1,6 @@
 """AWS Secrets Manager store: versions, staging labels, per-node tags.
 
-Owns the one Secrets Manager client of a process (a ``daemon.stores.awsclient``
+Owns the one Secrets Manager client of a process (a ``daemon.clients.aws``
 client: created lazily in the running loop, closed in ``aclose``), the Secrets
 Manager error codes that ``awsclient`` does not share, and the mapping of AWS
 staging labels onto Baton stages. It must never put a payload or a response
@@ -34,9 +34,9 @@ import zlib
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from daemon.clients.aws import AwsClient, ErrorRules, classify
 from daemon.errors import PayloadError, StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.awsclient import AwsClient, ErrorRules, classify
 from daemon.stores.base import StatusHook, check_payload
 from daemon.stores.lease import LeaseRecord
 

@@ -1,7 +1,7 @@
 """The embedded store: SQLite in WAL mode, one file, many readers and writers.
 
 Owns the schema and every SQL statement on it. Change detection never reads a
-payload: an inotify watch on the database file (daemon.inotify) wakes one
+payload: an inotify watch on the database file (daemon.kit.inotify) wakes one
 watcher task, which reads the current version ids of all keys in one query
 (only after ``PRAGMA data_version`` says another connection committed), so an
 idle agent costs nothing and 100 credentials cost one query. Metadata entries are
@@ -401,7 +401,7 @@ class LocalStore:
 
     async def _follow(self) -> None:
         """The one watcher task: re-read the current versions when the database changed."""
-        from daemon.inotify import DirWatch
+        from daemon.kit.inotify import DirWatch
 
         assert self._poke is not None and self._changed is not None
         poke = self._poke

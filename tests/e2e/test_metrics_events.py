@@ -2,7 +2,7 @@
 
 Like ``baton demo``, but with one consumer that holds its credential file open
 and re-opens it on SIGHUP. Two rotations run; then the test reads the agent's
-``/metrics`` over HTTP, the rotator's metrics from ``daemon.metrics.REGISTRY``
+``/metrics`` over HTTP, the rotator's metrics from ``daemon.kit.metrics.REGISTRY``
 (both share it in one process), and the JSON log lines captured from the root
 logger, and searches all of it for every secret value the store ever held.
 """
@@ -27,10 +27,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import metrics
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import Config, parse_config
-from daemon.logs import JsonFormatter
+from daemon.kit import metrics
+from daemon.kit.logs import JsonFormatter
 from daemon.model import Secret
 from daemon.rotation.service import Rotator
 from daemon.stores.local import LocalStore
@@ -142,7 +142,7 @@ async def test_two_rotations_expose_agent_and_rotator_metrics_and_json_events_wi
         consumer = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "daemon.demo_consumer",
+            "daemon.demo.consumer",
             "hold",
             "--file",
             str(tmp_path / "out" / "password"),

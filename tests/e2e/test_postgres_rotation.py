@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from daemon import metrics
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import Config, parse_config
-from daemon.logs import JsonFormatter
+from daemon.kit import metrics
+from daemon.kit.logs import JsonFormatter
 from daemon.rotation.service import Rotator
 from daemon.stores.local import LocalStore
 from tests.fixtures.postgres import PgScratch

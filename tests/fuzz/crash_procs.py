@@ -158,7 +158,7 @@ def writer(db: str, nonce: str, seed: int, keep: int, max_gap: float, keys: list
 
 def launcher() -> None:
     # What `baton agent` imports on the way to serving, loaded once here.
-    import daemon.app
+    import daemon.agent.service
     import daemon.cli
     import daemon.report.metadata
     import daemon.stores.local

@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 from daemon.config import OutputConfig
 from daemon.errors import BatonError
+from daemon.files.writer import CURRENT_LINK, STATE, Writer, content_digest
 from daemon.model import VersionId
-from daemon.writer import CURRENT_LINK, STATE, Writer, content_digest
 
 pytestmark = pytest.mark.fuzz
 

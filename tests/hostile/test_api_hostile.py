@@ -327,7 +327,7 @@ async def test_on_a_unix_socket_a_flooding_user_evicts_only_its_own_connections(
 # An ApiServer with a cap far above its fd limit: accept() runs out of descriptors.
 OUT_OF_FDS = r"""
 import asyncio, logging, resource, sys
-from daemon import logs
+from daemon.kit import logs
 from daemon.api import ApiServer
 logs.setup("json", "info")
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import pytest
 
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import Config, ProviderConfig
 from daemon.errors import ProviderError
+from daemon.files.render import render
 from daemon.model import Secret, SecretVersion, VersionId
 from daemon.providers.postgres import PostgresProvider
-from daemon.render import render
 from daemon.stores.local import LocalStore
 from tests.e2e.helpers import BATON, AgentProcess, agent_config, free_port, poll, start_agent, store_put, write_config
 from tests.helpers import everything_logged, running_agent, until
@@ -140,14 +140,14 @@ def gone(pid: int) -> bool:
 
 
 def render_children(pid: int) -> list[int]:
-    """The agent's render worker(s): its children running daemon.render."""
+    """The agent's render worker(s): its children running daemon.files.render."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError):
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"daemon.render" in (entry / "cmdline").read_bytes():
+            if ppid == pid and b"daemon.files.render" in (entry / "cmdline").read_bytes():
                 out.append(int(entry.name))
     return out
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import OutputConfig, parse_config
 from daemon.errors import WriteError
+from daemon.files.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
 from daemon.model import Secret, VersionId
 from daemon.stores.local import LocalStore
-from daemon.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
 from tests.helpers import everything_logged, running_agent, until
 
 pytestmark = pytest.mark.hostile
@@ -131,7 +131,7 @@ def test_a_state_file_planted_by_another_user_never_makes_the_writer_delete_outs
     out.chmod(0o750)  # tightened again, with the planted entries left in it
     assert os.stat(out / STATE).st_uid == NOBODY
 
-    caplog.set_level(logging.INFO, logger="daemon.writer")
+    caplog.set_level(logging.INFO, logger="daemon.files.writer")
     w = Writer(output(out))
     assert {v.version for v in w.versions()} == {"1", "2"}, "the planted state is ignored, rebuilt from content"
     w.remove("zz")
@@ -157,7 +157,7 @@ def test_a_state_file_of_baton_naming_a_path_outside_is_ignored_for_its_shape(
     good["versions"]["zz"] = {"dir": "..vzz/keep", "inodes": [], "digest": "", "swapped_in": 0}
     (out / STATE).write_text(json.dumps(good))  # Baton's own file (root, 0600), wrong shape
 
-    caplog.set_level(logging.INFO, logger="daemon.writer")
+    caplog.set_level(logging.INFO, logger="daemon.files.writer")
     w = Writer(output(out))
     w.remove("zz")
 
@@ -219,7 +219,7 @@ import sys
 from pathlib import Path
 from daemon.config import OutputConfig
 from daemon.model import VersionId
-from daemon.writer import Writer
+from daemon.files.writer import Writer
 w = Writer(OutputConfig(dir=Path(sys.argv[1]), files={"password": "{{ value }}"}))
 w.write(VersionId("9"), {"password": b"held-by-the-first-agent"})
 print("holding", flush=True)
@@ -326,7 +326,7 @@ REBUILD = """
 import sys
 from pathlib import Path
 from daemon.config import OutputConfig
-from daemon.writer import Writer
+from daemon.files.writer import Writer
 w = Writer(OutputConfig(dir=Path(sys.argv[1]), files={"password": "{{ value }}"}))
 print(w.current(), sorted(v.version for v in w.versions()), flush=True)
 """
@@ -350,7 +350,7 @@ def test_a_malformed_state_file_is_ignored_with_a_reason_and_the_version_is_foun
     Writer(output(out)).write(VersionId("1"), V1)
     (out / STATE).write_bytes(doc)
 
-    caplog.set_level(logging.INFO, logger="daemon.writer")
+    caplog.set_level(logging.INFO, logger="daemon.files.writer")
     w = Writer(output(out))
 
     assert w.current() == "1"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import parse_config
 from daemon.model import Secret
 from daemon.stores.local import LocalStore

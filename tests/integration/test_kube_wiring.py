@@ -36,11 +36,11 @@ from kubernetes_asyncio import config as kube_config
 from kubernetes_asyncio.config import kube_config as kube_config_module
 
 import sidecar.leader
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import Config, ConsumerConfig, MatchConfig, parse_config
 from daemon.errors import ConfigError
 from daemon.providers import open_provider
-from daemon.reload import Reloader, make_action
+from daemon.reload.reloader import Reloader, make_action
 from daemon.report import open_reporter
 from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.rotation.gate import Decision, decide

@@ -25,11 +25,11 @@ from typing import Any
 import boto3
 import pytest
 
-from daemon import metrics
-from daemon.app import Agent
-from daemon.backoff import Backoff
+from daemon.agent.service import Agent
 from daemon.config import Config, parse_config
 from daemon.errors import StoreError, StoreUnavailable
+from daemon.kit import metrics
+from daemon.kit.backoff import Backoff
 from daemon.model import Secret, VersionId
 from daemon.providers.password import PasswordProvider
 from daemon.report import open_reporter

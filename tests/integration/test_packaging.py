@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from daemon import metrics
 from daemon.config import parse_config
+from daemon.kit import metrics
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"

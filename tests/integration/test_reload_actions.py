@@ -23,8 +23,8 @@ import pytest
 
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError
-from daemon.processes import ReloadGone, is_alive, stop_process, wait_exit
-from daemon.reload import (
+from daemon.reload.processes import ReloadGone, is_alive, stop_process, wait_exit
+from daemon.reload.reloader import (
     ExecAction,
     NoneAction,
     RestartAction,
@@ -331,14 +331,14 @@ async def test_the_none_action_does_nothing(procs: Procs) -> None:
 
 
 def test_sidecar_actions_are_registered_by_name() -> None:
-    from daemon.reload import ACTIONS
+    from daemon.reload.reloader import ACTIONS
 
     assert ACTIONS["container_restart"] == "sidecar.restart:ContainerRestartAction"
     assert ACTIONS["rollout"] == "sidecar.rollout:RolloutAction"
 
 
 def test_an_action_whose_module_cannot_be_imported_is_a_reload_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon import reload
+    from daemon.reload.reloader import reloader as reload
 
     monkeypatch.setitem(reload.ACTIONS, "rollout", "sidecar.no_such_module:RolloutAction")
     with pytest.raises(ReloadError, match="not available"):
@@ -427,7 +427,7 @@ async def test_the_http_check_fails_when_nothing_listens() -> None:
 
 
 async def test_the_polling_fallback_of_wait_exit_sees_an_exit(procs: Procs) -> None:
-    from daemon.processes import poll_exit
+    from daemon.reload.processes import poll_exit
 
     child = await procs.child("a")
     assert await poll_exit(child.pid, 0.1) is False

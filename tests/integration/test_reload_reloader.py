@@ -13,9 +13,9 @@ from typing import Any
 import psutil
 import pytest
 
-from daemon import metrics
-from daemon.processes import ReloadGone, is_alive
-from daemon.reload import Reloader, SignalAction
+from daemon.kit import metrics
+from daemon.reload.processes import ReloadGone, is_alive
+from daemon.reload.reloader import Reloader, SignalAction
 from daemon.usage.consumers import find_processes
 from tests.helpers import running_reloader
 from tests.integration.test_reload_actions import Procs, consumer, fake_systemctl, lines, until
@@ -92,7 +92,7 @@ async def test_a_failed_health_check_stops_the_roll_and_reports_the_consumer(
     r = Reloader(
         {"db": [cons]}, debounce=0.05, find=lambda m: [a.pid, b.pid], on_done=lambda c, creds, ok: done.append(ok)
     )
-    caplog.set_level(logging.INFO, logger="daemon.reload")
+    caplog.set_level(logging.INFO, logger="daemon.reload.reloader")
     async with running_reloader(r):
         started = time.monotonic()
         r.changed("db", "2")

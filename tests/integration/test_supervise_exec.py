@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from daemon.supervise import Supervisor, exit_status
+from daemon.exec.supervisor import Supervisor, exit_status
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ while True:
 # What `baton exec` does around the Supervisor. argv: GRACE CMD...
 DRIVER = r"""
 import asyncio, sys
-from daemon.supervise import Supervisor
+from daemon.exec.supervisor import Supervisor
 async def main():
     sup = Supervisor(sys.argv[2:], grace=float(sys.argv[1]))
     sup.install_signal_handlers()

@@ -3,7 +3,7 @@
 Every version's content is distinct and self-checking (``v<N>:<padding>:<sha256 of the rest>``,
 with a length that varies by version), so an empty, torn or mixed read is caught
 by the reader process itself. The kill -9 part forks writer processes from a
-forkserver (daemon.writer preloaded, so a start costs milliseconds, not an
+forkserver (daemon.files.writer preloaded, so a start costs milliseconds, not an
 interpreter start-up), SIGKILLs each at a random moment, then checks the stable
 path and that a fresh ``Writer`` recovers the directory and writes again.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import OutputConfig
+from daemon.files.writer import CURRENT_LINK, Writer
 from daemon.model import VersionId
-from daemon.writer import CURRENT_LINK, Writer
 
 FILES = ("password", "dsn")
 
@@ -131,7 +131,7 @@ def write_forever(out: str, layout: str, start: int) -> None:
 
 def _forkserver() -> multiprocessing.context.ForkServerContext:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["daemon.writer", __name__])
+    ctx.set_forkserver_preload(["daemon.files.writer", __name__])
     return ctx
 
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from daemon import writer
 from daemon.cli import main
 from daemon.config import (
     LOCK_FILE,
@@ -36,6 +35,7 @@ from daemon.config import (
     store_path_problem,
 )
 from daemon.errors import ConfigError
+from daemon.files import writer
 from tests.helpers import GOOD_CONFIG
 
 

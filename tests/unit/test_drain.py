@@ -1,4 +1,4 @@
-"""daemon.drain.attribute(): which version each process holds, from sightings and start times.
+"""daemon.agent.tracker.attribute(): which version each process holds, from sightings and start times.
 
 The function is pure, so every case is built from plain values: two versions of
 ``db`` swapped in at t=100 and t=200, consumers matched to pids, and sightings
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from daemon.agent.tracker import Usage, attribute
 from daemon.config import ConsumerConfig, MatchConfig
-from daemon.drain import Usage, attribute
+from daemon.files.writer import OnDisk
 from daemon.report.base import Holder
 from daemon.usage.consumers import START_SLACK
 from daemon.usage.scan import Sighting
-from daemon.writer import OnDisk
 
 
 def consumer(name: str, loads: str = "at-start") -> ConsumerConfig:

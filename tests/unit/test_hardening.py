@@ -9,8 +9,8 @@ import pytest
 
 from daemon.config import parse_config
 from daemon.errors import ConfigError, PayloadError
+from daemon.files.render import render
 from daemon.model import Secret
-from daemon.render import render
 from daemon.report.base import NodeReport
 from daemon.report.metadata import fit
 from daemon.stores.local import LocalStore

@@ -16,7 +16,7 @@ import pytest
 
 from daemon.config import ConsumerConfig, CredentialConfig
 from daemon.errors import ReloadError
-from daemon.reload import ReloadAction, Reloader
+from daemon.reload.reloader import ReloadAction, Reloader
 from tests.helpers import running_reloader
 
 
@@ -171,7 +171,7 @@ def test_the_recorder_satisfies_the_protocol() -> None:
 
 @pytest.mark.parametrize("action", ["signal", "exec", "restart", "systemd", "none"])
 def test_every_builtin_action_can_be_constructed_from_config(action: str) -> None:
-    from daemon.reload import make_action
+    from daemon.reload.reloader import make_action
 
     reload_cfg: Any = {
         "signal": {"signal": "HUP"},

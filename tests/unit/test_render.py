@@ -1,4 +1,4 @@
-"""daemon.render: payload fields into file contents; a bad payload is an error, never an empty file."""
+"""daemon.files.render: payload fields into file contents; a bad payload is an error, never an empty file."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import time
 import pytest
 
 from daemon.errors import PayloadError
-from daemon.model import Secret
-from daemon.render import (
+from daemon.files.render import (
     MAX_DEPTH,
     MAX_PAYLOAD,
     check_templates,
@@ -19,6 +18,7 @@ from daemon.render import (
     render_env,
     salvage_fields,
 )
+from daemon.model import Secret
 
 SECRET = "s3cr3t-Pa55-7f1c"  # a test value that must never leak
 DB_FILES = {

@@ -1,6 +1,6 @@
-"""daemon.renderworker: rendering in a child process that a runaway template cannot outlive.
+"""daemon.files.renderworker: rendering in a child process that a runaway template cannot outlive.
 
-Every test runs the real child (``python -I -c ...`` with ``daemon.render.serve``).
+Every test runs the real child (``python -I -c ...`` with ``daemon.files.render.serve``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import renderworker
 from daemon.errors import PayloadError
+from daemon.files import renderworker
+from daemon.files.render import render_version
+from daemon.files.renderworker import RenderUnavailable, RenderWorker, _parse_reply
 from daemon.model import Secret
-from daemon.render import render_version
-from daemon.renderworker import RenderUnavailable, RenderWorker, _parse_reply
 
 SECRET = "w0rker-Secr3t-9d1e"
 FILES = {"password": "{{ password }}", "dsn": "postgresql://{{ username }}:{{ password }}@db/app"}
@@ -150,7 +150,7 @@ def test_the_child_dies_with_its_parent_even_mid_render(tmp_path: Path) -> None:
     program = f"""
 import asyncio, sys
 from daemon.model import Secret
-from daemon.renderworker import RenderWorker
+from daemon.files.renderworker import RenderWorker
 async def main():
     w = RenderWorker()
     task = asyncio.create_task(w.render(files={{"f": {SPIN!r}}}, env={{}}, payload=Secret("v"),

@@ -1,4 +1,4 @@
-"""daemon.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
+"""daemon.kit.sdnotify against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import sdnotify
+from daemon.kit import sdnotify
 
 
 def _receive(sock: socket.socket, *, timeout: float = 5.0) -> dict[str, str]:
@@ -102,7 +102,7 @@ def test_a_missing_socket_is_logged_and_never_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    with caplog.at_level(logging.WARNING, logger="daemon.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="daemon.kit.sdnotify"):
         assert sdnotify.ready() is False
     assert "sd_notify failed" in caplog.text
 

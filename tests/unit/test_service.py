@@ -1,4 +1,4 @@
-"""daemon.service: the one lifecycle, against a real AF_UNIX datagram socket standing in for systemd."""
+"""daemon.kit.service: the one lifecycle, against a real AF_UNIX datagram socket standing in for systemd."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.service import Service
+from daemon.kit.service import Service
 
 
 class Notifications:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from daemon.stopping import cancel_all, close_bounded
+from daemon.kit.tasks import cancel_all, close_bounded
 
 
 async def test_a_hanging_close_is_abandoned_after_its_limit(caplog: pytest.LogCaptureFixture) -> None:

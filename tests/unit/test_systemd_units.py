@@ -193,7 +193,14 @@ for m in sys.argv[1:]:
 
 @pytest.mark.skipif(ctypes.util.find_library("seccomp") is None, reason="libseccomp is not installed")
 def test_baton_imports_and_runs_ctypes_callbacks_under_the_memory_deny_write_execute_filter() -> None:
-    modules = ["daemon.cli", "daemon.app", "daemon.usage.fanotify", "daemon.usage.fdscan", "psutil", "aiohttp"]
+    modules = [
+        "daemon.cli",
+        "daemon.agent.service",
+        "daemon.usage.fanotify",
+        "daemon.usage.fdscan",
+        "psutil",
+        "aiohttp",
+    ]
     proc = subprocess.run(
         [sys.executable, "-c", _MDWE, *modules], capture_output=True, text=True, timeout=120, check=False, cwd=REPO
     )

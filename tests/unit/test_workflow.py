@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon import metrics
 from daemon.config import Config, GeneratorConfig
 from daemon.errors import ProviderError, StoreUnavailable
+from daemon.kit import metrics
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, VersionId
 from daemon.providers.base import Session
 from daemon.providers.password import PasswordProvider

@@ -1,4 +1,4 @@
-"""daemon.writer on real directories: the versioned layout, modes, refusals, removal, recovery.
+"""daemon.files.writer on real directories: the versioned layout, modes, refusals, removal, recovery.
 
 The tests run as root (the machine's test user), which is what lets them
 plant a directory owned by ``nobody`` and check that the writer refuses it.
@@ -17,8 +17,8 @@ import pytest
 
 from daemon.config import OutputConfig
 from daemon.errors import WriteError
+from daemon.files.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
 from daemon.model import VersionId
-from daemon.writer import CURRENT_LINK, LOCK, STATE, Writer, content_digest
 
 V1 = {"password": b"first-password", "dsn": b"postgresql://app:first-password@db/app"}
 V2 = {"password": b"second-password", "dsn": b"postgresql://app:second-password@db/app"}

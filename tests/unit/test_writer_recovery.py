@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from daemon.config import OutputConfig
+from daemon.files.writer import STATE, Writer
 from daemon.model import VersionId
-from daemon.writer import STATE, Writer
 
 LONG_ID = VersionId("3f2a1b2c-1a2b-4c3d-9e8f-001122334455")  # an AWS-style id, longer than a dir label
 

@@ -2,7 +2,7 @@
 
 A Python thread cannot be stopped: a runaway template (a nested loop of 10^10
 steps, a string of gigabytes) in a thread would burn CPU and memory for ever.
-So one small persistent child (``daemon.render.serve``) renders, one request at
+So one small persistent child (``daemon.files.render.serve``) renders, one request at
 a time over a pipe (4-byte length + JSON), under an address-space limit
 (RLIMIT_AS). A render that outlasts its timeout, or a request cancelled mid-way
 (SIGTERM), kills the child (SIGKILL); the next request starts a new one. Where
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import PAYLOAD_REASONS, PayloadError
+from daemon.files.render import Rendered
 from daemon.model import Secret
-from daemon.render import Rendered
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # rendered output at most a few times agent.max_file_size (<= 16 MiB) per file.
 MEMORY_LIMIT = 512 << 20
 # The directory that holds the ``daemon`` package, first on the child's sys.path.
-_ROOT = str(Path(__file__).resolve().parent.parent)
+_ROOT = str(Path(__file__).resolve().parents[2])
 # A child that has not said hello by then is not coming (imports take ~0.15 s).
 _START_TIMEOUT = 15.0
 # How often the parent looks at the child's RSS when RLIMIT_AS could not be set.
@@ -53,7 +53,7 @@ if os.getppid() != parent:
     sys.exit(0)  # the agent died before PDEATHSIG was set
 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the agent's to handle
 sys.path.insert(0, root)
-import daemon.render
+import daemon.files.render
 limited = False
 if use_rlimit:
     try:
@@ -63,7 +63,7 @@ if use_rlimit:
         pass  # seccomp may refuse it: the parent watches our RSS instead
 channel_in, channel_out = os.fdopen(0, "rb"), os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)  # a stray print must not corrupt the replies
-daemon.render.serve(channel_in, channel_out, hello={"memory_limited": limited})
+daemon.files.render.serve(channel_in, channel_out, hello={"memory_limited": limited})
 """
 
 

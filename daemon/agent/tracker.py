@@ -21,19 +21,20 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from daemon import __version__, metrics
+from daemon import __version__
 from daemon.config import Config, ConsumerConfig
 from daemon.errors import BatonError, PayloadError, StoreError
-from daemon.logs import event
+from daemon.kit import metrics
+from daemon.kit.logs import event
 from daemon.report.base import Holder, NodeReport
 from daemon.usage.consumers import START_SLACK, match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
 
 if TYPE_CHECKING:
-    from daemon.app import Agent, CredentialState
+    from daemon.agent.service import Agent, CredentialState
+    from daemon.files.writer import OnDisk
     from daemon.usage.fanotify import OpenWatcher
-    from daemon.writer import OnDisk
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Processes Baton acts on: liveness, pidfd signalling, waiting for an exit, stopping, starting.
 
-Owns the low-level process work the reload actions (daemon/reload.py) are made
+Owns the low-level process work the reload actions (daemon/reload/reloader.py) are made
 of: a signal goes through a pidfd opened before the process is checked, so a
 recycled pid is never signalled; exits are awaited on the pidfd (readable on
 exit), with a slow poll only where the kernel or sandbox has no pidfd_open.

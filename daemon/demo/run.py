@@ -27,15 +27,15 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from daemon.app import Agent
+from daemon.agent.service import Agent
 from daemon.config import Config, parse_config
-from daemon.logs import setup
+from daemon.kit.logs import setup
 from daemon.model import Secret
 from daemon.rotation.service import Rotator
 from daemon.stores.local import LocalStore
 
 KEY = "demo/db"
-_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 TIMEOUT = 55.0
 
 
@@ -45,7 +45,7 @@ def demo_config(root: Path, *, rotations_every: float) -> tuple[Config, list[lis
     common = ["--file", stable, "--store", str(root / "store.db"), "--key", KEY]
 
     def consumer_argv(mode: str) -> list[str]:
-        return [py, "-m", "daemon.demo_consumer", mode, *common, "--stats", str(root / f"{mode}.json")]
+        return [py, "-m", "daemon.demo.consumer", mode, *common, "--stats", str(root / f"{mode}.json")]
 
     once_argv = [*consumer_argv("once"), "--pidfile", str(root / "once.pid")]
     config = parse_config(

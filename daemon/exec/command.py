@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import logging
 
-from daemon import metrics
-from daemon.backoff import Backoff
 from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
-from daemon.logs import bound, event
-from daemon.renderworker import RenderUnavailable, RenderWorker
-from daemon.service import Service
-from daemon.stopping import close_bounded
+from daemon.exec.supervisor import Supervisor, SupervisorError
+from daemon.files.renderworker import RenderUnavailable, RenderWorker
+from daemon.files.writer import Writer
+from daemon.kit import metrics
+from daemon.kit.backoff import Backoff
+from daemon.kit.logs import bound, event
+from daemon.kit.service import Service
+from daemon.kit.tasks import close_bounded
 from daemon.stores import open_store
-from daemon.supervise import Supervisor, SupervisorError
-from daemon.writer import Writer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ A payload is hostile until proven otherwise: it is parsed with a nesting bound,
 lone surrogates are refused, and every rendered file is bounded in size. Each
 refusal is a ``PayloadError`` whose ``reason`` (``errors.PAYLOAD_REASONS``) is
 safe as a metric label. Nothing here bounds time: the agent and ``baton exec``
-render through ``daemon.renderworker``, which runs :func:`serve` in a child
+render through ``daemon.files.renderworker``, which runs :func:`serve` in a child
 process it can kill, so a runaway template never runs in the daemon itself.
 """
 
@@ -245,7 +245,7 @@ def _render_one(name: str, source: str, fields: dict[str, Any], max_bytes: int) 
 
 
 def serve(channel_in: BinaryIO, channel_out: BinaryIO, *, hello: dict[str, Any]) -> None:
-    """The render worker's loop (``daemon.renderworker`` starts it): one request, one reply, until EOF.
+    """The render worker's loop (``daemon.files.renderworker`` starts it): one request, one reply, until EOF.
 
     Frames are a 4-byte big-endian length and a JSON object. The first frame
     out is ``hello`` (the child is up). A request is ``{"files", "env",

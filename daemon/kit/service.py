@@ -23,8 +23,8 @@ import signal
 from collections.abc import Coroutine
 from typing import Any, ClassVar
 
-from daemon import sdnotify
-from daemon.stopping import cancel_all
+from daemon.kit import sdnotify
+from daemon.kit.tasks import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Service:
         log.warning("SIGHUP ignored: this role has no config to re-read", extra={"role": self.role})
 
     async def shutdown(self) -> None:
-        """Close what ``startup()`` opened, each close bounded (``daemon.stopping.close_bounded``).
+        """Close what ``startup()`` opened, each close bounded (``daemon.kit.tasks.close_bounded``).
 
         Runs after the root tasks were cancelled; subclasses call ``await super().shutdown()`` first.
         """

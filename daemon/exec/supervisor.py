@@ -24,7 +24,7 @@ import signal
 from collections.abc import Mapping, Sequence
 
 from daemon.errors import BatonError
-from daemon.logs import event
+from daemon.kit.logs import event
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from daemon.config import OutputConfig
 from daemon.errors import WriteError
-from daemon.logs import event
+from daemon.kit.logs import event
 from daemon.model import VersionId, version_label
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The agent: follow each credential, write it, reload its consumers, report drain state.
 
-Its lifecycle is ``daemon.service.Service``'s, shared with the rotator and
+Its lifecycle is ``daemon.kit.service.Service``'s, shared with the rotator and
 ``baton exec``: ``serve() -> startup() -> main_loop() -> shutdown()``, guarded
 root tasks (one that dies stops the agent; systemd or the kubelet restarts it),
 SIGTERM/SIGINT stop in bounded time (a second forces it), SIGHUP re-reads the
@@ -20,25 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, metrics
+from daemon import __version__
+from daemon.agent.tracker import Tracker
 from daemon.api import ApiServer
-from daemon.backoff import Backoff
 from daemon.config import Config, CredentialConfig, load_config
-from daemon.drain import Tracker
 from daemon.errors import BatonError, ConfigError, PayloadError, StoreError, WriteError
-from daemon.logs import bound, event
+from daemon.files.renderworker import RenderWorker
+from daemon.files.writer import Writer
+from daemon.kit import metrics
+from daemon.kit.backoff import Backoff
+from daemon.kit.logs import bound, event
+from daemon.kit.service import Service
+from daemon.kit.tasks import close_bounded
 from daemon.model import VersionInfo
-from daemon.reload import Reloader
-from daemon.renderworker import RenderWorker
+from daemon.reload.reloader import Reloader
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
-from daemon.service import Service
-from daemon.stopping import close_bounded
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 from daemon.usage import fdscan
 from daemon.usage.environ import fingerprint
-from daemon.writer import Writer
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class Agent(Service):
         # This generation's root tasks (replaced on a config reload).
         self._generation: list[asyncio.Task[None]] = []
 
-    # ------------------------------------------------------------ lifecycle (see daemon.service)
+    # ------------------------------------------------------------ lifecycle (see daemon.kit.service)
 
     async def startup(self) -> None:
         _not_dumpable()

@@ -5,7 +5,7 @@ exec, restart, systemd, none; container_restart and rollout live in ``sidecar``)
 whether they came back healthy, and the pacing of it all (debounce, batching per
 consumer, one process at a time behind a health gate, a minimum interval between
 restarts). The process work itself (pidfd signals, waiting for exits, stopping,
-starting, running commands) is daemon/processes.py. Must never: signal a pid
+starting, running commands) is daemon/reload/processes.py. Must never: signal a pid
 that was recycled since it was found, or block the event loop (/proc reads and
 pidfile polls run in threads; process exits are awaited on a pidfd).
 
@@ -41,11 +41,11 @@ import aiohttp
 import psutil
 from yarl import URL
 
-from daemon import metrics
 from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
 from daemon.errors import ReloadError
-from daemon.logs import event
-from daemon.processes import (
+from daemon.kit import metrics
+from daemon.kit.logs import event
+from daemon.reload.processes import (
     ReloadGone,
     first_exit,
     is_alive,
@@ -234,11 +234,11 @@ class NoneAction:
 
 # name -> "module:Class"; each class is constructed as Cls(consumer: ConsumerConfig).
 ACTIONS: dict[str, str] = {
-    "signal": "daemon.reload:SignalAction",
-    "exec": "daemon.reload:ExecAction",
-    "restart": "daemon.reload:RestartAction",
-    "systemd": "daemon.reload:SystemdAction",
-    "none": "daemon.reload:NoneAction",
+    "signal": "daemon.reload.reloader:SignalAction",
+    "exec": "daemon.reload.reloader:ExecAction",
+    "restart": "daemon.reload.reloader:RestartAction",
+    "systemd": "daemon.reload.reloader:SystemdAction",
+    "none": "daemon.reload.reloader:NoneAction",
     "container_restart": "sidecar.restart:ContainerRestartAction",
     "rollout": "sidecar.rollout:RolloutAction",
 }

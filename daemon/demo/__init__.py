@@ -1,0 +1,1 @@
+"""`baton demo`: a local store, a rotator, an agent and consumer processes on one machine."""
