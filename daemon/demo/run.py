@@ -64,12 +64,12 @@ def demo_config(root: Path, *, rotations_every: float) -> tuple[Config, list[lis
                     "consumers": [
                         {
                             "name": "per-use",
-                            "match": {"cmdline": f"demo_consumer per-use .*{root}"},
+                            "match": {"cmdline": f"demo[.]consumer per-use .*{root}"},
                             "loads": "per-use",
                         },
                         {
                             "name": "hold",
-                            "match": {"cmdline": f"demo_consumer hold .*{root}"},
+                            "match": {"cmdline": f"demo[.]consumer hold .*{root}"},
                             "loads": "on-reload",
                             "reload": {"signal": "SIGHUP"},
                             "health": {"alive_for": 0.1},

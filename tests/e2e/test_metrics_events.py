@@ -61,7 +61,7 @@ def config_for(root: Path) -> Config:
                     "consumers": [
                         {
                             "name": CONSUMER,
-                            "match": {"cmdline": f"demo_consumer hold .*{root}"},
+                            "match": {"cmdline": f"demo[.]consumer hold .*{root}"},
                             "loads": "on-reload",
                             "reload": {"signal": "SIGHUP"},
                             "health": {"alive_for": 0.1},
