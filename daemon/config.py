@@ -135,6 +135,7 @@ Argv = Annotated[list[NonEmpty], Field(min_length=1)]
 STATE_FILE = "..baton-state.json"
 LOCK_FILE = "..baton.lock"
 TMP_INFIX = ".tmp-"
+_WRITER_NAME = re.compile(r"\.\.v[A-Za-z0-9_.-]{1,12}-[0-9a-f]{8}|.+\.tmp-(?:[0-9a-f]{8}|[0-9a-f]{12})")
 
 
 def file_name_problem(name: str) -> str | None:
@@ -841,18 +842,19 @@ def store_path_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _batons(entry: os.DirEntry[str], files: set[str]) -> bool:
-    """An entry the writer makes: ``..``-names, temp files, the credential files."""
-    return entry.name.startswith("..") or TMP_INFIX in entry.name or entry.name in files
+def _batons(name: str, files: set[str]) -> bool:
+    """A name the writer makes (as ``Writer._ours`` in daemon/writer.py): its own
+    files, version dirs, temp files and the credential files."""
+    return name in (STATE_FILE, LOCK_FILE, "..current") or name in files or bool(_WRITER_NAME.fullmatch(name))
 
 
 def output_dir_problem(path: Path, files: set[str]) -> str | None:
     """Why Baton must not take ``path`` as an output dir, or None.
 
     A missing dir is fine (the writer creates it). An existing one must be a real
-    directory (not a symlink) that is empty or Baton's: it holds the writer's
-    state or lock file, or only entries the writer makes (a first write that was
-    interrupted before the state file)."""
+    directory (not a symlink) that is Baton's, as the writer decides: it holds the
+    writer's lock file, or nothing but entries the writer makes (empty, or a first
+    write interrupted before the lock)."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -872,13 +874,13 @@ def output_dir_problem(path: Path, files: set[str]) -> str | None:
         return None  # the agent, running as its own user, checks again when it writes
     except OSError as e:
         return f"{path}: {e.strerror}"
-    if any(e.name in (STATE_FILE, LOCK_FILE) for e in entries):
+    if any(e.name == LOCK_FILE for e in entries):
         return None
-    foreign = sorted(e.name for e in entries if not _batons(e, files))
+    foreign = sorted(e.name for e in entries if not _batons(e.name, files))
     if foreign:
         return (
             f"{path} is a non-empty directory Baton did not create (it holds {foreign[0]!r}"
-            f" and no {STATE_FILE}); use a new or empty directory"
+            f" and no {LOCK_FILE}); use a new or empty directory"
         )
     return None
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from daemon import writer
+from daemon import config, writer
 from daemon.cli import main
 from daemon.config import (
     LOCK_FILE,
@@ -159,6 +159,7 @@ def test_the_names_the_config_reserves_are_the_writers_own() -> None:
     assert STATE_FILE == writer.STATE
     assert LOCK_FILE == writer.LOCK
     assert writer.CURRENT_LINK.startswith("..")
+    assert config._WRITER_NAME.pattern == f"{writer._VDIR.pattern}|{writer._TEMP.pattern}"
 
 
 @pytest.mark.parametrize(
