@@ -48,7 +48,7 @@ from typing import Any, cast
 
 from daemon import metrics
 from daemon.config import Config, CredentialConfig
-from daemon.errors import BatonError, PayloadError, StoreNotFound
+from daemon.errors import BatonError, PayloadError, ProviderBlocked, StoreNotFound
 from daemon.logs import event
 from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
 from daemon.providers.base import Provider, Session
@@ -210,6 +210,7 @@ class CredentialRotator:
         self._full_at: float | None = None  # monotonic time of the last full evaluate
         self._full_new = ""  # the current version that evaluate judged against
         self._blocking: dict[str, set[str]] = {}  # version -> nodes still to re-read (quick check)
+        self._unrecorded: list[str] = []  # live principals no version names, as last said
 
     @property
     def key(self) -> str:
@@ -251,6 +252,7 @@ class CredentialRotator:
             await self._settle(versions, owned)
             current = await self._current_payload()
             self._had_current = self._had_current or current is not None
+            await self._check_live(versions, owned)
             found = await self._in_flight(versions, owned, _state(meta))
             if found is not None:
                 info, new = found
@@ -312,8 +314,20 @@ class CredentialRotator:
             metrics.rotations_total.labels(self.cred.name, "failure").inc()
             metrics.rotation_failures_total.labels(self.cred.name, step).inc()
             event(log, "rotation_failed", logging.ERROR, credential=self.cred.name, step=step, error=str(e))
+            if isinstance(e, ProviderBlocked):
+                metrics.rotation_blocked.labels(self.cred.name).set(1)
+                event(
+                    log,
+                    "rotation_blocked",
+                    logging.ERROR,
+                    credential=self.cred.name,
+                    step=step,
+                    live=list(e.live),
+                    action=e.action,
+                )
             self.last_outcome = Outcome("failed", step=step, error=str(e))
             return self.last_outcome
+        metrics.rotation_blocked.labels(self.cred.name).set(0)
         metrics.rotations_total.labels(self.cred.name, "success").inc()
         event(log, "rotated", credential=self.cred.name, version=info.id)
         self.last_outcome = Outcome("rotated", version=info.id)
@@ -370,6 +384,38 @@ class CredentialRotator:
                 await self._record(info.id, "created", digest=digest, principal=self._principal(payload))
             return info, payload
         return None
+
+    async def _check_live(self, versions: list[VersionInfo], owned: Mapping[str, Own]) -> None:
+        """Ask the provider what is live, and say (once per change) what no version names:
+        the store lost the version that uses it (deleted, restored from an old backup, a
+        fresh dev server). Such a principal is left exactly as it is: never re-passworded
+        (the provider refuses), never retired (no version names it)."""
+        live_fn: Callable[[], Awaitable[list[str]]] | None = getattr(self.provider, "live", None)
+        if live_fn is None:
+            return  # a test double without the method
+        live = await live_fn()
+        named = {own.principal for own in owned.values() if own.principal}
+        for v in versions:
+            if v.retired and not _draining(owned.get(v.id)):
+                continue
+            if v.id in owned:
+                continue  # named above
+            with contextlib.suppress(StoreNotFound, PayloadError):
+                if principal := self._principal((await self.store.read(self.key, v.id)).payload):
+                    named.add(principal)
+        unrecorded = sorted(set(live) - named)
+        metrics.live_unrecorded.labels(self.cred.name).set(len(unrecorded))
+        if unrecorded and unrecorded != self._unrecorded:
+            event(
+                log,
+                "live_credential_unrecorded",
+                logging.WARNING,
+                credential=self.cred.name,
+                live=unrecorded,
+                action="left as it is (never re-passworded, never retired by Baton); restore the store's "
+                "version that names it, or revoke it by hand once nothing uses it",
+            )
+        self._unrecorded = unrecorded
 
     def _foreign(self, version: str, what: str) -> None:
         event(log, "foreign_version", logging.WARNING, credential=self.cred.name, version=version, found=what)

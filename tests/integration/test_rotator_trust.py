@@ -12,6 +12,7 @@ was retired or re-passworded. No secret value may appear in the captured logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -281,6 +282,110 @@ async def test_a_lost_secret_never_re_passwords_the_slot_in_use(
         assert stopped.step == "create" and "will not re-password a live role" in (stopped.error or "")
     assert await db.login(live) is None
     assert_no_secret(caplog, live, new)
+
+
+def gauge(name: str, credential: str = "db") -> float | None:
+    from daemon import metrics
+
+    return metrics.REGISTRY.get_sample_value(name, {"credential": credential})
+
+
+@pytest.mark.parametrize("strategy", ["alternating-users", "role-per-version"])
+async def test_a_store_that_lost_the_current_version_says_what_is_live_and_never_touches_it(
+    openbao: VaultTarget,
+    openbao_prefix: str,
+    bao_store: VaultStore,
+    pg_scratch: PgScratch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    strategy: str,
+) -> None:
+    import asyncio
+
+    import psycopg
+
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    db = make_db(pg_scratch, strategy)
+    r = rotator(tmp_path, key, bao_store, db.provider())
+    for n in (1, 2):
+        assert (await r.rotate()).result == "rotated"
+        await everyone_on(bao_store, key, str(n))
+        await r.retire_ready()
+    lost = (await bao_store.read(key)).payload
+    lost_role = role_of(lost)
+    data = json.loads(lost.reveal())
+    # A consumer holds a session on the lost credential, and another logs in with it, or with
+    # whatever the store calls current, in a loop throughout.
+    held = await psycopg.AsyncConnection.connect(
+        pg_scratch.cluster.dsn(dbname=pg_scratch.dbname, user=lost_role, password=data["password"])
+    )
+    failures: list[str] = []
+    uses = 0
+    stop = asyncio.Event()
+    round_done = asyncio.Event()  # set after each round of logins
+
+    async def consume() -> None:
+        nonlocal uses
+        while not stop.is_set():
+            payloads = [lost]
+            with contextlib.suppress(StoreError):  # no current version while the key is gone: it keeps what it has
+                payloads.append((await bao_store.read(key)).payload)
+            for p in payloads:
+                why = await db.login(p)
+                uses += 1
+                if why is not None:
+                    failures.append(f"{role_of(p)}: {why}")
+            round_done.set()
+            await asyncio.sleep(0.02)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        bao(openbao, "kv", "metadata", "delete", f"secret/{key}")  # the store lost every version
+        outcome = await r.rotate()
+
+        assert outcome.result == "rotated", "a fresh principal keeps new nodes going"
+        new = (await bao_store.read(key)).payload
+        assert role_of(new) != lost_role
+        [said] = events(caplog, "live_credential_unrecorded")
+        assert said.live == [lost_role] and "left as it is" in said.action  # type: ignore[attr-defined]
+        assert gauge("baton_live_unrecorded_principals") == 1
+        await everyone_on(bao_store, key, outcome.version or "")
+        assert await r.retire_ready() == [], "nothing names the lost role: nothing retires it"
+
+        follow = await r.rotate()
+        if strategy == "alternating-users":
+            # Its only other slot is the live one: it stops, and says what is live and what to do.
+            assert (follow.result, follow.step) == ("failed", "create")
+            [blocked] = events(caplog, "rotation_blocked")
+            assert blocked.live == [lost_role]  # type: ignore[attr-defined]
+            assert f"ALTER ROLE {lost_role} NOLOGIN" in blocked.action  # type: ignore[attr-defined]
+            assert gauge("baton_rotation_blocked") == 1
+        else:
+            assert follow.result == "rotated", "a fresh role name every time: nothing is in the way"
+            assert events(caplog, "rotation_blocked") == []
+            assert gauge("baton_rotation_blocked") == 0
+        assert len(events(caplog, "live_credential_unrecorded")) == 1, "said once, not at every rotation"
+        assert db.can_login(lost_role) is True, "the live role is left as it is"
+        await held.execute("SELECT 1")  # the session held on it goes on
+        assert await db.login(lost) is None, "never re-passworded"
+        round_done.clear()
+        await asyncio.wait_for(round_done.wait(), 30)  # one more full round, after all of it
+    finally:
+        stop.set()
+        await consumer
+        await held.close()
+    assert failures == [], failures[:5]
+    assert uses >= 3
+
+    # The operator does what the alert says, once nothing uses the lost role.
+    pg_scratch.admin_sql(f"ALTER ROLE {lost_role} NOLOGIN")
+    after = await r.rotate()
+    assert after.result in ("rotated", "postponed")
+    assert gauge("baton_live_unrecorded_principals") == 0
+    if strategy == "alternating-users":
+        assert after.result == "rotated" and gauge("baton_rotation_blocked") == 0
+    assert_no_secret(caplog, lost, new)
 
 
 async def test_a_token_that_cannot_patch_metadata_writes_no_version(
