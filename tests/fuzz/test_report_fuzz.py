@@ -217,8 +217,9 @@ def test_a_hostile_report_entry_never_lets_a_version_go_that_an_honest_node_stil
         if how != "drained":
             assert not decision.retire, (node, how, decision)
     parsed = parse(hostile)
-    if parsed is None or parsed.credential != "db":
-        # Unreadable, or about another credential: the node is unknown, and unknown blocks by name.
+    if parsed is None or parsed.credential != "db" or parsed.node != "evil":
+        # Unreadable, about another credential, or claiming another node's name: the entry's
+        # node is unknown, and unknown blocks by name.
         assert "evil" in decision.blocking, decision
         assert not decision.retire
 
