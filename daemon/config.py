@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -769,8 +770,9 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(format_errors(e)) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config, then check it against this host (``check_host``).
+def load_config(path: str | os.PathLike[str], *, more: Callable[[Config], list[str]] | None = None) -> Config:
+    """Read and validate a YAML config, then check it against this host (``check_host``)
+    and with ``more`` (checks of layers above this one: the templates).
 
     Raises ``ConfigError`` naming every problem."""
     try:
@@ -792,7 +794,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         config = parse_config(data)
     except RecursionError:
         raise ConfigError(["(top level): nested too deeply"]) from None
-    problems = check_host(config)
+    problems = check_host(config) + (more(config) if more is not None else [])
     if problems:
         raise ConfigError(problems)
     return config

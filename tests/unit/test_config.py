@@ -443,3 +443,19 @@ def test_an_operator_who_cannot_look_into_the_agents_dirs_gets_no_false_problem(
         problems = check_host(config)
 
     assert problems == []
+
+
+def test_check_config_reports_host_and_template_problems_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = GOOD_CONFIG.replace('      mode: "0440"\n', '      mode: "0440"\n      owner: no-such-user-baton\n')
+    text = text.replace('password: "{{ password }}"', 'password: "{{ password"')
+
+    code, _out, err = _check(_write(tmp_path, text), capsys)
+
+    assert code == 2
+    assert err.splitlines() == [
+        "credentials.0.output.owner: no such user 'no-such-user-baton' on this host",
+        "credentials.0.output.files.password: template syntax error on line 1: unexpected end of template, "
+        "expected 'end of print statement'.",
+    ]
