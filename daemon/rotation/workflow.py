@@ -201,6 +201,7 @@ class CredentialRotator:
         self.last_outcome: Outcome | None = None
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
+        self.retire_failures = 0  # retirements that failed in the last retire_ready pass
         self.retired_event = asyncio.Event()  # set whenever a version is retired
         # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
         # changes the credential: it raises once another rotator holds the lease.
@@ -625,6 +626,7 @@ class CredentialRotator:
     async def retire_ready(self) -> list[str]:
         """Retire every superseded version whose gate holds. Returns the retired ids."""
         retired = []
+        self.retire_failures = 0
         listed = await self.store.versions(self.key)
         if await self._blockers_remain(listed):
             return []
@@ -654,6 +656,7 @@ class CredentialRotator:
                         action="retired in the store; the provider was not asked to revoke anything",
                     )
             except BatonError as e:
+                self.retire_failures += 1
                 event(
                     log,
                     "retirement_failed",

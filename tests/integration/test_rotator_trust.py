@@ -420,6 +420,70 @@ async def test_a_token_that_cannot_patch_metadata_writes_no_version(
     assert (await bao_store.read(key)).payload == Secret("seed-value-123")
 
 
+async def test_a_revoked_token_makes_the_retire_loop_back_off_not_warn_every_pass(
+    openbao: VaultTarget, openbao_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from daemon.rotation.service import Rotator
+
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    c = openbao.client()
+    try:
+        token = c.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    finally:
+        c.adapter.close()
+    store = VaultStore(url=openbao.url, auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token}, timeout=5.0)
+    config = Config.model_validate(
+        {
+            "node_id": "rotator-1",
+            "store": {"kind": "local", "path": str(tmp_path / "unused.db")},
+            "report": {"heartbeat": 0.2, "ttl": 30},  # a retire pass every 0.1 s
+            "agent": {"retry_min": 0.4, "retry_max": 5},
+            "credentials": [
+                {
+                    "name": "db",
+                    "key": key,
+                    "output": {"dir": str(tmp_path / "out")},
+                    "rotation": {"every": 3600, "generator": {"kind": "password", "length": 24}},
+                }
+            ],
+        }
+    )
+    service = Rotator(config, store=store, reporter=MetadataReporter(store), install_signals=False, serve_api=False)
+    r = service.rotators["db"]
+    r.fence = None  # this test leads alone; serve() (not run here) would take the lease
+    try:
+        for _ in (1, 2):
+            outcome = await r.rotate()
+            assert outcome.result == "rotated", outcome
+            await everyone_on(store, key, "1")  # still on 1: version 1 waits to retire
+        c = openbao.client()
+        try:
+            c.auth.token.revoke(token)  # as `bao token revoke` does
+        finally:
+            c.adapter.close()
+        caplog.clear()
+        loop = asyncio.create_task(service.retire_loop(r))
+        window = 3.0  # 30 passes without backoff; with 0.4 s doubling, jittered to 50-100 %: at most 5
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(loop), window)
+        service.should_exit.set()
+        await asyncio.wait_for(loop, 10)
+    finally:
+        await store.aclose()
+
+    failed = [rec for rec in caplog.records if rec.getMessage() == "retirement check failed"]
+    assert 1 <= len(failed) <= 5, f"{len(failed)} warnings in {window} s"
+    delays = [rec.retry_in for rec in failed]  # type: ignore[attr-defined]
+    if len(delays) >= 3:
+        assert delays[-1] > delays[0], f"the delay grows: {delays}"
+    loud = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert len(loud) <= 2 * len(failed), [rec.getMessage() for rec in loud]
+    assert token not in caplog.text
+
+
 async def test_a_write_that_would_make_kv_purge_a_live_version_is_refused(
     openbao: VaultTarget, openbao_prefix: str, bao_store: VaultStore
 ) -> None:
