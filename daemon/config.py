@@ -160,11 +160,11 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
-# System directories an output dir must never be. The writer chmods its dir to
-# 0750 and owns what is in it: pointed at one of these it would lock users out
-# of it, or put credentials where everyone looks. Anything already non-empty and
-# not Baton's is refused by check_host as well; this list also covers the empty
-# ones (/srv, /mnt on a fresh host) and the ones a test machine may lack.
+# System directories an output dir must never be: pointed at one, the writer
+# would put credentials where every user and tool looks and sweep its temp and
+# version names there at every start. A non-empty dir that is not Baton's is
+# refused by check_host anyway; this list also covers the ones that may be empty
+# or missing on a given host (/srv, /mnt, /opt, /var/opt, ...).
 SYSTEM_DIRS = frozenset(
     """
     / /bin /boot /dev /dev/shm /etc /home /lib /lib32 /lib64 /libx32 /lost+found /media /mnt /opt /root
