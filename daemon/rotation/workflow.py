@@ -292,14 +292,18 @@ class CredentialRotator:
                 with contextlib.suppress(StoreNotFound):
                     await self._record(None, "creating", digest=_fingerprint(new), principal=principal)
                 info = await self.store.create(self.key, new)
-                await self._record(info.id, "created", digest=_fingerprint(new), principal=principal)
+                await self._record(info.id, "created", digest=_fingerprint(new), principal=principal, fresh=not meta)
             step = "apply"
             await self._fenced()
             await self.provider.apply(new, current=current)
-            await self._record(info.id, "applied", digest=_fingerprint(new), principal=self._principal(new))
+            await self._record(
+                info.id, "applied", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
+            )
             step = "test"
             await self.provider.test(new)
-            await self._record(info.id, "tested", digest=_fingerprint(new), principal=self._principal(new))
+            await self._record(
+                info.id, "tested", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
+            )
             step = "promote"
             await self._fenced()
             await self.store.promote(self.key, info.id)
@@ -395,12 +399,17 @@ class CredentialRotator:
         if live_fn is None:
             return  # a test double without the method
         live = await live_fn()
-        named = {own.principal for own in owned.values() if own.principal}
+        # Named: what each version the store still has stands for. A ledger entry of a version
+        # the store no longer has (the Secret overwritten by hand, the key deleted) names nothing:
+        # nothing will ever retire that principal, so it is said.
+        named: set[str] = set()
         for v in versions:
-            if v.retired and not _draining(owned.get(v.id)):
+            own = owned.get(v.id)
+            if own is not None and own.principal:
+                named.add(own.principal)
                 continue
-            if v.id in owned:
-                continue  # named above
+            if v.retired and not _draining(own):
+                continue
             with contextlib.suppress(StoreNotFound, PayloadError):
                 if principal := self._principal((await self.store.read(self.key, v.id)).payload):
                     named.add(principal)
@@ -461,13 +470,23 @@ class CredentialRotator:
             event(log, "current_payload_unreadable", logging.WARNING, credential=self.cred.name, reason=e.reason)
             return None
 
-    async def _record(self, version: str | None, step: str, *, digest: str, principal: str) -> None:
-        """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's."""
+    async def _record(
+        self, version: str | None, step: str, *, digest: str, principal: str, fresh: bool = False
+    ) -> None:
+        """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's.
+
+        ``fresh``: the key had no metadata before this rotation. A store that makes the key
+        only at promote (Kubernetes: the first version waits in its -baton-pending companion)
+        has nowhere to say it until then; the promote records it."""
         state = {"version": version, "step": step, "digest": digest, "principal": principal, "at": time.time()}
         entries: dict[str, str | None] = {STATE_KEY: json.dumps(state)}
         if version is not None:
             entries[own_key(version)] = Own(APPLYING, principal).encode()
-        await self.store.merge_metadata(self.key, entries)
+        try:
+            await self.store.merge_metadata(self.key, entries)
+        except StoreNotFound:
+            if not fresh:
+                raise
 
     # ------------------------------------------------------------ retire
 

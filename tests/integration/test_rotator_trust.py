@@ -707,3 +707,86 @@ async def test_an_operators_put_in_the_middle_of_a_rotation_does_not_retire_the_
         assert warned.version == "2"  # type: ignore[attr-defined]
     finally:
         await store.aclose()
+
+
+# ---------------------------------------------------------------- Kubernetes (the apiserver double)
+#
+# The Kubernetes store keeps at most three versions of a key (the Secret, its -baton-pending
+# and -baton-previous companions), so a version overwritten by hand is gone, not kept: what
+# Baton applied and the store no longer has is found by asking the provider what is live.
+
+
+async def kubectl_edit_data(kube_api: Any, name: str, data: dict[str, str]) -> None:
+    """``kubectl edit secret <name>`` changing only its data (annotations kept, as an editor leaves them)."""
+    import base64
+
+    from kubernetes_asyncio import client, config
+
+    async with await config.new_client_from_config(config_file=str(kube_api.kubeconfig)) as c:
+        core = client.CoreV1Api(c)
+        obj = await core.read_namespaced_secret(name, kube_api.namespace)
+        obj.data = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        await core.replace_namespaced_secret(name, kube_api.namespace, obj)
+
+
+async def kubectl_annotate_remove(kube_api: Any, name: str, annotation: str) -> None:
+    """``kubectl annotate secret <name> <annotation>-``."""
+    from kubernetes_asyncio import client, config
+
+    async with await config.new_client_from_config(config_file=str(kube_api.kubeconfig)) as c:
+        core = client.CoreV1Api(c)
+        await core.patch_namespaced_secret(name, kube_api.namespace, {"metadata": {"annotations": {annotation: None}}})
+
+
+async def test_kubernetes_a_hand_edit_is_retired_in_the_store_only_and_a_removed_ledger_entry_revokes_nothing(
+    kube_api: Any, pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.stores.kubernetes import KubernetesStore, annotation_key
+
+    caplog.set_level(logging.INFO)
+    store = KubernetesStore(namespace=kube_api.namespace, kubeconfig=kube_api.kubeconfig, backoff=(0.02, 0.2))
+    key = kube_api.name("db")
+    db = make_db(pg_scratch, "role-per-version")
+    r = rotator(tmp_path, key, store, db.provider())
+    try:
+        for _ in (1, 2):
+            outcome = await r.rotate()
+            assert outcome.result == "rotated", outcome
+            await everyone_on(store, key, outcome.version or "")
+            await r.retire_ready()
+        baton_v2 = (await store.read(key)).payload
+        assert role_of(baton_v2) == f"{db.base}_v2" and db.can_login(f"{db.base}_v1") is None
+
+        # Finding 1 on Kubernetes: the operator writes the next role's name into the Secret by hand.
+        await kubectl_edit_data(kube_api, key, {"username": f"{db.base}_v3", "password": "typed-by-hand"})
+        hand = (await store.read(key)).info.id
+        outcome = await r.rotate()
+        assert outcome.result == "rotated", outcome
+        minted = (await store.read(key)).payload
+        assert role_of(minted) == f"{db.base}_v4", "a name the hand version uses is never minted"
+        [said] = events(caplog, "live_credential_unrecorded")
+        assert said.live == [f"{db.base}_v2"], "Baton's v2, overwritten in the store, is live: said, left"  # type: ignore[attr-defined]
+        await everyone_on(store, key, outcome.version or "")
+        assert await r.retire_ready() == [hand]
+        [store_only] = events(caplog, "retired_in_store_only")
+        assert store_only.version == hand and store_only.found == "not applied by Baton"  # type: ignore[attr-defined]
+        assert db.can_login(f"{db.base}_v2") is True and await db.login(baton_v2) is None
+        assert await db.login(minted) is None
+
+        # A draining version whose ledger annotation is removed by hand: retired in the store
+        # once no node holds it, and its role is never dropped by Baton (missing is unknown).
+        draining = minted
+        outcome = await r.rotate()
+        assert outcome.result == "rotated", outcome
+        drain_id = next(v.id for v in await store.versions(key) if not v.is_current and not v.retired)
+        await kubectl_annotate_remove(kube_api, key, annotation_key(OWN_PREFIX + drain_id))
+        await everyone_on(store, key, drain_id)  # the node still holds it
+        assert await r.retire_ready() == [], "a node still holds it"
+        assert await db.login(draining) is None
+        await everyone_on(store, key, outcome.version or "")
+        assert await r.retire_ready() == [drain_id]
+        assert db.can_login(role_of(draining)) is True, "not Baton's by its record: not revoked"
+        assert await db.login((await store.read(key)).payload) is None
+        assert_no_secret(caplog, baton_v2, minted)
+    finally:
+        await store.aclose()
