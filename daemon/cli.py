@@ -29,11 +29,10 @@ def _unquoted(message: str, source: str) -> str:
     return " ".join(text.split())
 
 
-def load_checked(path: str) -> Config:
-    """``load_config``, and every template compiles (the config layer cannot import the renderer)."""
+def template_problems(config: Config) -> list[str]:
+    """Every template's syntax error, one line each naming its field."""
     from daemon.files.render import check_templates
 
-    config = load_config(path)
     problems = []
     for i, cred in enumerate(config.credentials):
         for part, templates in (("files", cred.output.files), ("env", cred.output.env)):
@@ -44,9 +43,12 @@ def load_checked(path: str) -> Config:
                     lines = [f"{name}: template cannot be compiled"]
                 at = f"credentials.{i}.output.{part}.{path_part(name)}"
                 problems += [f"{at}: {_unquoted(line.removeprefix(f'{name}: '), source)}" for line in lines]
-    if problems:
-        raise ConfigError(problems)
-    return config
+    return problems
+
+
+def load_checked(path: str) -> Config:
+    """``load_config``, and every template compiles (the config layer cannot import the renderer)."""
+    return load_config(path, more=template_problems)
 
 
 def _load(path: str) -> Config:

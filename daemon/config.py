@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -135,6 +136,7 @@ Argv = Annotated[list[NonEmpty], Field(min_length=1)]
 STATE_FILE = "..baton-state.json"
 LOCK_FILE = "..baton.lock"
 TMP_INFIX = ".tmp-"
+_WRITER_NAME = re.compile(r"\.\.v[A-Za-z0-9_.-]{1,12}-[0-9a-f]{8}|.+\.tmp-(?:[0-9a-f]{8}|[0-9a-f]{12})")
 
 
 def file_name_problem(name: str) -> str | None:
@@ -158,11 +160,11 @@ def file_name_problem(name: str) -> str | None:
     return None
 
 
-# System directories an output dir must never be. The writer chmods its dir to
-# 0750 and owns what is in it: pointed at one of these it would lock users out
-# of it, or put credentials where everyone looks. Anything already non-empty and
-# not Baton's is refused by check_host as well; this list also covers the empty
-# ones (/srv, /mnt on a fresh host) and the ones a test machine may lack.
+# System directories an output dir must never be: pointed at one, the writer
+# would put credentials where every user and tool looks and sweep its temp and
+# version names there at every start. A non-empty dir that is not Baton's is
+# refused by check_host anyway; this list also covers the ones that may be empty
+# or missing on a given host (/srv, /mnt, /opt, /var/opt, ...).
 SYSTEM_DIRS = frozenset(
     """
     / /bin /boot /dev /dev/shm /etc /home /lib /lib32 /lib64 /libx32 /lost+found /media /mnt /opt /root
@@ -768,8 +770,9 @@ def parse_config(data: Any) -> Config:
         raise ConfigError(format_errors(e)) from None
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config, then check it against this host (``check_host``).
+def load_config(path: str | os.PathLike[str], *, more: Callable[[Config], list[str]] | None = None) -> Config:
+    """Read and validate a YAML config, then check it against this host (``check_host``)
+    and with ``more`` (checks of layers above this one: the templates).
 
     Raises ``ConfigError`` naming every problem."""
     try:
@@ -791,7 +794,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         config = parse_config(data)
     except RecursionError:
         raise ConfigError(["(top level): nested too deeply"]) from None
-    problems = check_host(config)
+    problems = check_host(config) + (more(config) if more is not None else [])
     if problems:
         raise ConfigError(problems)
     return config
@@ -841,18 +844,19 @@ def store_path_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _batons(entry: os.DirEntry[str], files: set[str]) -> bool:
-    """An entry the writer makes: ``..``-names, temp files, the credential files."""
-    return entry.name.startswith("..") or TMP_INFIX in entry.name or entry.name in files
+def _batons(name: str, files: set[str]) -> bool:
+    """A name the writer makes (as ``Writer._ours`` in daemon/files/writer.py): its own
+    files, version dirs, temp files and the credential files."""
+    return name in (STATE_FILE, LOCK_FILE, "..current") or name in files or bool(_WRITER_NAME.fullmatch(name))
 
 
 def output_dir_problem(path: Path, files: set[str]) -> str | None:
     """Why Baton must not take ``path`` as an output dir, or None.
 
     A missing dir is fine (the writer creates it). An existing one must be a real
-    directory (not a symlink) that is empty or Baton's: it holds the writer's
-    state or lock file, or only entries the writer makes (a first write that was
-    interrupted before the state file)."""
+    directory (not a symlink) that is Baton's, as the writer decides: it holds the
+    writer's lock file, or nothing but entries the writer makes (empty, or a first
+    write interrupted before the lock)."""
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -872,13 +876,13 @@ def output_dir_problem(path: Path, files: set[str]) -> str | None:
         return None  # the agent, running as its own user, checks again when it writes
     except OSError as e:
         return f"{path}: {e.strerror}"
-    if any(e.name in (STATE_FILE, LOCK_FILE) for e in entries):
+    if any(e.name == LOCK_FILE for e in entries):
         return None
-    foreign = sorted(e.name for e in entries if not _batons(e, files))
+    foreign = sorted(e.name for e in entries if not _batons(e.name, files))
     if foreign:
         return (
             f"{path} is a non-empty directory Baton did not create (it holds {foreign[0]!r}"
-            f" and no {STATE_FILE}); use a new or empty directory"
+            f" and no {LOCK_FILE}); use a new or empty directory"
         )
     return None
 

@@ -16,6 +16,7 @@ never carries a secret value or a response body that might hold one.
     ├── PayloadError             a secret payload is rejected (size, encoding, template)
     ├── WriteError               the writer refused or failed (symlink, owner, name)
     ├── ProviderError            a credential provider failed a step
+    │   └── ProviderBlocked      it will not go on until an operator acts (something live no version names)
     ├── ReloadError              a consumer could not be reloaded or failed its health check
     └── RotationError            a rotation step failed (wraps the cause)
 """
@@ -82,6 +83,17 @@ class WriteError(BatonError):
 
 class ProviderError(BatonError):
     """A credential provider failed a step."""
+
+
+class ProviderBlocked(ProviderError):
+    """The provider will not go on until an operator acts: going on would change something
+    live that no version in the store names. ``live`` names it (roles, slots: never a
+    secret), ``action`` says what the operator can do."""
+
+    def __init__(self, message: str, *, live: tuple[str, ...], action: str) -> None:
+        self.live = live
+        self.action = action
+        super().__init__(message)
 
 
 class ReloadError(BatonError):

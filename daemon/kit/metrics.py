@@ -58,6 +58,18 @@ oldest_pending_seconds = Gauge(
     ["credential"],
     registry=REGISTRY,
 )
+live_unrecorded = Gauge(
+    "baton_live_unrecorded_principals",
+    "Principals (roles, slots) the provider says are live that no version in the store names; left as they are.",
+    ["credential"],
+    registry=REGISTRY,
+)
+rotation_blocked = Gauge(
+    "baton_rotation_blocked",
+    "1 while a credential's rotation is stopped until an operator acts (the rotation_blocked event says why).",
+    ["credential"],
+    registry=REGISTRY,
+)
 drain_seconds = Histogram(
     "baton_drain_seconds",
     "Time from a version being superseded to it being retired.",

@@ -63,4 +63,9 @@ class Provider(Protocol):
         """Who still uses ``old`` on the provider's side; empty when unknown-free."""
         ...
 
+    async def live(self) -> list[str]:
+        """Every principal of this credential the target system says is live (can log in, or
+        has sessions), whatever the store says; empty when the provider has no principals."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -62,5 +62,8 @@ class PasswordProvider:
     async def sessions(self, old: Secret) -> list[Session]:
         return []
 
+    async def live(self) -> list[str]:
+        return []
+
     async def aclose(self) -> None:
         return None

@@ -71,7 +71,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from daemon.config import ProviderConfig
-from daemon.errors import PayloadError, ProviderError
+from daemon.errors import PayloadError, ProviderBlocked, ProviderError
 from daemon.files.render import payload_object
 from daemon.model import Secret
 from daemon.providers.base import Session
@@ -300,6 +300,23 @@ class PostgresProvider:
             Session(principal=cred.username, client=f"{app or '-'}@{addr or 'local'}", count=int(n))
             for n, addr, app in rows
         ]
+
+    async def live(self) -> list[str]:
+        """Baton's roles of this credential that can log in or have sessions (pg_roles, pg_stat_activity)."""
+        strategy = self.config.strategy
+        if strategy == "single-user":
+            return []  # one role for every version: always named by the current one
+        pattern = f"^{self._base}_(a|b)$" if strategy == "alternating-users" else f"^{self._base}_v[0-9]+$"
+        async with self._admin() as conn:
+            with _step(f"listing live roles of {self._base}"):
+                cur = await conn.execute(
+                    "SELECT r.rolname FROM pg_roles r "
+                    "WHERE r.rolname ~ %s AND coalesce(shobj_description(r.oid, 'pg_authid'), '') = %s "
+                    "AND (r.rolcanlogin OR EXISTS (SELECT 1 FROM pg_stat_activity a "
+                    "WHERE a.usename = r.rolname AND a.pid <> pg_backend_pid())) ORDER BY 1",
+                    (pattern, MARK),
+                )
+                return [str(row[0]) for row in await cur.fetchall()]
 
     def principal(self, payload: Secret) -> str | None:
         try:
@@ -549,10 +566,13 @@ class PostgresProvider:
                     return slot
                 said = "can log in" if info.can_login else "is locked"
                 live.append(f"{slot} ({said}, {sessions} session(s))")
-        raise ProviderError(
+        raise ProviderBlocked(
             f"will not re-password a live role: {', '.join(live)}; no version still being retired names it, "
             "so the store may have lost the version that uses it. Restore that version, or set the role "
-            "NOLOGIN once nothing uses it; the current credential is left as it is"
+            "NOLOGIN once nothing uses it; the current credential is left as it is",
+            live=tuple(candidates),
+            action=f"restore the store's version that names {' or '.join(candidates)}, or once nothing "
+            f"uses it set it NOLOGIN (ALTER ROLE {' / '.join(candidates)} NOLOGIN); the next rotation then goes on",
         )
 
     async def _next_version_role(self, previous: str | None) -> str:

@@ -43,14 +43,17 @@ class NodeReport:
         return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> NodeReport:
+    def from_json(cls, text: str, *, node: str | None = None) -> NodeReport:
         """Parse a report; fields this version does not know are ignored.
 
         A newer agent may add fields, and an older rotator reading its report
         must still see the fields it gates on. Anything else that is not a
         report raises TypeError, ValueError or KeyError, never another error
         (the text may come from a hostile node), and the caller then treats the
-        node as unknown.
+        node as unknown. ``node``: the node whose record (entry, item) the text
+        was read from; a report there naming another node is unreadable, so it
+        cannot speak for that node (with a newer heartbeat it would hide that
+        node's own report from the gate).
         """
         if len(text) > MAX_REPORT_CHARS:
             raise ValueError(f"a node report is at most {MAX_REPORT_CHARS} characters")
@@ -83,6 +86,8 @@ class NodeReport:
         # The gate keys and sorts on these and compares heartbeats: a wrong type is unreadable, not a crash later.
         if not isinstance(report.node, str) or not isinstance(report.credential, str):
             raise TypeError("report node and credential are strings")
+        if node is not None and report.node != node:
+            raise ValueError("a report filed under another node's record")
         if report.current is not None and not isinstance(report.current, str):
             raise TypeError("report current is a string or null")
         if not isinstance(report.agent_version, str):

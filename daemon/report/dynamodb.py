@@ -172,7 +172,7 @@ class DynamoReporter:
             for item in resp.get("Items") or []:
                 node = (item.get("node") or {}).get("S")
                 try:
-                    report = NodeReport.from_json(item["report"]["S"])
+                    report = NodeReport.from_json(item["report"]["S"], node=node if isinstance(node, str) else None)
                     if report.credential != credential:  # the partition key says otherwise
                         raise ValueError("report for another credential")
                 except (KeyError, ValueError, TypeError):

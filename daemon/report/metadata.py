@@ -45,7 +45,7 @@ class MetadataReporter:
             if not k.startswith(REPORT_PREFIX):
                 continue
             try:
-                report = NodeReport.from_json(v)
+                report = NodeReport.from_json(v, node=k.removeprefix(REPORT_PREFIX))
             except (ValueError, TypeError, KeyError):
                 # An unreadable report is an unknown node, and unknown blocks:
                 # stand in a report that is stale from the start.

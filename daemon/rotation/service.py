@@ -300,12 +300,25 @@ class Rotator(Service):
         return max(0.05, min(self.config.report.heartbeat / 2, 5.0))
 
     async def retire_loop(self, rotator: CredentialRotator) -> None:
+        # A pass that fails (a revoked token, a store down) or whose every retirement failed is
+        # retried with backoff, not every half heartbeat: one warning per retry, never a flood.
+        backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
         while not self.should_exit.is_set():
+            delay = self._retire_interval()
             try:
-                await rotator.retire_ready()
+                retired = await rotator.retire_ready()
             except BatonError as e:
-                log.warning("retirement check failed", extra={"credential": rotator.cred.name, "error": str(e)})
-            await asyncio.sleep(self._retire_interval())
+                delay = max(delay, backoff.next())
+                log.warning(
+                    "retirement check failed",
+                    extra={"credential": rotator.cred.name, "error": str(e), "retry_in": round(delay, 3)},
+                )
+            else:
+                if rotator.retire_failures and not retired:
+                    delay = max(delay, backoff.next())
+                else:
+                    backoff.reset()
+            await asyncio.sleep(delay)
 
     def status(self) -> dict[str, Any]:
         return {

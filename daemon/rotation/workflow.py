@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from daemon.config import Config, CredentialConfig
-from daemon.errors import BatonError, PayloadError, StoreNotFound
+from daemon.errors import BatonError, PayloadError, ProviderBlocked, StoreNotFound
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
@@ -201,6 +201,7 @@ class CredentialRotator:
         self.last_outcome: Outcome | None = None
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
+        self.retire_failures = 0  # retirements that failed in the last retire_ready pass
         self.retired_event = asyncio.Event()  # set whenever a version is retired
         # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
         # changes the credential: it raises once another rotator holds the lease.
@@ -210,6 +211,7 @@ class CredentialRotator:
         self._full_at: float | None = None  # monotonic time of the last full evaluate
         self._full_new = ""  # the current version that evaluate judged against
         self._blocking: dict[str, set[str]] = {}  # version -> nodes still to re-read (quick check)
+        self._unrecorded: list[str] = []  # live principals no version names, as last said
 
     @property
     def key(self) -> str:
@@ -251,6 +253,7 @@ class CredentialRotator:
             await self._settle(versions, owned)
             current = await self._current_payload()
             self._had_current = self._had_current or current is not None
+            await self._check_live(versions, owned)
             found = await self._in_flight(versions, owned, _state(meta))
             if found is not None:
                 info, new = found
@@ -289,14 +292,18 @@ class CredentialRotator:
                 with contextlib.suppress(StoreNotFound):
                     await self._record(None, "creating", digest=_fingerprint(new), principal=principal)
                 info = await self.store.create(self.key, new)
-                await self._record(info.id, "created", digest=_fingerprint(new), principal=principal)
+                await self._record(info.id, "created", digest=_fingerprint(new), principal=principal, fresh=not meta)
             step = "apply"
             await self._fenced()
             await self.provider.apply(new, current=current)
-            await self._record(info.id, "applied", digest=_fingerprint(new), principal=self._principal(new))
+            await self._record(
+                info.id, "applied", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
+            )
             step = "test"
             await self.provider.test(new)
-            await self._record(info.id, "tested", digest=_fingerprint(new), principal=self._principal(new))
+            await self._record(
+                info.id, "tested", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
+            )
             step = "promote"
             await self._fenced()
             await self.store.promote(self.key, info.id)
@@ -312,8 +319,20 @@ class CredentialRotator:
             metrics.rotations_total.labels(self.cred.name, "failure").inc()
             metrics.rotation_failures_total.labels(self.cred.name, step).inc()
             event(log, "rotation_failed", logging.ERROR, credential=self.cred.name, step=step, error=str(e))
+            if isinstance(e, ProviderBlocked):
+                metrics.rotation_blocked.labels(self.cred.name).set(1)
+                event(
+                    log,
+                    "rotation_blocked",
+                    logging.ERROR,
+                    credential=self.cred.name,
+                    step=step,
+                    live=list(e.live),
+                    action=e.action,
+                )
             self.last_outcome = Outcome("failed", step=step, error=str(e))
             return self.last_outcome
+        metrics.rotation_blocked.labels(self.cred.name).set(0)
         metrics.rotations_total.labels(self.cred.name, "success").inc()
         event(log, "rotated", credential=self.cred.name, version=info.id)
         self.last_outcome = Outcome("rotated", version=info.id)
@@ -371,6 +390,43 @@ class CredentialRotator:
             return info, payload
         return None
 
+    async def _check_live(self, versions: list[VersionInfo], owned: Mapping[str, Own]) -> None:
+        """Ask the provider what is live, and say (once per change) what no version names:
+        the store lost the version that uses it (deleted, restored from an old backup, a
+        fresh dev server). Such a principal is left exactly as it is: never re-passworded
+        (the provider refuses), never retired (no version names it)."""
+        live_fn: Callable[[], Awaitable[list[str]]] | None = getattr(self.provider, "live", None)
+        if live_fn is None:
+            return  # a test double without the method
+        live = await live_fn()
+        # Named: what each version the store still has stands for. A ledger entry of a version
+        # the store no longer has (the Secret overwritten by hand, the key deleted) names nothing:
+        # nothing will ever retire that principal, so it is said.
+        named: set[str] = set()
+        for v in versions:
+            own = owned.get(v.id)
+            if own is not None and own.principal:
+                named.add(own.principal)
+                continue
+            if v.retired and not _draining(own):
+                continue
+            with contextlib.suppress(StoreNotFound, PayloadError):
+                if principal := self._principal((await self.store.read(self.key, v.id)).payload):
+                    named.add(principal)
+        unrecorded = sorted(set(live) - named)
+        metrics.live_unrecorded.labels(self.cred.name).set(len(unrecorded))
+        if unrecorded and unrecorded != self._unrecorded:
+            event(
+                log,
+                "live_credential_unrecorded",
+                logging.WARNING,
+                credential=self.cred.name,
+                live=unrecorded,
+                action="left as it is (never re-passworded, never retired by Baton); restore the store's "
+                "version that names it, or revoke it by hand once nothing uses it",
+            )
+        self._unrecorded = unrecorded
+
     def _foreign(self, version: str, what: str) -> None:
         event(log, "foreign_version", logging.WARNING, credential=self.cred.name, version=version, found=what)
 
@@ -414,13 +470,23 @@ class CredentialRotator:
             event(log, "current_payload_unreadable", logging.WARNING, credential=self.cred.name, reason=e.reason)
             return None
 
-    async def _record(self, version: str | None, step: str, *, digest: str, principal: str) -> None:
-        """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's."""
+    async def _record(
+        self, version: str | None, step: str, *, digest: str, principal: str, fresh: bool = False
+    ) -> None:
+        """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's.
+
+        ``fresh``: the key had no metadata before this rotation. A store that makes the key
+        only at promote (Kubernetes: the first version waits in its -baton-pending companion)
+        has nowhere to say it until then; the promote records it."""
         state = {"version": version, "step": step, "digest": digest, "principal": principal, "at": time.time()}
         entries: dict[str, str | None] = {STATE_KEY: json.dumps(state)}
         if version is not None:
             entries[own_key(version)] = Own(APPLYING, principal).encode()
-        await self.store.merge_metadata(self.key, entries)
+        try:
+            await self.store.merge_metadata(self.key, entries)
+        except StoreNotFound:
+            if not fresh:
+                raise
 
     # ------------------------------------------------------------ retire
 
@@ -579,6 +645,7 @@ class CredentialRotator:
     async def retire_ready(self) -> list[str]:
         """Retire every superseded version whose gate holds. Returns the retired ids."""
         retired = []
+        self.retire_failures = 0
         listed = await self.store.versions(self.key)
         if await self._blockers_remain(listed):
             return []
@@ -608,6 +675,7 @@ class CredentialRotator:
                         action="retired in the store; the provider was not asked to revoke anything",
                     )
             except BatonError as e:
+                self.retire_failures += 1
                 event(
                     log,
                     "retirement_failed",

@@ -8,7 +8,9 @@ newest three; two reader processes opening the four stable paths in a tight loop
 each read checked to be one complete version of this run. The agent is killed
 with SIGKILL at a random moment (seeded): during its start-up, right after a
 ``version_written`` line (so the kill lands in the next write), or at a random
-delay. After each restart it must get ready, catch up with the store, and leave
+delay. The writer pauses from just after the kill until the restarted agent has
+been checked (so "caught up" names one version); the readers never pause. After
+each restart it must get ready, catch up with the store, and leave
 the output dirs clean once it has: no temp leftovers, no version dir that neither
 the state file nor ``..current`` names, ``..current`` and the state file naming
 the store's current version, and /v1/status saying so.

@@ -134,10 +134,12 @@ def test_an_existing_non_empty_directory_baton_did_not_create_is_refused(tmp_pat
     foreign = tmp_path / "srv-data"
     foreign.mkdir()
     (foreign / "important.txt").write_text("keep me")
+    (foreign / "..baton-state.json").write_text("{}")  # a state file alone does not make it Baton's
 
     code, _, err = check(tmp_path, put(base(tmp_path), "credentials.0.output.dir", str(foreign)))
 
     assert_refused(code, err, "credentials.0.output.dir")
+    assert "'important.txt'" in err
     assert (foreign / "important.txt").read_text() == "keep me"
 
 
@@ -152,11 +154,11 @@ def test_a_non_empty_directory_holding_batons_own_state_or_lock_file_is_accepted
 
 
 def test_a_directory_left_by_an_interrupted_first_write_is_accepted(tmp_path: Path) -> None:
-    # Killed after the version dir and the links, before the state file: the next
-    # start recovers it, so the config check must not lock the agent out.
+    # Killed after the version dir and the links, before the lock and state files:
+    # the next start recovers it, so the config check must not lock the agent out.
     out = tmp_path / "out" / "app-db"
     (out / "..v1-0a1b2c3d").mkdir(parents=True)
-    (out / "..v.tmp-0a1b2c").mkdir()
+    (out / "..v.tmp-0a1b2c3d4e5f").mkdir()
     (out / "..current").symlink_to("..v1-0a1b2c3d")
     (out / "password").symlink_to("..current/password")
 

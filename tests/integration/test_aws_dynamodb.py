@@ -200,18 +200,20 @@ async def test_an_unreadable_item_stands_as_a_stale_report_of_its_node_and_block
         "n4": {},  # no report attribute at all
         "n5": {"report": {"S": report("n5", now, credential="cache").to_json()}},  # under the wrong partition
         "n6": {"report": {"S": '{"node": "n6", "credential": "db", "current": "v2", "heartbeat": NaN}'}},
+        # Claims to be n1, with a newer heartbeat: it must not hide n1's own report.
+        "n7": {"report": {"S": replace(good, node="n1", heartbeat=now + 1).to_json()}},
     }
     for node, extra in items.items():
         ddb.put_item(TableName=TABLE, Item={"credential": {"S": "db"}, "node": {"S": node}, "key": {"S": KEY}, **extra})
 
     got = {r.node: r for r in await reporter.collect(KEY, "db")}
-    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5", "n6"]
+    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5", "n6", "n7"]
     assert got["n1"] == good and got["n2"] == replace(good, node="n2")
     assert decide(old="v1", new="v2", reports=[good, got["n2"]], known={"n1", "n2"}, now=now, ttl=60).retire
-    for node in ("n3", "n4", "n5", "n6"):
+    for node in ("n3", "n4", "n5", "n6", "n7"):
         assert got[node] == NodeReport(node=node, credential="db", current=None), node
     decision = decide(old="v1", new="v2", reports=list(got.values()), known=set(got), now=now, ttl=60)
     assert not decision.retire
-    for node in ("n3", "n4", "n5", "n6"):
+    for node in ("n3", "n4", "n5", "n6", "n7"):
         assert any(r.startswith(f"{node}: report is stale") for r in decision.reasons), (node, decision.reasons)
-    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 4
+    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 5

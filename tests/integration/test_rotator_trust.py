@@ -12,6 +12,7 @@ was retired or re-passworded. No secret value may appear in the captured logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -283,6 +284,110 @@ async def test_a_lost_secret_never_re_passwords_the_slot_in_use(
     assert_no_secret(caplog, live, new)
 
 
+def gauge(name: str, credential: str = "db") -> float | None:
+    from daemon.kit import metrics
+
+    return metrics.REGISTRY.get_sample_value(name, {"credential": credential})
+
+
+@pytest.mark.parametrize("strategy", ["alternating-users", "role-per-version"])
+async def test_a_store_that_lost_the_current_version_says_what_is_live_and_never_touches_it(
+    openbao: VaultTarget,
+    openbao_prefix: str,
+    bao_store: VaultStore,
+    pg_scratch: PgScratch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    strategy: str,
+) -> None:
+    import asyncio
+
+    import psycopg
+
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    db = make_db(pg_scratch, strategy)
+    r = rotator(tmp_path, key, bao_store, db.provider())
+    for n in (1, 2):
+        assert (await r.rotate()).result == "rotated"
+        await everyone_on(bao_store, key, str(n))
+        await r.retire_ready()
+    lost = (await bao_store.read(key)).payload
+    lost_role = role_of(lost)
+    data = json.loads(lost.reveal())
+    # A consumer holds a session on the lost credential, and another logs in with it, or with
+    # whatever the store calls current, in a loop throughout.
+    held = await psycopg.AsyncConnection.connect(
+        pg_scratch.cluster.dsn(dbname=pg_scratch.dbname, user=lost_role, password=data["password"])
+    )
+    failures: list[str] = []
+    uses = 0
+    stop = asyncio.Event()
+    round_done = asyncio.Event()  # set after each round of logins
+
+    async def consume() -> None:
+        nonlocal uses
+        while not stop.is_set():
+            payloads = [lost]
+            with contextlib.suppress(StoreError):  # no current version while the key is gone: it keeps what it has
+                payloads.append((await bao_store.read(key)).payload)
+            for p in payloads:
+                why = await db.login(p)
+                uses += 1
+                if why is not None:
+                    failures.append(f"{role_of(p)}: {why}")
+            round_done.set()
+            await asyncio.sleep(0.02)
+
+    consumer = asyncio.create_task(consume())
+    try:
+        bao(openbao, "kv", "metadata", "delete", f"secret/{key}")  # the store lost every version
+        outcome = await r.rotate()
+
+        assert outcome.result == "rotated", "a fresh principal keeps new nodes going"
+        new = (await bao_store.read(key)).payload
+        assert role_of(new) != lost_role
+        [said] = events(caplog, "live_credential_unrecorded")
+        assert said.live == [lost_role] and "left as it is" in said.action  # type: ignore[attr-defined]
+        assert gauge("baton_live_unrecorded_principals") == 1
+        await everyone_on(bao_store, key, outcome.version or "")
+        assert await r.retire_ready() == [], "nothing names the lost role: nothing retires it"
+
+        follow = await r.rotate()
+        if strategy == "alternating-users":
+            # Its only other slot is the live one: it stops, and says what is live and what to do.
+            assert (follow.result, follow.step) == ("failed", "create")
+            [blocked] = events(caplog, "rotation_blocked")
+            assert blocked.live == [lost_role]  # type: ignore[attr-defined]
+            assert f"ALTER ROLE {lost_role} NOLOGIN" in blocked.action  # type: ignore[attr-defined]
+            assert gauge("baton_rotation_blocked") == 1
+        else:
+            assert follow.result == "rotated", "a fresh role name every time: nothing is in the way"
+            assert events(caplog, "rotation_blocked") == []
+            assert gauge("baton_rotation_blocked") == 0
+        assert len(events(caplog, "live_credential_unrecorded")) == 1, "said once, not at every rotation"
+        assert db.can_login(lost_role) is True, "the live role is left as it is"
+        await held.execute("SELECT 1")  # the session held on it goes on
+        assert await db.login(lost) is None, "never re-passworded"
+        round_done.clear()
+        await asyncio.wait_for(round_done.wait(), 30)  # one more full round, after all of it
+    finally:
+        stop.set()
+        await consumer
+        await held.close()
+    assert failures == [], failures[:5]
+    assert uses >= 3
+
+    # The operator does what the alert says, once nothing uses the lost role.
+    pg_scratch.admin_sql(f"ALTER ROLE {lost_role} NOLOGIN")
+    after = await r.rotate()
+    assert after.result in ("rotated", "postponed")
+    assert gauge("baton_live_unrecorded_principals") == 0
+    if strategy == "alternating-users":
+        assert after.result == "rotated" and gauge("baton_rotation_blocked") == 0
+    assert_no_secret(caplog, lost, new)
+
+
 async def test_a_token_that_cannot_patch_metadata_writes_no_version(
     openbao: VaultTarget, openbao_prefix: str, bao_store: VaultStore, tmp_path: Path
 ) -> None:
@@ -313,6 +418,70 @@ async def test_a_token_that_cannot_patch_metadata_writes_no_version(
     assert {(o.result, o.step) for o in outcomes} == {("failed", "write")}
     assert kv_versions(openbao, key) == 1, "nothing is written while the record of it cannot be"
     assert (await bao_store.read(key)).payload == Secret("seed-value-123")
+
+
+async def test_a_revoked_token_makes_the_retire_loop_back_off_not_warn_every_pass(
+    openbao: VaultTarget, openbao_prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+
+    from daemon.rotation.service import Rotator
+
+    caplog.set_level(logging.INFO)
+    key = f"{openbao_prefix}/db"
+    c = openbao.client()
+    try:
+        token = c.auth.token.create(policies=["root"], ttl="1h")["auth"]["client_token"]
+    finally:
+        c.adapter.close()
+    store = VaultStore(url=openbao.url, auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token}, timeout=5.0)
+    config = Config.model_validate(
+        {
+            "node_id": "rotator-1",
+            "store": {"kind": "local", "path": str(tmp_path / "unused.db")},
+            "report": {"heartbeat": 0.2, "ttl": 30},  # a retire pass every 0.1 s
+            "agent": {"retry_min": 0.4, "retry_max": 5},
+            "credentials": [
+                {
+                    "name": "db",
+                    "key": key,
+                    "output": {"dir": str(tmp_path / "out")},
+                    "rotation": {"every": 3600, "generator": {"kind": "password", "length": 24}},
+                }
+            ],
+        }
+    )
+    service = Rotator(config, store=store, reporter=MetadataReporter(store), install_signals=False, serve_api=False)
+    r = service.rotators["db"]
+    r.fence = None  # this test leads alone; serve() (not run here) would take the lease
+    try:
+        for _ in (1, 2):
+            outcome = await r.rotate()
+            assert outcome.result == "rotated", outcome
+            await everyone_on(store, key, "1")  # still on 1: version 1 waits to retire
+        c = openbao.client()
+        try:
+            c.auth.token.revoke(token)  # as `bao token revoke` does
+        finally:
+            c.adapter.close()
+        caplog.clear()
+        loop = asyncio.create_task(service.retire_loop(r))
+        window = 3.0  # 30 passes without backoff; with 0.4 s doubling, jittered to 50-100 %: at most 5
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(loop), window)
+        service.should_exit.set()
+        await asyncio.wait_for(loop, 10)
+    finally:
+        await store.aclose()
+
+    failed = [rec for rec in caplog.records if rec.getMessage() == "retirement check failed"]
+    assert 1 <= len(failed) <= 5, f"{len(failed)} warnings in {window} s"
+    delays = [rec.retry_in for rec in failed]  # type: ignore[attr-defined]
+    if len(delays) >= 3:
+        assert delays[-1] > delays[0], f"the delay grows: {delays}"
+    loud = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    assert len(loud) <= 2 * len(failed), [rec.getMessage() for rec in loud]
+    assert token not in caplog.text
 
 
 async def test_a_write_that_would_make_kv_purge_a_live_version_is_refused(
@@ -536,5 +705,88 @@ async def test_an_operators_put_in_the_middle_of_a_rotation_does_not_retire_the_
         assert await r.retire_ready() == ["1", "2"]
         [warned] = events(caplog, "retired_in_store_only")
         assert warned.version == "2"  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
+
+
+# ---------------------------------------------------------------- Kubernetes (the apiserver double)
+#
+# The Kubernetes store keeps at most three versions of a key (the Secret, its -baton-pending
+# and -baton-previous companions), so a version overwritten by hand is gone, not kept: what
+# Baton applied and the store no longer has is found by asking the provider what is live.
+
+
+async def kubectl_edit_data(kube_api: Any, name: str, data: dict[str, str]) -> None:
+    """``kubectl edit secret <name>`` changing only its data (annotations kept, as an editor leaves them)."""
+    import base64
+
+    from kubernetes_asyncio import client, config
+
+    async with await config.new_client_from_config(config_file=str(kube_api.kubeconfig)) as c:
+        core = client.CoreV1Api(c)
+        obj = await core.read_namespaced_secret(name, kube_api.namespace)
+        obj.data = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+        await core.replace_namespaced_secret(name, kube_api.namespace, obj)
+
+
+async def kubectl_annotate_remove(kube_api: Any, name: str, annotation: str) -> None:
+    """``kubectl annotate secret <name> <annotation>-``."""
+    from kubernetes_asyncio import client, config
+
+    async with await config.new_client_from_config(config_file=str(kube_api.kubeconfig)) as c:
+        core = client.CoreV1Api(c)
+        await core.patch_namespaced_secret(name, kube_api.namespace, {"metadata": {"annotations": {annotation: None}}})
+
+
+async def test_kubernetes_a_hand_edit_is_retired_in_the_store_only_and_a_removed_ledger_entry_revokes_nothing(
+    kube_api: Any, pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.stores.kubernetes import KubernetesStore, annotation_key
+
+    caplog.set_level(logging.INFO)
+    store = KubernetesStore(namespace=kube_api.namespace, kubeconfig=kube_api.kubeconfig, backoff=(0.02, 0.2))
+    key = kube_api.name("db")
+    db = make_db(pg_scratch, "role-per-version")
+    r = rotator(tmp_path, key, store, db.provider())
+    try:
+        for _ in (1, 2):
+            outcome = await r.rotate()
+            assert outcome.result == "rotated", outcome
+            await everyone_on(store, key, outcome.version or "")
+            await r.retire_ready()
+        baton_v2 = (await store.read(key)).payload
+        assert role_of(baton_v2) == f"{db.base}_v2" and db.can_login(f"{db.base}_v1") is None
+
+        # Finding 1 on Kubernetes: the operator writes the next role's name into the Secret by hand.
+        await kubectl_edit_data(kube_api, key, {"username": f"{db.base}_v3", "password": "typed-by-hand"})
+        hand = (await store.read(key)).info.id
+        outcome = await r.rotate()
+        assert outcome.result == "rotated", outcome
+        minted = (await store.read(key)).payload
+        assert role_of(minted) == f"{db.base}_v4", "a name the hand version uses is never minted"
+        [said] = events(caplog, "live_credential_unrecorded")
+        assert said.live == [f"{db.base}_v2"], "Baton's v2, overwritten in the store, is live: said, left"  # type: ignore[attr-defined]
+        await everyone_on(store, key, outcome.version or "")
+        assert await r.retire_ready() == [hand]
+        [store_only] = events(caplog, "retired_in_store_only")
+        assert store_only.version == hand and store_only.found == "not applied by Baton"  # type: ignore[attr-defined]
+        assert db.can_login(f"{db.base}_v2") is True and await db.login(baton_v2) is None
+        assert await db.login(minted) is None
+
+        # A draining version whose ledger annotation is removed by hand: retired in the store
+        # once no node holds it, and its role is never dropped by Baton (missing is unknown).
+        draining = minted
+        outcome = await r.rotate()
+        assert outcome.result == "rotated", outcome
+        drain_id = next(v.id for v in await store.versions(key) if not v.is_current and not v.retired)
+        await kubectl_annotate_remove(kube_api, key, annotation_key(OWN_PREFIX + drain_id))
+        await everyone_on(store, key, drain_id)  # the node still holds it
+        assert await r.retire_ready() == [], "a node still holds it"
+        assert await db.login(draining) is None
+        await everyone_on(store, key, outcome.version or "")
+        assert await r.retire_ready() == [drain_id]
+        assert db.can_login(role_of(draining)) is True, "not Baton's by its record: not revoked"
+        assert await db.login((await store.read(key)).payload) is None
+        assert_no_secret(caplog, baton_v2, minted)
     finally:
         await store.aclose()

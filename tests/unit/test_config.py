@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from daemon import config
 from daemon.cli import main
 from daemon.config import (
     LOCK_FILE,
@@ -159,6 +160,7 @@ def test_the_names_the_config_reserves_are_the_writers_own() -> None:
     assert STATE_FILE == writer.STATE
     assert LOCK_FILE == writer.LOCK
     assert writer.CURRENT_LINK.startswith("..")
+    assert config._WRITER_NAME.pattern == f"{writer._VDIR.pattern}|{writer._TEMP.pattern}"
 
 
 @pytest.mark.parametrize(
@@ -442,3 +444,19 @@ def test_an_operator_who_cannot_look_into_the_agents_dirs_gets_no_false_problem(
         problems = check_host(config)
 
     assert problems == []
+
+
+def test_check_config_reports_host_and_template_problems_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = GOOD_CONFIG.replace('      mode: "0440"\n', '      mode: "0440"\n      owner: no-such-user-baton\n')
+    text = text.replace('password: "{{ password }}"', 'password: "{{ password"')
+
+    code, _out, err = _check(_write(tmp_path, text), capsys)
+
+    assert code == 2
+    assert err.splitlines() == [
+        "credentials.0.output.owner: no such user 'no-such-user-baton' on this host",
+        "credentials.0.output.files.password: template syntax error on line 1: unexpected end of template, "
+        "expected 'end of print statement'.",
+    ]

@@ -8,14 +8,18 @@ gate blocks on it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.report.base import MAX_REPORT_CHARS, Holder, NodeReport
+from daemon.report.base import MAX_REPORT_CHARS, REPORT_PREFIX, Holder, NodeReport
+from daemon.report.metadata import MetadataReporter
 from daemon.rotation.gate import decide
+from daemon.stores.local import LocalStore
 
 NOW = 1_000_000.0
 REPORT = NodeReport(
@@ -188,3 +192,29 @@ def test_a_report_over_the_size_cap_is_unreadable() -> None:
     text = json.dumps(as_dict() | {"agent_version": "x" * MAX_REPORT_CHARS})
     with pytest.raises(ValueError, match="at most"):
         NodeReport.from_json(text)
+
+
+def test_a_report_naming_another_node_than_its_record_is_unreadable() -> None:
+    assert NodeReport.from_json(REPORT.to_json(), node="n1") == REPORT
+    with pytest.raises(ValueError, match="another node"):
+        NodeReport.from_json(REPORT.to_json(), node="n2")
+
+
+async def test_an_entry_that_claims_another_nodes_name_does_not_hide_that_nodes_report(tmp_path: Path) -> None:
+    # Filed under "evil" with n1's name and a newer heartbeat, it made the gate judge n1
+    # by it: n1's holder of v1 vanished and v1 was let go.
+    store = LocalStore(tmp_path / "store.db", watch_files=False)
+    holding = replace(REPORT, in_use={"v1": 1}, holders=())
+    spoof = replace(REPORT, in_use={}, holders=(), heartbeat=NOW + 1)
+    try:
+        await store.merge_metadata(
+            "k", {REPORT_PREFIX + "n1": holding.to_json(), REPORT_PREFIX + "evil": spoof.to_json()}
+        )
+        reports = await MetadataReporter(store).collect("k", "db")
+    finally:
+        await store.aclose()
+    assert sorted(r.node for r in reports) == ["evil", "n1"]
+    assert [r for r in reports if r.node == "n1"] == [holding]
+    decision = decide(old="v1", new="v2", reports=reports, known={r.node for r in reports}, now=NOW, ttl=60)
+    assert not decision.retire
+    assert decision.blocking == {"evil", "n1"}
