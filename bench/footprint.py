@@ -313,7 +313,7 @@ async def _variant(spec: dict[str, Any], *, seconds: float, credentials: int, co
     import collections
 
     import daemon.stores.local as local
-    from daemon.agent import tracker as drain
+    from daemon.agent import tracker
     from daemon.agent.service import Agent
     from daemon.config import parse_config
     from daemon.files import writer
@@ -332,7 +332,7 @@ async def _variant(spec: dict[str, Any], *, seconds: float, credentials: int, co
     for name in ("_bump", "_current_id", "merge_metadata_sync", "versions_sync"):
         count(local.LocalStore, name)
     count(writer.Writer, "versions")
-    count(drain, "match_all")
+    count(tracker, "match_all")
     if spec["fallback"] is not None:
         local._FALLBACK_RECHECK = spec["fallback"]  # type: ignore[attr-defined]
     if not spec["file_watch"]:

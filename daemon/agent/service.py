@@ -16,14 +16,14 @@ import logging
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.agent.state import CredentialState
 from daemon.agent.tracker import Tracker
 from daemon.api import ApiServer
-from daemon.config import Config, CredentialConfig, load_config
+from daemon.config import Config, load_config
 from daemon.errors import BatonError, ConfigError, PayloadError, StoreError, WriteError
 from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
@@ -44,39 +44,6 @@ from daemon.usage.environ import fingerprint
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 5.0
-
-
-@dataclass
-class CredentialState:
-    """What the agent knows of one credential; the status API reads it."""
-
-    config: CredentialConfig
-    writer: Writer
-    version: str | None = None
-    written: bool = False
-    last_change: float | None = None
-    last_error: str | None = None
-    # The store outage a watch is riding out, if any (shown before last_error).
-    store_error: str | None = None
-    # The change being propagated (baton_propagation_seconds): when the store
-    # made it, and the consumers that have yet to take it.
-    changed_at: float | None = None
-    waiting_for: set[str] = field(default_factory=set)
-    # Keyed fingerprints of each version's rendered env values (for ``baton exec``
-    # holders), computed from the payload in hand when the version is written.
-    fingerprints: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    swapped: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def status(self, on_disk: list[str]) -> dict[str, Any]:
-        return {
-            "key": self.config.key,
-            "current": self.version,
-            "written": self.written,
-            "on_disk": on_disk,
-            "last_change": self.last_change,
-            "last_error": self.store_error or self.last_error,
-            "output": str(self.config.output.dir),
-        }
 
 
 class Agent(Service):
@@ -192,7 +159,15 @@ class Agent(Service):
             # Who was reloaded when stays true across a config reload (start-time attribution).
             reloaded_at=self.reloader.reloaded_pids if self.reloader is not None else None,
         )
-        self.tracker = Tracker(config=config, agent=self)
+        self.tracker = Tracker(
+            config=config,
+            credentials=self.credentials,
+            store=self.store,
+            renderer=self.renderer,
+            reporter=self.reporter,
+            reloader=self.reloader,
+            env_key=self.env_key,
+        )
         self._generation = [
             self.spawn(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()
         ]

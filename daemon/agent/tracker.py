@@ -1,9 +1,9 @@
 """Per-version drain state on this node, and the node report.
 
-Each version of a credential is, on this node: ``current``, ``draining``
-(superseded, still held by some process), ``drained`` (superseded, held by
-nobody, not yet retired) or ``retired`` (the store says so; its files are
-then deleted). The ``Tracker`` rescans who holds what (in a thread), publishes
+Each version of a credential on this node's disk is ``current``, ``draining``
+(superseded, still held by some process) or ``drained`` (superseded, held by
+nobody, not yet retired); once the store marks it retired its files are
+deleted. The ``Tracker`` rescans who holds what (in a thread), publishes
 the node report on every change and every heartbeat, and removes retired
 versions' directories. It never decides a retirement: the rotator does.
 """
@@ -15,102 +15,64 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from daemon import __version__
-from daemon.config import Config, ConsumerConfig
+from daemon.agent.state import CredentialState
+from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
+from daemon.files.renderworker import RenderWorker
 from daemon.kit import metrics
 from daemon.kit.logs import event
-from daemon.report.base import Holder, NodeReport
-from daemon.usage.consumers import START_SLACK, match_all, process_start
+from daemon.reload.reloader import Reloader
+from daemon.report.base import Holder, NodeReport, Reporter
+from daemon.stores.base import SecretStore
+from daemon.usage.attribute import Usage, attribute
+from daemon.usage.consumers import match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
 
 if TYPE_CHECKING:
-    from daemon.agent.service import Agent, CredentialState
     from daemon.files.writer import OnDisk
     from daemon.usage.fanotify import OpenWatcher
 
 log = logging.getLogger(__name__)
 
-CURRENT, DRAINING, DRAINED, RETIRED = "current", "draining", "drained", "retired"
 
+class VersionState(StrEnum):
+    """A version on this node, as the status shows it (a retired one has left the disk, so it has no state here)."""
 
-@dataclass(frozen=True)
-class Usage:
-    """Who holds which version of one credential, from one scan."""
-
-    holders: dict[str, list[Holder]] = field(default_factory=dict)  # version -> holders
-
-    def count(self, version: str) -> int:
-        return len(self.holders.get(version, ()))
-
-
-def attribute(
-    *,
-    sightings: Sequence[Sighting],
-    consumers: Mapping[str, ConsumerConfig],
-    consumer_pids: Mapping[str, Sequence[int]],
-    on_disk: Mapping[str, Sequence[OnDisk]],
-    current: Mapping[str, str | None],
-    started: Mapping[int, float],
-    reloaded: Mapping[int, float],
-    exes: Mapping[int, str],
-    creds_of: Mapping[str, Sequence[str]],
-) -> dict[str, Usage]:
-    """Combine scans into per-credential holders (pure: easy to test).
-
-    A process seen holding a version (fd, open event, env) holds it. A declared
-    consumer that reads at start (or on reload) and is seen holding nothing
-    holds the version that was current when it last (re)loaded: the newest
-    version swapped in before its start or its last reload by us.
-    """
-    by_cred: dict[str, dict[str, dict[int, Holder]]] = {}
-    owner = {pid: name for name, pids in consumer_pids.items() for pid in pids}
-    for s in sightings:
-        holders = by_cred.setdefault(s.credential, {}).setdefault(s.version, {})
-        holders.setdefault(s.pid, Holder(s.pid, s.exe, owner.get(s.pid), s.how, s.version))
-    for name, consumer in consumers.items():
-        if consumer.loads == "per-use":
-            continue
-        for cred in creds_of.get(name, ()):
-            versions = sorted(on_disk.get(cred, ()), key=lambda d: d.swapped_in)
-            seen = by_cred.get(cred, {})
-            for pid in consumer_pids.get(name, ()):
-                if any(pid in holders for holders in seen.values()):
-                    continue
-                # A start within the clock's slack of a swap counts as before it:
-                # when unsure, a process holds the older version (and blocks).
-                loaded_at = max(started.get(pid, 0.0) - START_SLACK, reloaded.get(pid, 0.0))
-                held = None
-                for d in versions:
-                    if d.swapped_in <= loaded_at:
-                        held = d.version
-                if held is None:
-                    # Started before any version we know: it holds the oldest we have.
-                    held = versions[0].version if versions else current.get(cred)
-                if held is None:
-                    continue
-                holder = Holder(pid, exes.get(pid, ""), name, "start-time", held)
-                by_cred.setdefault(cred, {}).setdefault(held, {})[pid] = holder
-    return {
-        cred: Usage({v: sorted(h.values(), key=lambda x: x.pid) for v, h in versions.items()})
-        for cred, versions in by_cred.items()
-    }
+    CURRENT = "current"
+    DRAINING = "draining"  # superseded, still held by some process
+    DRAINED = "drained"  # superseded, held by nobody, not yet retired
 
 
 class Tracker:
     """Scans usage, publishes node reports, removes retired versions. One per agent generation."""
 
-    def __init__(self, *, config: Config, agent: Agent) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        credentials: Mapping[str, CredentialState],
+        store: SecretStore,
+        renderer: RenderWorker,
+        reporter: Reporter,
+        reloader: Reloader | None,
+        env_key: bytes,
+    ) -> None:
         self.config = config
-        self.agent = agent
-        self.env_key = agent.env_key  # fingerprints are useless outside this process
+        # This generation's credentials (the agent's dict: the status API and the tracker see the same states).
+        self.credentials = credentials
+        self.store = store
+        self.renderer = renderer
+        self.reporter = reporter
+        self.reloader = reloader
+        self.env_key = env_key  # fingerprints are useless outside this process
         self._poke = asyncio.Event()
         self.usage: dict[str, Usage] = {}
         self._published: dict[str, NodeReport] = {}
@@ -177,8 +139,8 @@ class Tracker:
             # Written before this process started: render it again from the store.
             limits = self.config.agent
             try:
-                secret = await self.agent.store.read(cred.key, version)  # type: ignore[arg-type]
-                rendered = await self.agent.renderer.render(
+                secret = await self.store.read(cred.key, version)  # type: ignore[arg-type]
+                rendered = await self.renderer.render(
                     files={},
                     env=cred.output.env,
                     payload=secret.payload,
@@ -196,7 +158,7 @@ class Tracker:
         return [d.version for d in self._on_disk.get(name, [])]
 
     async def scan_once(self) -> None:
-        states = self.agent.credentials
+        states = self.credentials
         # Reports pair holders with the current version as it was when the scan
         # began: a swap during the scan must not read as "new current, no old holders".
         current_at_start = {n: s.version for n, s in states.items()}
@@ -221,7 +183,7 @@ class Tracker:
             }
             await asyncio.to_thread(self.opens.watch, sorted(dirs))
         matches = {name: c.match for name, c in self.consumers.items()}
-        reloader = self.agent.reloader
+        reloader = self.reloader
 
         def blocking() -> tuple[list[Sighting], dict[str, list[int]], dict[int, float], dict[int, str]]:
             sightings = scan(files, env_key=self.env_key, env_names=env_names, opens=self.opens)
@@ -269,7 +231,7 @@ class Tracker:
                 metrics.versions_in_use.labels(name, d.version).set(usage.count(d.version))
 
     def report_for(self, name: str) -> NodeReport:
-        state = self.agent.credentials[name]
+        state = self.credentials[name]
         usage = self.usage.get(name, Usage())
         holders = [h for v in sorted(usage.holders) for h in usage.holders[v]]
         return NodeReport(
@@ -285,7 +247,7 @@ class Tracker:
 
     async def publish_all(self) -> None:
         now = time.monotonic()
-        for name, state in self.agent.credentials.items():
+        for name, state in self.credentials.items():
             if not state.written:
                 continue
             report = self.report_for(name)
@@ -293,7 +255,7 @@ class Tracker:
             if report.same_state(self._published.get(name)) and not due:
                 continue
             try:
-                await self.agent.reporter.publish(state.config.key, report)
+                await self.reporter.publish(state.config.key, report)
             except BatonError as e:
                 metrics.report_publishes_total.labels("failure").inc()
                 log.warning("node report not published", extra={"credential": name, "error": str(e)})
@@ -306,13 +268,13 @@ class Tracker:
         """Delete the files of versions the store marks retired, and of superseded versions
         that nothing on this node holds beyond the newest ``output.keep_previous`` (an
         operator's puts retire nothing). Never the current one."""
-        for name, state in self.agent.credentials.items():
+        for name, state in self.credentials.items():
             local = [d for d in await asyncio.to_thread(state.writer.versions) if d.version != state.version]
             if not local:
                 continue
             doomed = self._unheld_beyond_keep(name, local, state.config.output.keep_previous)
             try:
-                known = {v.id: v for v in await self.agent.store.versions(state.config.key)}
+                known = {v.id: v for v in await self.store.versions(state.config.key)}
             except StoreError as e:
                 metrics.store_errors_total.labels(self.config.store.kind, "versions").inc()
                 log.warning("cannot check for retired versions", extra={"credential": name, "error": str(e)})
@@ -342,12 +304,18 @@ class Tracker:
     # ------------------------------------------------------------ status
 
     def version_states(self, name: str) -> dict[str, dict[str, Any]]:
-        state = self.agent.credentials[name]
+        state = self.credentials[name]
         usage = self.usage.get(name, Usage())
         out: dict[str, dict[str, Any]] = {}
         for d in self._on_disk.get(name, []):
             holders = usage.holders.get(d.version, [])
-            st = CURRENT if d.version == state.version else DRAINING if holders else DRAINED
+            st = (
+                VersionState.CURRENT
+                if d.version == state.version
+                else VersionState.DRAINING
+                if holders
+                else VersionState.DRAINED
+            )
             out[d.version] = {
                 "state": st,
                 "swapped_in": d.swapped_in,
@@ -357,5 +325,5 @@ class Tracker:
 
     def add_status(self, out: dict[str, Any]) -> None:
         for name, cred in out["credentials"].items():
-            if name in self.agent.credentials:
+            if name in self.credentials:
                 cred["versions"] = self.version_states(name)

@@ -1,4 +1,4 @@
-"""daemon.agent.tracker.attribute(): which version each process holds, from sightings and start times.
+"""daemon.usage.attribute.attribute(): which version each process holds, from sightings and start times.
 
 The function is pure, so every case is built from plain values: two versions of
 ``db`` swapped in at t=100 and t=200, consumers matched to pids, and sightings
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from daemon.agent.tracker import Usage, attribute
 from daemon.config import ConsumerConfig, MatchConfig
 from daemon.files.writer import OnDisk
 from daemon.report.base import Holder
+from daemon.usage.attribute import Usage, attribute
 from daemon.usage.consumers import START_SLACK
 from daemon.usage.scan import Sighting
 
