@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 # (store kind, reports setting) -> "module:callable", called as (config, store).
 REGISTRY: dict[tuple[str, str], str] = {
-    ("vault", "status_path"): "daemon.stores.vault:VaultStatusReporter.from_config",
+    ("vault", "status_path"): "daemon.report.vault_status:VaultStatusReporter.from_config",
     ("aws", "dynamodb"): "daemon.report.dynamodb:DynamoReporter.from_config",
     ("kubernetes", "pod"): "sidecar.podreport:open_reporter",
 }

@@ -115,8 +115,8 @@ async def test_the_token_is_renewed_before_its_ttl_ends(
     vault_server.write(key, {"value": "v"})
     login_at = time.monotonic()
     await store.read(key)
-    assert store._renew_at is not None
-    await wait_until_monotonic(store._renew_at)
+    assert store.client.renew_at is not None
+    await wait_until_monotonic(store.client.renew_at)
     await store.read(key)
     assert vault_double.count(*RENEW) == 1
     # Past the first TTL: the original token would have expired by now.
@@ -141,8 +141,8 @@ async def test_a_plain_token_with_a_ttl_is_renewed_too(
     vault_server.write(key, {"value": "v"})
     await store.read(key)
     assert vault_double.count("GET", "auth/token/lookup-self") == 1
-    assert store._renew_at is not None
-    await wait_until_monotonic(store._renew_at)
+    assert store.client.renew_at is not None
+    await wait_until_monotonic(store.client.renew_at)
     await store.read(key)
     assert vault_double.count(*RENEW) == 1
     left = vault_double.token_ttl_left(token)

@@ -9,14 +9,16 @@ from dataclasses import replace
 
 import pytest
 
+from daemon.clients.vault import MAX_METADATA_KEYS
 from daemon.config import parse_config
 from daemon.errors import StoreError
 from daemon.model import Secret
 from daemon.report import open_reporter
 from daemon.report.base import Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
+from daemon.report.vault_status import VaultStatusReporter
 from daemon.rotation.gate import decide
-from daemon.stores.vault import MAX_METADATA_KEYS, VaultStatusReporter, VaultStore
+from daemon.stores.vault import VaultStore
 from tests.doubles.vault import VaultDouble
 from tests.fixtures.vault import MakeStore, VaultTarget
 
@@ -208,7 +210,7 @@ async def test_open_reporter_picks_the_status_path_reporter_for_vault(
     assert isinstance(reporter, VaultStatusReporter)
     await reporter.publish("app/db", report("n1"))
     assert await reporter.collect("app/db", "db") == [report("n1")]
-    assert [k for k in await store._list(f"{vault_prefix}/status/db")] == ["n1"]
+    assert [k for k in await store.client.list(f"{vault_prefix}/status/db")] == ["n1"]
 
 
 async def test_an_unreadable_status_entry_stands_as_a_stale_report_of_its_node_and_blocks_the_gate(

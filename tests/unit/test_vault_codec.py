@@ -8,6 +8,7 @@ import hvac.exceptions
 import pytest
 import requests
 
+from daemon.clients.vault import _mapped, parse_time
 from daemon.config import parse_config
 from daemon.errors import ConfigError, StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, PREVIOUS
@@ -18,9 +19,7 @@ from daemon.stores.vault import (
     K_PREVIOUS,
     K_RETIRED,
     VaultStore,
-    _mapped,
     _Meta,
-    _parse_time,
     decode_payload,
     encode_payload,
 )
@@ -45,11 +44,11 @@ def test_a_json_object_payload_is_written_as_its_fields_and_anything_else_as_val
 
 
 def test_vault_timestamps_with_nanoseconds_and_offsets_parse() -> None:
-    assert _parse_time("2019-06-28T15:53:30.395814123Z") == pytest.approx(1561737210.395814)
-    assert _parse_time("2018-05-19T11:35:54.466476215-04:00") == pytest.approx(1526744154.466476)
-    assert _parse_time("2019-06-28T15:53:30Z") == 1561737210.0
-    assert _parse_time("") == 0.0
-    assert _parse_time("garbage") == 0.0
+    assert parse_time("2019-06-28T15:53:30.395814123Z") == pytest.approx(1561737210.395814)
+    assert parse_time("2018-05-19T11:35:54.466476215-04:00") == pytest.approx(1526744154.466476)
+    assert parse_time("2019-06-28T15:53:30Z") == 1561737210.0
+    assert parse_time("") == 0.0
+    assert parse_time("garbage") == 0.0
 
 
 def meta(custom: dict[str, str], current_version: int = 4, gone: tuple[int, ...] = ()) -> _Meta:
@@ -137,7 +136,7 @@ def test_open_store_builds_a_vault_store_from_config(tmp_path: object) -> None:
     )
     store = open_store(config)
     assert isinstance(store, VaultStore)
-    assert (store.url, store.mount, store.poll_interval, store.retire_mode) == (
+    assert (store.client.url, store.mount, store.poll_interval, store.retire_mode) == (
         "http://127.0.0.1:8200",
         "kv",
         5.0,
