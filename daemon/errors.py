@@ -10,6 +10,7 @@ never carries a secret value or a response body that might hold one.
     ├── ListenError              api.listen cannot be bound (in use, not a socket): exit status 2
     ├── StoreError               a secret store failed
     │   ├── StoreUnavailable     down, timed out, 5xx: retry with backoff
+    │   │   └── ResourceExpired  Kubernetes 410 Gone: the watch's resourceVersion is too old, re-list
     │   ├── StoreAuthError       401/403 or bad credentials
     │   ├── StoreNotFound        no such key or version
     │   └── StoreConflict        check-and-set or precondition lost
@@ -18,7 +19,17 @@ never carries a secret value or a response body that might hold one.
     ├── ProviderError            a credential provider failed a step
     │   └── ProviderBlocked      it will not go on until an operator acts (something live no version names)
     ├── ReloadError              a consumer could not be reloaded or failed its health check
+    │   └── ReloadGone           the process exited (or its pid was reused): nothing holds the old version there
+    ├── SupervisorError          ``baton exec`` could not start its child
+    ├── FanotifyUnavailable      open events cannot be used here (the scans carry on without them)
     └── RotationError            a rotation step failed (wraps the cause)
+
+    OSError
+    └── RenderUnavailable        the render child could not be started: an I/O failure, not the
+                                 payload's fault, so it is caught with OSError and retried with backoff
+
+Two private exceptions never leave their module (``files.writer._BadState``,
+``files.renderworker._WorkerDied``): control flow, not errors a caller sees.
 """
 
 from __future__ import annotations
@@ -46,6 +57,10 @@ class StoreError(BatonError):
 
 class StoreUnavailable(StoreError):
     """The store is down, slow or answered 5xx; the caller retries with backoff."""
+
+
+class ResourceExpired(StoreUnavailable):
+    """410 Gone: the resourceVersion is older than the apiserver's history; re-list."""
 
 
 class StoreAuthError(StoreError):
@@ -102,3 +117,19 @@ class ReloadError(BatonError):
 
 class RotationError(BatonError):
     """A rotation step failed; the current credential is untouched."""
+
+
+class ReloadGone(ReloadError):
+    """The process exited, or its pid now names another process: nothing holds the old version there."""
+
+
+class SupervisorError(BatonError):
+    """The child could not be started."""
+
+
+class FanotifyUnavailable(BatonError):
+    """fanotify cannot be used here; the message says why."""
+
+
+class RenderUnavailable(OSError):
+    """The render child could not be started. Not the payload's fault: retry with backoff."""

@@ -20,10 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kubernetes_asyncio import client
-
+from daemon.clients.kube import KubeClient, kube_call
 from daemon.errors import StoreError, StoreNotFound
-from daemon.stores.kubernetes import kube_call, new_api_client
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ class LeaderElection:
         self.release_on_stop = release_on_stop
         self.request_timeout = request_timeout
         self.elected = asyncio.Event()  # set while this contender leads
-        self._api: client.ApiClient | None = None
+        self._kube = KubeClient(kubeconfig=kubeconfig)
         self._task: asyncio.Task[None] | None = None
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
@@ -69,9 +67,7 @@ class LeaderElection:
         return self.elected.is_set()
 
     async def _coord(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
-        if self._api is None:
-            self._api = await new_api_client(kubeconfig=self.kubeconfig)
-        return client.CoordinationV1Api(self._api)
+        return await self._kube.coordination()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -100,9 +96,7 @@ class LeaderElection:
             except StoreError as e:
                 log.warning("could not release the lease", extra={"lease": self.name, "error": str(e)})
         self._step_down()
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self._kube.aclose()
 
     def _step_down(self) -> None:
         if self.is_leader:

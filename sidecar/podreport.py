@@ -8,17 +8,14 @@ gone (known gone, not unknown). Never reads-modifies-writes a Pod.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubernetes_asyncio import client
-
+from daemon.clients.kube import MERGE_PATCH, KubeClient, annotation_key, default_namespace, kube_call
 from daemon.errors import ConfigError, StoreNotFound
 from daemon.report.base import NodeReport
-from daemon.stores.kubernetes import MERGE_PATCH, annotation_key, default_namespace, kube_call, new_api_client
 from sidecar.identity import PodIdentity
 
 if TYPE_CHECKING:
@@ -58,8 +55,7 @@ class PodReporter:
         self.identity = identity
         self.kubeconfig = kubeconfig
         self.request_timeout = request_timeout
-        self._api: client.ApiClient | None = None
-        self._lock = asyncio.Lock()
+        self._kube = KubeClient(kubeconfig=kubeconfig)
 
     @classmethod
     def from_config(cls, config: Config, identity: PodIdentity | None = None) -> PodReporter:
@@ -76,10 +72,7 @@ class PodReporter:
         )
 
     async def _core(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
-        async with self._lock:
-            if self._api is None:
-                self._api = await new_api_client(kubeconfig=self.kubeconfig)
-        return client.CoreV1Api(self._api)
+        return await self._kube.core()
 
     async def _patch_pod(self, namespace: str, pod: str, annotations: dict[str, str | None]) -> None:
         core = await self._core()
@@ -165,9 +158,7 @@ class PodReporter:
                 return
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self._kube.aclose()
 
 
 def open_reporter(config: Config, store: object = None) -> PodReporter:

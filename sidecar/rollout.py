@@ -15,11 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from kubernetes_asyncio import client
-
+from daemon.clients.kube import KubeClient, default_namespace, kube_call
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError, StoreError
-from daemon.stores.kubernetes import default_namespace, kube_call, new_api_client
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +65,10 @@ class RolloutRestart:
         self.kubeconfig = kubeconfig
         self.poll_interval = poll_interval
         self.request_timeout = request_timeout
-        self._api: client.ApiClient | None = None
+        self._kube = KubeClient(kubeconfig=kubeconfig)
 
     async def _apps(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
-        if self._api is None:
-            self._api = await new_api_client(kubeconfig=self.kubeconfig)
-        return client.AppsV1Api(self._api)
+        return await self._kube.apps()
 
     async def reload(self, pid: int) -> None:
         what = f"{self.kind}/{self.namespace}/{self.name}"
@@ -114,9 +110,7 @@ class RolloutRestart:
         log.info("rollout available", extra={"workload": what})
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self._kube.aclose()
 
 
 class RolloutAction(RolloutRestart):

@@ -14,9 +14,9 @@ import contextlib
 import logging
 
 from daemon.config import Config
-from daemon.errors import BatonError, PayloadError, StoreError
-from daemon.exec.supervisor import Supervisor, SupervisorError
-from daemon.files.renderworker import RenderUnavailable, RenderWorker
+from daemon.errors import BatonError, PayloadError, RenderUnavailable, StoreError, SupervisorError
+from daemon.exec.supervisor import Supervisor
+from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
 from daemon.kit import metrics
 from daemon.kit.backoff import Backoff

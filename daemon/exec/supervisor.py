@@ -23,7 +23,7 @@ import os
 import signal
 from collections.abc import Mapping, Sequence
 
-from daemon.errors import BatonError
+from daemon.errors import SupervisorError
 from daemon.kit.logs import event
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ SCRUBBED_ENV = (
 def exit_status(returncode: int) -> int:
     """A shell's view of a child's end: the exit code, or 128+N when killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-class SupervisorError(BatonError):
-    """The child could not be started."""
 
 
 class Supervisor:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import PAYLOAD_REASONS, PayloadError
+from daemon.errors import PAYLOAD_REASONS, PayloadError, RenderUnavailable
 from daemon.files.render import Rendered
 from daemon.model import Secret
 
@@ -65,10 +65,6 @@ channel_in, channel_out = os.fdopen(0, "rb"), os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)  # a stray print must not corrupt the replies
 daemon.files.render.serve(channel_in, channel_out, hello={"memory_limited": limited})
 """
-
-
-class RenderUnavailable(OSError):
-    """The render child could not be started. Not the payload's fault: retry with backoff."""
 
 
 class RenderWorker:

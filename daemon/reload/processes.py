@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import psutil
 
-from daemon.errors import ReloadError
+from daemon.errors import ReloadError, ReloadGone
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,6 @@ async def first_exit(pids: Iterable[int], within: float) -> int | None:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class ReloadGone(ReloadError):
-    """The process exited, or its pid now names another process: nothing holds the old version there."""
 
 
 def recycled(pid: int, started: float | None) -> bool | None:

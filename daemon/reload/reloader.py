@@ -42,11 +42,10 @@ import psutil
 from yarl import URL
 
 from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
-from daemon.errors import ReloadError
+from daemon.errors import ReloadError, ReloadGone
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.reload.processes import (
-    ReloadGone,
     first_exit,
     is_alive,
     open_pidfd,

@@ -1,11 +1,10 @@
 """The Kubernetes store: a core/v1 Secret per key, through kubernetes_asyncio.
 
-Owns every call to the Kubernetes API that the daemon makes, the mapping of
-Secret data to a payload and a version id, and the helpers the sidecar reuses
-(``new_api_client``, ``kube_call``, ``annotation_key``). It must never put a
-response body into an exception or a log line (a Secret's body is the secret),
-and never read-modify-write annotations: every metadata write is a merge patch
-of the one key it owns.
+Owns the mapping of Secret data to a payload and a version id, and the
+staging Secrets; every API call goes through ``daemon.clients.kube`` (which
+maps errors and keeps response bodies out of messages). It never
+read-modify-writes annotations: every metadata write is a merge patch of the
+one key it owns.
 
 Layout of a key ``db`` in the namespace:
 
@@ -29,23 +28,30 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
-from kubernetes_asyncio.config.config_exception import ConfigException
 
+from daemon.clients.kube import (
+    MERGE_PATCH,
+    KubeClient,
+    Obj,
+    annotation_key,
+    default_namespace,
+    generic_key,
+    kube_call,
+    kube_open,
+    status_error,
+)
 from daemon.errors import (
     PayloadError,
-    StoreAuthError,
+    ResourceExpired,
     StoreConflict,
     StoreError,
     StoreNotFound,
@@ -60,127 +66,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Obj = dict[str, Any]
 
-SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 PENDING_SUFFIX = "-baton-pending"
 PREVIOUS_SUFFIX = "-baton-previous"
-ANNOTATION_PREFIX = "baton.io/"
-GENERIC_PREFIX = "baton."
 CREATED = "baton.io/created"
 RETIRED = "baton.io/retired-version"
 COMPANION_OF = "baton.io/companion-of"
 LEASE_SUFFIX = "-baton-lease"
 LEASE_RECORD = "baton.io/lease"
-MERGE_PATCH = "application/merge-patch+json"
-
-_NAME_PART = 63  # the name part of an annotation key (after the '/') is at most 63 characters
-
-
-class _DropResponseBodies(logging.Filter):
-    """kubernetes_asyncio logs every response body at DEBUG; a Secret's body is the secret."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("response body")
-
-
-logging.getLogger("kubernetes_asyncio.client.rest").addFilter(_DropResponseBodies())
-
-
-class ResourceExpired(StoreUnavailable):
-    """410 Gone: the resourceVersion is older than the apiserver's history; re-list."""
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def default_namespace(configured: str | None = None) -> str:
-    """The configured namespace, else the pod's own (service account mount), else ``default``."""
-    if configured:
-        return configured
-    try:
-        return SA_NAMESPACE.read_text().strip() or "default"
-    except OSError:
-        return "default"
-
-
-def annotation_key(generic: str) -> str:
-    """``baton.node.n1`` -> ``baton.io/node.n1``; a name part over 63 characters is shortened with a hash."""
-    name = generic[len(GENERIC_PREFIX) :] if generic.startswith(GENERIC_PREFIX) else generic
-    if len(name) > _NAME_PART:
-        # Deterministic, so the same generic key always maps to the same annotation.
-        name = name[: _NAME_PART - 17] + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    return ANNOTATION_PREFIX + name
-
-
-def generic_key(annotation: str) -> str | None:
-    """The inverse of ``annotation_key`` (None for annotations Baton does not own)."""
-    if not annotation.startswith(ANNOTATION_PREFIX):
-        return None
-    return GENERIC_PREFIX + annotation[len(ANNOTATION_PREFIX) :]
-
-
-async def new_api_client(*, kubeconfig: Path | None = None) -> client.ApiClient:
-    """An ApiClient from a kubeconfig file, else in-cluster config, else ``$KUBECONFIG``/~/.kube/config."""
-    cfg = client.Configuration()
-    try:
-        if kubeconfig is not None:
-            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg, persist_config=False)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        else:
-            await config.load_kube_config(client_configuration=cfg, persist_config=False)
-    except (ConfigException, OSError, ValueError) as e:
-        # The loader's message can quote the file; the type is enough to act on.
-        raise StoreAuthError(f"cannot load Kubernetes client config ({type(e).__name__})") from None
-    return client.ApiClient(cfg)
-
-
-def status_error(status: int, *, op: str, what: str) -> StoreError:
-    """The daemon error for an HTTP status. Only the status goes in the message."""
-    text = f"kubernetes {op} {what}: HTTP {status}"
-    if status in (401, 403):
-        return StoreAuthError(text)
-    if status == 404:
-        return StoreNotFound(text)
-    if status == 409:
-        return StoreConflict(text)
-    if status == 410:
-        return ResourceExpired(text)
-    if status == 429 or status >= 500:
-        return StoreUnavailable(text)
-    return StoreError(text)
-
-
-async def kube_call(call: Awaitable[Any], *, op: str, what: str) -> Obj:
-    """Await a kubernetes_asyncio call made with ``_preload_content=False``; the JSON body on 2xx.
-
-    An error status is mapped without reading the body; a transport error
-    becomes ``StoreUnavailable``.
-    """
-    try:
-        resp = await call
-    except ApiException as e:
-        raise status_error(e.status or 0, op=op, what=what) from _scrubbed(e)
-    except (aiohttp.ClientError, TimeoutError, OSError) as e:
-        raise StoreUnavailable(f"kubernetes {op} {what}: {type(e).__name__}") from e
-    try:
-        if resp.status >= 400:
-            raise status_error(resp.status, op=op, what=what)
-        try:
-            body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise StoreUnavailable(f"kubernetes {op} {what}: unreadable response ({type(e).__name__})") from None
-        return body if isinstance(body, dict) else {}
-    finally:
-        resp.release()
-
-
-def _scrubbed(e: ApiException) -> ApiException:
-    # ApiException's str() carries the response body and headers: drop them before chaining.
-    e.body = None
-    e.headers = None
-    return e
 
 
 # ---------------------------------------------------------------- payloads
@@ -279,8 +172,7 @@ class KubernetesStore:
         self.request_timeout = request_timeout
         self.watch_timeout = watch_timeout
         self.backoff = backoff
-        self._api: client.ApiClient | None = None
-        self._lock = asyncio.Lock()
+        self._kube = KubeClient(kubeconfig=kubeconfig)
 
     @classmethod
     def from_config(cls, config: Config) -> KubernetesStore:
@@ -289,17 +181,10 @@ class KubernetesStore:
         return cls(namespace=default_namespace(store.namespace), kubeconfig=store.kubeconfig)
 
     async def _core(self) -> Any:
-        # Any: every call is raw (dict bodies, _preload_content=False, _content_type),
-        # which the generated annotations of kubernetes_asyncio do not describe.
-        async with self._lock:
-            if self._api is None:
-                self._api = await new_api_client(kubeconfig=self.kubeconfig)
-        return client.CoreV1Api(self._api)
+        return await self._kube.core()
 
     async def aclose(self) -> None:
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
+        await self._kube.aclose()
 
     # ------------------------------------------------------------ plumbing
 
@@ -475,8 +360,8 @@ class KubernetesStore:
 
     async def _stream(self, core: Any, key: str, rv: str) -> AsyncGenerator[Obj, None]:
         """The watch events of one stream, as dicts; mapped errors; always released."""
-        try:
-            resp = await core.list_namespaced_secret(
+        resp = await kube_open(
+            core.list_namespaced_secret(
                 self.namespace,
                 field_selector=f"metadata.name={key}",
                 watch=True,
@@ -485,14 +370,11 @@ class KubernetesStore:
                 allow_watch_bookmarks=True,
                 _preload_content=False,
                 _request_timeout=(self.request_timeout, self.watch_timeout + self.request_timeout),
-            )
-        except ApiException as e:
-            raise status_error(e.status or 0, op="watch", what=key) from _scrubbed(e)
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            raise StoreUnavailable(f"kubernetes watch {key}: {type(e).__name__}") from e
+            ),
+            op="watch",
+            what=key,
+        )
         try:
-            if resp.status >= 400:
-                raise status_error(resp.status, op="watch", what=key)
             buf = b""
             try:
                 async for chunk in resp.content.iter_any():
@@ -607,8 +489,7 @@ class KubernetesStore:
     # carrying it, or a POST of a new Lease, answers 409 to the second writer.
 
     async def _coord(self) -> Any:
-        core = await self._core()
-        return client.CoordinationV1Api(core.api_client)  # the same client (and connection pool) as _core's
+        return await self._kube.coordination()  # the same client (and connection pool) as _core's
 
     async def read_lease(self, key: str) -> LeaseRecord | None:
         name = key + LEASE_SUFFIX

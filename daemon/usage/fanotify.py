@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from daemon.errors import BatonError
+from daemon.errors import FanotifyUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ CAP_SYS_ADMIN = 21
 _META = struct.Struct("=IBBHQii")
 _READ_SIZE = _META.size * 512
 _MASK = FAN_OPEN | FAN_EVENT_ON_CHILD
-
-
-class FanotifyUnavailable(BatonError):
-    """fanotify cannot be used here; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from kubernetes_asyncio.config import kube_config as kube_config_module
 
 import sidecar.leader
 from daemon.agent.service import Agent
+from daemon.clients.kube import annotation_key
 from daemon.config import Config, ConsumerConfig, MatchConfig, parse_config
 from daemon.errors import ConfigError
 from daemon.providers import open_provider
@@ -46,7 +47,7 @@ from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.rotation.gate import Decision, decide
 from daemon.rotation.service import Rotator
 from daemon.rotation.workflow import CredentialRotator
-from daemon.stores.kubernetes import CREATED, KubernetesStore, annotation_key
+from daemon.stores.kubernetes import CREATED, KubernetesStore
 from daemon.usage.consumers import find_processes
 from sidecar.identity import PodIdentity
 from sidecar.podreport import PodReporter, report_annotation

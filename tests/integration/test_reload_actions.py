@@ -22,8 +22,8 @@ import psutil
 import pytest
 
 from daemon.config import ConsumerConfig
-from daemon.errors import ReloadError
-from daemon.reload.processes import ReloadGone, is_alive, stop_process, wait_exit
+from daemon.errors import ReloadError, ReloadGone
+from daemon.reload.processes import is_alive, stop_process, wait_exit
 from daemon.reload.reloader import (
     ExecAction,
     NoneAction,
@@ -338,7 +338,7 @@ def test_sidecar_actions_are_registered_by_name() -> None:
 
 
 def test_an_action_whose_module_cannot_be_imported_is_a_reload_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.reload.reloader import reloader as reload
+    from daemon.reload import reloader as reload
 
     monkeypatch.setitem(reload.ACTIONS, "rollout", "sidecar.no_such_module:RolloutAction")
     with pytest.raises(ReloadError, match="not available"):

@@ -13,8 +13,9 @@ from typing import Any
 import psutil
 import pytest
 
+from daemon.errors import ReloadGone
 from daemon.kit import metrics
-from daemon.reload.processes import ReloadGone, is_alive
+from daemon.reload.processes import is_alive
 from daemon.reload.reloader import Reloader, SignalAction
 from daemon.usage.consumers import find_processes
 from tests.helpers import running_reloader

@@ -741,7 +741,8 @@ async def kubectl_annotate_remove(kube_api: Any, name: str, annotation: str) -> 
 async def test_kubernetes_a_hand_edit_is_retired_in_the_store_only_and_a_removed_ledger_entry_revokes_nothing(
     kube_api: Any, pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from daemon.stores.kubernetes import KubernetesStore, annotation_key
+    from daemon.clients.kube import annotation_key
+    from daemon.stores.kubernetes import KubernetesStore
 
     caplog.set_level(logging.INFO)
     store = KubernetesStore(namespace=kube_api.namespace, kubeconfig=kube_api.kubeconfig, backoff=(0.02, 0.2))

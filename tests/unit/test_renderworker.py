@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.errors import PayloadError
+from daemon.errors import PayloadError, RenderUnavailable
 from daemon.files import renderworker
 from daemon.files.render import render_version
-from daemon.files.renderworker import RenderUnavailable, RenderWorker, _parse_reply
+from daemon.files.renderworker import RenderWorker, _parse_reply
 from daemon.model import Secret
 
 SECRET = "w0rker-Secr3t-9d1e"

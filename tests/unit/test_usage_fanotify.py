@@ -13,9 +13,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from daemon.errors import BatonError
+from daemon.errors import BatonError, FanotifyUnavailable
 from daemon.usage import fanotify
-from daemon.usage.fanotify import FanotifyUnavailable, OpenWatcher
+from daemon.usage.fanotify import OpenWatcher
 from tests.unit import test_usage_fdscan as fds
 from tests.unit.test_usage_fdscan import Children, inode
 
