@@ -128,6 +128,12 @@ def _draining(own: Own | None) -> bool:
     return own is not None and own.state == PROMOTED
 
 
+def _retired_by_provider(own: Own | None) -> bool:
+    """Baton promoted it, or had begun retiring it through the provider (a rotator killed
+    between the ``retiring`` record and the provider's revoke): the provider finishes it."""
+    return own is not None and own.state in (PROMOTED, RETIRING)
+
+
 class _Delayed:
     """Test-only (``BATON_TEST_DELAY``): a random sleep before and after every async call of ``inner``."""
 
@@ -559,7 +565,7 @@ class CredentialRotator:
         decisions = []
         for v in waiting:
             sessions: list[Session] = []
-            if _draining(owned.get(v.id)):
+            if _retired_by_provider(owned.get(v.id)):
                 try:
                     old = (await self.store.read(self.key, v.id)).payload
                     sessions = await self.provider.sessions(old)
@@ -658,7 +664,7 @@ class CredentialRotator:
             version = VersionId(decision.version)
             own = owned.get(version)
             try:
-                if _draining(own):
+                if _retired_by_provider(own):
                     assert own is not None
                     await self._retire_ours(version, own, listed, owned)
                 else:

@@ -791,3 +791,42 @@ async def test_kubernetes_a_hand_edit_is_retired_in_the_store_only_and_a_removed
         assert_no_secret(caplog, baton_v2, minted)
     finally:
         await store.aclose()
+
+
+class DiesInRetire(PostgresProvider):
+    async def retire(self, old: Secret, *, keep: Any = ()) -> None:
+        raise Died
+
+
+async def test_a_rotator_killed_after_recording_a_retirement_has_the_next_one_finish_it_through_the_provider(
+    pg_scratch: PgScratch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the crash campaign (OpenBao, alternating-users): killed between ``retiring`` and
+    the provider's NOLOGIN, the version was then retired in the store only, slot _a stayed LOGIN
+    with no version naming it, and every rotation after stopped: 'will not re-password a live role'."""
+    caplog.set_level(logging.INFO)
+    key = "app/db"
+    store = LocalStore(tmp_path / "store.db", watch_files=False)
+    try:
+        db = make_db(pg_scratch, "alternating-users")
+        r = rotator(tmp_path, key, store, db.provider())
+        for n in (1, 2):
+            assert (await r.rotate()).result == "rotated"
+            await everyone_on(store, key, str(n))
+        dying = rotator(tmp_path, key, store, DiesInRetire(db.provider().config))
+        with pytest.raises(Died):
+            await dying.retire_ready()
+        assert (await store.read_metadata(key))[OWN_PREFIX + "1"].startswith("retiring:")
+        assert db.can_login(f"{db.base}_a") is True
+
+        after = rotator(tmp_path, key, store, db.provider())
+        assert await after.retire_ready() == ["1"]
+
+        assert db.can_login(f"{db.base}_a") is False, "the provider finished the retirement"
+        assert events(caplog, "retired_in_store_only") == []
+        assert OWN_PREFIX + "1" not in await store.read_metadata(key)
+        outcome = await after.rotate()
+        assert outcome.result == "rotated", outcome
+        assert await db.login((await store.read(key)).payload) is None
+    finally:
+        await store.aclose()
