@@ -20,6 +20,7 @@ never carries a secret value or a response body that might hold one.
     │   └── ProviderBlocked      it will not go on until an operator acts (something live no version names)
     ├── ReloadError              a consumer could not be reloaded or failed its health check
     │   └── ReloadGone           the process exited (or its pid was reused): nothing holds the old version there
+    ├── PluginError              a configured backend is unknown or its module cannot be imported
     ├── SupervisorError          ``baton exec`` could not start its child
     ├── FanotifyUnavailable      open events cannot be used here (the scans carry on without them)
     └── RotationError            a rotation step failed (wraps the cause)
@@ -133,3 +134,7 @@ class FanotifyUnavailable(BatonError):
 
 class RenderUnavailable(OSError):
     """The render child could not be started. Not the payload's fault: retry with backoff."""
+
+
+class PluginError(BatonError):
+    """A backend named by the config is unknown, or its module (an optional extra) cannot be imported."""

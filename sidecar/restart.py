@@ -23,6 +23,7 @@ import psutil
 
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError
+from daemon.reload.actions import ReloadAction
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class ContainerRestart:
         opts = dict(options or {})
         return cls(stop_signal=str(opts.get("stop_signal", "SIGTERM")), timeout=float(opts.get("timeout", 30.0)))
 
-    async def reload(self, pid: int) -> None:
+    async def reload(self, pid: int, *, started: float | None = None) -> None:
         if not await asyncio.to_thread(psutil.pid_exists, pid):
             # Gone already: most often a second pid of a container this batch just
             # restarted. The kubelet starts it again either way.
@@ -121,7 +122,7 @@ class ContainerRestart:
         return None
 
 
-class ContainerRestartAction(ContainerRestart):
+class ContainerRestartAction(ContainerRestart, ReloadAction):
     """The ``container_restart`` reload action as daemon.reload.reloader builds it: ``Cls(consumer)``."""
 
     replaces = True  # the kubelet starts the replacement; the health check looks for it

@@ -18,6 +18,7 @@ from typing import Any
 from daemon.clients.kube import KubeClient, default_namespace, kube_call
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError, StoreError
+from daemon.reload.actions import ReloadAction
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class RolloutRestart:
     async def _apps(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
         return await self._kube.apps()
 
-    async def reload(self, pid: int) -> None:
+    async def reload(self, pid: int, *, started: float | None = None) -> None:
         what = f"{self.kind}/{self.namespace}/{self.name}"
         apps = await self._apps()
         suffix = _KINDS[self.kind][0]
@@ -113,7 +114,7 @@ class RolloutRestart:
         await self._kube.aclose()
 
 
-class RolloutAction(RolloutRestart):
+class RolloutAction(RolloutRestart, ReloadAction):
     """The ``rollout`` reload action as daemon.reload.reloader builds it: ``Cls(consumer)``.
 
     Called once per batch (``per_consumer``), even when no local process matches

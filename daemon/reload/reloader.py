@@ -1,368 +1,37 @@
-"""Consumer reloads: the ``ReloadAction`` plug-ins, the health checks, and the ``Reloader``.
+"""The ``Reloader``: the pacing of consumer reloads (debounce, batching per consumer, one process at a time
+behind a health gate, a minimum interval between restarts) and their status.
 
-Owns: how a consumer's processes learn about a new credential version (signal,
-exec, restart, systemd, none; container_restart and rollout live in ``sidecar``),
-whether they came back healthy, and the pacing of it all (debounce, batching per
-consumer, one process at a time behind a health gate, a minimum interval between
-restarts). The process work itself (pidfd signals, waiting for exits, stopping,
-starting, running commands) is daemon/reload/processes.py. Must never: signal a pid
-that was recycled since it was found, or block the event loop (/proc reads and
-pidfile polls run in threads; process exits are awaited on a pidfd).
-
-An action is chosen by name from ``ACTIONS`` ("module:Class", imported lazily)
-and constructed as ``Cls(consumer: ConsumerConfig)``. Actions whose class
-attribute ``per_consumer`` is true (systemd, and any that acts on a whole
-workload) are called once per roll with the first of the consumer's processes
-still running. When no process is found (or all have exited since) the roll is
-skipped as ``no_processes``, unless the action sets ``needs_process =
-False`` (a rollout of a remote workload): it is then called with pid 0, which it
-must never treat as a process. ``replaces = True`` says the action stops the
-process and something else starts the replacement (the health check looks for it).
-``checks_start = True`` says ``reload(pid, *, started=...)`` takes the start time
-seen when the pid was found and refuses (``ReloadGone``) a pid that has another
-one; such actions signal through a pidfd opened before that check.
+Actions are ``daemon.reload.actions``, health gates ``daemon.reload.health``, the
+process work itself (pidfd signals, waiting for exits, stopping, starting,
+running commands) ``daemon.reload.processes``. It must never block the event
+loop (/proc reads and pidfile polls run in threads; process exits are awaited on a pidfd).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
-import os
-import shutil
-import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import Any
 
-import aiohttp
-import psutil
-from yarl import URL
-
-from daemon.config import ConsumerConfig, CredentialConfig, HealthConfig, MatchConfig
+from daemon.config import ConsumerConfig, CredentialConfig, MatchConfig
 from daemon.errors import ReloadError, ReloadGone
 from daemon.kit import metrics
 from daemon.kit.logs import event
+from daemon.reload.actions import ReloadAction, make_action
+from daemon.reload.health import check_consumer_health, check_health
 from daemon.reload.processes import (
-    first_exit,
     is_alive,
-    open_pidfd,
-    recycled,
-    run_command,
-    safe_env,
     same_process,
-    send_signal,
-    spawn_detached,
     start_time,
-    stop_process,
-    wait_exit,
 )
-from daemon.usage.consumers import START_SLACK, find_processes, process_start, unit_of
+from daemon.usage.consumers import START_SLACK, find_processes, process_start
 
 log = logging.getLogger(__name__)
 
-# systemctl waits for the job; systemd's own default stop timeout is 90 s.
-SYSTEMCTL_TIMEOUT = 120.0
-_POLL = 0.05  # interval for the few things that cannot be awaited (pidfile, /proc)
-
-
-# ---------------------------------------------------------------- actions
-
-
-@runtime_checkable
-class ReloadAction(Protocol):
-    async def reload(self, pid: int) -> int | None:
-        """Make ``pid`` use the new version; the new pid if the action started a replacement itself."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _StartChecked(Protocol):
-    """An action with ``checks_start = True``: it refuses a pid whose start time is not ``started``."""
-
-    async def reload(self, pid: int, *, started: float | None = None) -> int | None: ...
-
-
-class SignalAction:
-    """Send the configured signal to each process (``nginx`` SIGHUP, ...)."""
-
-    per_consumer: ClassVar[bool] = False
-    checks_start: ClassVar[bool] = True
-
-    def __init__(self, consumer: ConsumerConfig) -> None:
-        assert consumer.reload.signal is not None
-        self.signal = signal.Signals[consumer.reload.signal]
-
-    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
-        """Signal ``pid`` through a pidfd; ReloadGone when it exited or is no longer the one started at ``started``."""
-        try:
-            fd = open_pidfd(pid)
-        except ProcessLookupError:
-            raise ReloadGone(f"pid {pid} is gone") from None
-        try:
-            if recycled(pid, started) is not False or not send_signal(pid, fd, self.signal):
-                raise ReloadGone(f"pid {pid} is gone")
-        finally:
-            if fd is not None:
-                os.close(fd)
-        return None
-
-    async def aclose(self) -> None:
-        pass
-
-
-class ExecAction:
-    """Run an argv. ``{pid}`` in an argument makes it run once per process, else once per consumer.
-
-    The command gets a scrubbed environment plus ``BATON_CONSUMER`` and
-    ``BATON_PID``; it must finish within the consumer's ``health.timeout``.
-    """
-
-    def __init__(self, consumer: ConsumerConfig) -> None:
-        assert consumer.reload.exec is not None
-        self.argv = list(consumer.reload.exec)
-        self.consumer = consumer.name
-        self.timeout = consumer.health.timeout
-        self.per_consumer = not any("{pid}" in a for a in self.argv)
-
-    async def reload(self, pid: int) -> int | None:
-        argv = [a.replace("{pid}", str(pid)) for a in self.argv]
-        env = safe_env({"BATON_CONSUMER": self.consumer, "BATON_PID": str(pid)})
-        await run_command(argv, env=env, limit=self.timeout)
-        return None
-
-    async def aclose(self) -> None:
-        pass
-
-
-class RestartAction:
-    """Stop each process (stop_signal, SIGKILL after timeout); start it again when ``command`` is set.
-
-    Without a command, something else (systemd, a supervisor, the kubelet)
-    starts the replacement, and the health check looks for it. With a command,
-    this is a supervised restart: the new process runs detached with a scrubbed
-    environment in the old process's working directory, and its pid is returned.
-    """
-
-    per_consumer: ClassVar[bool] = False
-    replaces: ClassVar[bool] = True
-    checks_start: ClassVar[bool] = True
-
-    def __init__(self, consumer: ConsumerConfig) -> None:
-        cfg = consumer.reload.restart
-        assert cfg is not None
-        self.stop_signal = signal.Signals[cfg.stop_signal]
-        self.timeout = cfg.timeout
-        self.command = list(cfg.command) if cfg.command else None
-        self.consumer = consumer.name
-
-    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
-        """Stop ``pid`` (if it is still the process started at ``started``) and start the command."""
-        env = safe_env({"BATON_CONSUMER": self.consumer})
-        if self.command and shutil.which(self.command[0], path=env["PATH"]) is None:
-            # Checked before stopping anything: a typo must not take a service down.
-            raise ReloadError(f"restart command not found: {self.command[0]}")
-        cwd = await asyncio.to_thread(_cwd_of, pid)
-        await stop_process(pid, stop_signal=self.stop_signal, grace=self.timeout, started=started)
-        if self.command is None:
-            return None
-        return await spawn_detached(self.command, env=env, cwd=cwd)
-
-    async def aclose(self) -> None:
-        pass
-
-
-def _cwd_of(pid: int) -> str | None:
-    """The process's working directory for its replacement; None (Baton's) when unreadable or gone."""
-    try:
-        cwd = psutil.Process(pid).cwd()
-    except psutil.Error:
-        return None
-    return cwd if cwd and os.path.isdir(cwd) else None
-
-
-class SystemdAction:
-    """``systemctl try-restart|reload UNIT``, once per consumer.
-
-    The unit is ``match.systemd_unit``, else the unit whose cgroup holds the
-    first process found.
-    """
-
-    per_consumer: ClassVar[bool] = True
-
-    def __init__(self, consumer: ConsumerConfig) -> None:
-        assert consumer.reload.systemd is not None
-        self.verb = "try-restart" if consumer.reload.systemd == "restart" else "reload"
-        self.unit = consumer.match.systemd_unit
-        self.timeout = SYSTEMCTL_TIMEOUT
-
-    @property
-    def replaces(self) -> bool:
-        return self.verb == "try-restart"
-
-    async def reload(self, pid: int) -> int | None:
-        unit = self.unit
-        if unit is None and pid > 0:
-            unit = await asyncio.to_thread(unit_of, pid)
-        if unit is None:
-            raise ReloadError(f"no systemd unit found for pid {pid}")
-        await run_command(["systemctl", self.verb, unit], env=safe_env(), limit=self.timeout)
-        return None
-
-    async def aclose(self) -> None:
-        pass
-
-
-class NoneAction:
-    """Do nothing: the consumer re-reads its files by itself."""
-
-    per_consumer: ClassVar[bool] = True
-
-    def __init__(self, consumer: ConsumerConfig) -> None:
-        pass
-
-    async def reload(self, pid: int) -> int | None:
-        return None
-
-    async def aclose(self) -> None:
-        pass
-
-
-# name -> "module:Class"; each class is constructed as Cls(consumer: ConsumerConfig).
-ACTIONS: dict[str, str] = {
-    "signal": "daemon.reload.reloader:SignalAction",
-    "exec": "daemon.reload.reloader:ExecAction",
-    "restart": "daemon.reload.reloader:RestartAction",
-    "systemd": "daemon.reload.reloader:SystemdAction",
-    "none": "daemon.reload.reloader:NoneAction",
-    "container_restart": "sidecar.restart:ContainerRestartAction",
-    "rollout": "sidecar.rollout:RolloutAction",
-}
-
-
-def make_action(consumer: ConsumerConfig) -> ReloadAction:
-    """Construct the consumer's action from ``ACTIONS``, importing its module only now."""
-    name = consumer.reload.action
-    target = ACTIONS.get(name)
-    if target is None:
-        raise ReloadError(f"unknown reload action {name!r}")
-    module, _, cls_name = target.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise ReloadError(f"reload action {name!r} is not available ({target})") from e
-    action: ReloadAction = cls(consumer)
-    return action
-
-
-# ---------------------------------------------------------------- health
-
-
-async def check_http(url: str, *, within: float) -> None:
-    """GET ``url`` until it answers 2xx; ReloadError after ``within`` seconds.
-
-    Only the status is looked at; the body and the URL's userinfo never reach
-    a message.
-    """
-    shown = str(URL(url).with_user(None))
-    deadline = time.monotonic() + within
-    last = "no answer"
-    delay = _POLL
-    async with aiohttp.ClientSession() as session:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ReloadError(f"health check {shown} failed: {last}")
-            try:
-                req_timeout = aiohttp.ClientTimeout(total=min(left, 5.0))
-                async with session.get(url, timeout=req_timeout, allow_redirects=False) as resp:
-                    if 200 <= resp.status < 300:
-                        return
-                    last = f"status {resp.status}"
-            except (aiohttp.ClientError, TimeoutError) as e:
-                last = type(e).__name__
-            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-            delay = min(delay * 2, 0.5)
-
-
-async def _find_replacement(
-    match: MatchConfig, *, old: set[int], find: Callable[[MatchConfig], list[int]], within: float
-) -> int:
-    deadline = time.monotonic() + within
-    while True:
-        fresh = [p for p in await asyncio.to_thread(find, match) if p not in old and is_alive(p)]
-        if fresh:
-            return fresh[0]
-        if time.monotonic() >= deadline:
-            raise ReloadError(f"no replacement process appeared within {within:.1f}s")
-        await asyncio.sleep(_POLL)
-
-
-async def check_health(
-    health: HealthConfig,
-    *,
-    pid: int,
-    new_pid: int | None,
-    replaced: bool,
-    match: MatchConfig,
-    old: set[int],
-    find: Callable[[MatchConfig], list[int]],
-) -> int | None:
-    """Raise ReloadError unless the reloaded process is healthy.
-
-    Returns the pid that now serves (the replacement when one was found).
-    ``alive_for``: that process stays alive that long. ``http``: the URL answers 2xx.
-    """
-    target: int | None = new_pid
-    if target is None and replaced:
-        if health.http is not None:
-            await check_http(health.http, within=health.timeout)
-            return None
-        target = await _find_replacement(match, old=old, find=find, within=health.timeout)
-    if target is None:
-        target = pid
-    if health.http is not None:
-        if not is_alive(target):
-            raise ReloadError(f"pid {target} is not running")
-        await check_http(health.http, within=health.timeout)
-        return target
-    assert health.alive_for is not None
-    started = time.monotonic()
-    if await wait_exit(target, health.alive_for):
-        raise ReloadError(f"pid {target} exited {time.monotonic() - started:.2f}s after the reload")
-    return target
-
-
-async def check_consumer_health(
-    health: HealthConfig,
-    *,
-    match: MatchConfig,
-    had_processes: bool,
-    find: Callable[[MatchConfig], list[int]],
-) -> None:
-    """Health after a per-consumer action: the consumer's processes are back and stay up."""
-    if health.http is not None:
-        await check_http(health.http, within=health.timeout)
-        return
-    if not had_processes:
-        return
-    assert health.alive_for is not None
-    deadline = time.monotonic() + health.timeout
-    pids = [p for p in await asyncio.to_thread(find, match) if is_alive(p)]
-    while not pids:
-        if time.monotonic() >= deadline:
-            raise ReloadError(f"no process running within {health.timeout:.1f}s")
-        await asyncio.sleep(_POLL)
-        pids = [p for p in await asyncio.to_thread(find, match) if is_alive(p)]
-    gone = await first_exit(pids, health.alive_for)
-    if gone is not None:
-        raise ReloadError(f"pid {gone} exited within {health.alive_for:.1f}s of the reload")
-
-
-# ---------------------------------------------------------------- coordinator
 
 OK = "ok"
 FAILURE = "failure"
@@ -618,10 +287,8 @@ class Reloader:
             self._event(cons.name, None, FAILURE, creds, versions, error=error)
             await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=())
             return
-        needs_process = bool(getattr(action, "needs_process", True))
-        per_consumer = bool(getattr(action, "per_consumer", False))
-        replaced = bool(getattr(action, "replaces", False))
-        checks_start = bool(getattr(action, "checks_start", False)) and not per_consumer
+        needs_process, per_consumer, replaced = action.needs_process, action.per_consumer, action.replaces
+        checks_start = action.checks_start and not per_consumer
         targets = pids
         if per_consumer:
             # The action acts on the whole consumer: any live process of it will do
@@ -651,11 +318,8 @@ class Reloader:
             # check passed (a version swapped in during the check was never loaded).
             sent = self._wall()
             try:
-                if checks_start:
-                    # It signals through a pidfd, after checking the pid is still the process seen here.
-                    new_pid = await cast(_StartChecked, action).reload(pid, started=started.get(pid))
-                else:
-                    new_pid = await action.reload(pid)
+                # A checks_start action signals through a pidfd, after checking the pid is still the process seen here.
+                new_pid = await action.reload(pid, started=started.get(pid) if checks_start else None)
                 if per_consumer:
                     await check_consumer_health(
                         cons.health, match=cons.match, had_processes=bool(pids), find=self._find

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.stores.base import SecretStore
+
+if TYPE_CHECKING:
+    from daemon.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,11 @@ def fit(report: NodeReport, limit: int | None) -> str:
 
 class MetadataReporter:
     absent_means_gone = False
+
+    @classmethod
+    def from_config(cls, config: Config, store: SecretStore) -> MetadataReporter:
+        """For ``daemon.report.open_reporter``: reports ride in the store's own key metadata."""
+        return cls(store)
 
     def __init__(self, store: SecretStore) -> None:
         self.store = store

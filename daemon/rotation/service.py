@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib
 import logging
 import os
 import time
@@ -24,6 +23,7 @@ from daemon import __version__
 from daemon.api import ApiServer
 from daemon.config import Config, load_config
 from daemon.errors import BatonError, ConfigError
+from daemon.kit import plugins
 from daemon.kit.backoff import Backoff
 from daemon.kit.logs import event
 from daemon.kit.service import Service
@@ -210,9 +210,9 @@ class Rotator(Service):
         name = os.environ.get("BATON_LEASE_NAME")
         if not name:
             return None
-        leader = importlib.import_module("sidecar.leader")
+        election = plugins.load(plugins.ELECTIONS, "kubernetes", kind="leader election")
         store = self.config.store
-        return leader.LeaderElection(
+        return election(
             name=name,
             namespace=os.environ.get("POD_NAMESPACE") or getattr(store, "namespace", None) or "default",
             identity=os.environ.get("POD_NAME") or self.config.node_id,

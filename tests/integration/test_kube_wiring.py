@@ -41,7 +41,8 @@ from daemon.clients.kube import annotation_key
 from daemon.config import Config, ConsumerConfig, MatchConfig, parse_config
 from daemon.errors import ConfigError
 from daemon.providers import open_provider
-from daemon.reload.reloader import Reloader, make_action
+from daemon.reload.actions import make_action
+from daemon.reload.reloader import Reloader
 from daemon.report import open_reporter
 from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.rotation.gate import Decision, decide

@@ -23,17 +23,16 @@ import pytest
 
 from daemon.config import ConsumerConfig
 from daemon.errors import ReloadError, ReloadGone
-from daemon.reload.processes import is_alive, stop_process, wait_exit
-from daemon.reload.reloader import (
+from daemon.reload.actions import (
     ExecAction,
     NoneAction,
     RestartAction,
     SignalAction,
     SystemdAction,
-    check_health,
-    check_http,
     make_action,
 )
+from daemon.reload.health import check_health, check_http
+from daemon.reload.processes import is_alive, stop_process, wait_exit
 
 pytestmark = pytest.mark.integration
 
@@ -331,16 +330,16 @@ async def test_the_none_action_does_nothing(procs: Procs) -> None:
 
 
 def test_sidecar_actions_are_registered_by_name() -> None:
-    from daemon.reload.reloader import ACTIONS
+    from daemon.kit.plugins import ACTIONS
 
     assert ACTIONS["container_restart"] == "sidecar.restart:ContainerRestartAction"
     assert ACTIONS["rollout"] == "sidecar.rollout:RolloutAction"
 
 
 def test_an_action_whose_module_cannot_be_imported_is_a_reload_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    from daemon.reload import reloader as reload
+    from daemon.kit import plugins
 
-    monkeypatch.setitem(reload.ACTIONS, "rollout", "sidecar.no_such_module:RolloutAction")
+    monkeypatch.setitem(plugins.ACTIONS, "rollout", "sidecar.no_such_module:RolloutAction")
     with pytest.raises(ReloadError, match="not available"):
         make_action(consumer(reload={"rollout": {"name": "api"}}))
 

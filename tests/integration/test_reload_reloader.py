@@ -15,8 +15,9 @@ import pytest
 
 from daemon.errors import ReloadGone
 from daemon.kit import metrics
+from daemon.reload.actions import ReloadAction, SignalAction
 from daemon.reload.processes import is_alive
-from daemon.reload.reloader import Reloader, SignalAction
+from daemon.reload.reloader import Reloader
 from daemon.usage.consumers import find_processes
 from tests.helpers import running_reloader
 from tests.integration.test_reload_actions import Procs, consumer, fake_systemctl, lines, until
@@ -116,7 +117,7 @@ async def test_a_failed_health_check_stops_the_roll_and_reports_the_consumer(
     assert [(p.pid, p.result) for p in st.reloaded] == [(a.pid, "gone"), (b.pid, "ok")]
 
 
-class RecordingRestart:
+class RecordingRestart(ReloadAction):
     """A restarting action that only records when it ran (the process stays up)."""
 
     replaces = False
@@ -124,7 +125,7 @@ class RecordingRestart:
     def __init__(self) -> None:
         self.calls: list[float] = []
 
-    async def reload(self, pid: int) -> int | None:
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
         self.calls.append(time.monotonic())
         return None
 
@@ -295,7 +296,7 @@ async def test_a_process_started_after_the_change_is_not_signalled_it_loaded_the
     assert results == {old.pid: "ok", new.pid: "fresh"}
 
 
-class TimedSignal:
+class TimedSignal(ReloadAction):
     """The real signal action, noting the wall time it was called at."""
 
     per_consumer = False
@@ -304,7 +305,7 @@ class TimedSignal:
         self.inner = SignalAction(cons)
         self.called: list[float] = []
 
-    async def reload(self, pid: int) -> int | None:
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
         self.called.append(time.time())
         return await self.inner.reload(pid)
 
@@ -386,7 +387,7 @@ async def test_reload_times_carry_over_to_the_next_reloader_without_dead_process
     assert second.reloaded_pids == {child.pid: at}
 
 
-class StartChecking:
+class StartChecking(ReloadAction):
     """A checks_start action: records the start time it is given; the first pid turns out recycled."""
 
     per_consumer = False

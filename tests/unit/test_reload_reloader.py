@@ -16,11 +16,12 @@ import pytest
 
 from daemon.config import ConsumerConfig, CredentialConfig
 from daemon.errors import ReloadError
-from daemon.reload.reloader import ReloadAction, Reloader
+from daemon.reload.actions import ReloadAction
+from daemon.reload.reloader import Reloader
 from tests.helpers import running_reloader
 
 
-class Recorder:
+class Recorder(ReloadAction):
     """A ReloadAction that records when it was called, and can fail."""
 
     per_consumer = False
@@ -31,7 +32,7 @@ class Recorder:
         self.delay = delay
         self.closed = False
 
-    async def reload(self, pid: int) -> int | None:
+    async def reload(self, pid: int, *, started: float | None = None) -> int | None:
         self.calls.append((pid, time.monotonic()))
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -171,7 +172,7 @@ def test_the_recorder_satisfies_the_protocol() -> None:
 
 @pytest.mark.parametrize("action", ["signal", "exec", "restart", "systemd", "none"])
 def test_every_builtin_action_can_be_constructed_from_config(action: str) -> None:
-    from daemon.reload.reloader import make_action
+    from daemon.reload.actions import make_action
 
     reload_cfg: Any = {
         "signal": {"signal": "HUP"},

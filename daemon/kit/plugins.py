@@ -1,0 +1,73 @@
+"""The one plug-in loader: every backend is named here by ``"module:attribute"`` and imported only when chosen.
+
+A node that only uses the local store never imports hvac, boto or the
+Kubernetes client, and the core never imports ``sidecar`` (import-linter
+forbids it): the Kubernetes pieces it needs are chosen here by the names the
+config gives. This is the only module that imports by string.
+
+A name missing from its registry, or a module that cannot be imported (an
+optional extra not installed), is a ``PluginError`` naming the kind and the
+name; the caller maps it into its own error where it has one (``ReloadError``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from daemon.errors import PluginError
+
+# store.kind -> the class; built as ``Cls.from_config(config)``.
+STORES: dict[str, str] = {
+    "local": "daemon.stores.local:LocalStore",
+    "vault": "daemon.stores.vault:VaultStore",
+    "aws": "daemon.stores.aws:AwsStore",
+    "kubernetes": "daemon.stores.kubernetes:KubernetesStore",
+}
+
+# provider/generator kind -> the class; built as ``Cls(spec)``.
+PROVIDERS: dict[str, str] = {
+    "password": "daemon.providers.password:PasswordProvider",
+    "postgres": "daemon.providers.postgres:PostgresProvider",
+}
+
+# "<store kind>/<reports setting>" -> a factory called as ``(config, store)``.
+# A pair not named here reports into the store's own metadata ("metadata").
+REPORTERS: dict[str, str] = {
+    "metadata": "daemon.report.metadata:MetadataReporter.from_config",
+    "vault/status_path": "daemon.report.vault_status:VaultStatusReporter.from_config",
+    "aws/dynamodb": "daemon.report.dynamodb:DynamoReporter.from_config",
+    "kubernetes/pod": "sidecar.podreport:open_reporter",
+}
+
+# consumer reload action -> the class; built as ``Cls(consumer)``.
+ACTIONS: dict[str, str] = {
+    "signal": "daemon.reload.actions:SignalAction",
+    "exec": "daemon.reload.actions:ExecAction",
+    "restart": "daemon.reload.actions:RestartAction",
+    "systemd": "daemon.reload.actions:SystemdAction",
+    "none": "daemon.reload.actions:NoneAction",
+    "container_restart": "sidecar.restart:ContainerRestartAction",
+    "rollout": "sidecar.rollout:RolloutAction",
+}
+
+# Rotator leader election (``BATON_LEASE_NAME``) -> the class, built with keyword arguments.
+ELECTIONS: dict[str, str] = {
+    "kubernetes": "sidecar.leader:LeaderElection",
+}
+
+
+def load(registry: Mapping[str, str], name: str, *, kind: str) -> Any:
+    """The object ``registry[name]`` names, its module imported now; ``PluginError`` if unknown or unavailable."""
+    target = registry.get(name)
+    if target is None:
+        raise PluginError(f"unknown {kind} {name!r}")
+    module_name, _, attr_path = target.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for attr in attr_path.split("."):
+            found = getattr(found, attr)
+    except (ImportError, AttributeError) as e:
+        raise PluginError(f"{kind} {name!r} is not available ({target})") from e
+    return found
