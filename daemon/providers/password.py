@@ -10,9 +10,9 @@ from collections.abc import Collection
 
 from daemon.config import GeneratorConfig
 from daemon.errors import PayloadError
-from daemon.files.render import payload_object, salvage_fields
 from daemon.kit.logs import event
 from daemon.model import Secret
+from daemon.payload import payload_object, salvage_fields
 from daemon.providers.base import Session
 
 log = logging.getLogger(__name__)

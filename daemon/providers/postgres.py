@@ -72,8 +72,8 @@ from psycopg.rows import TupleRow
 
 from daemon.config import ProviderConfig
 from daemon.errors import PayloadError, ProviderBlocked, ProviderError
-from daemon.files.render import payload_object
 from daemon.model import Secret
+from daemon.payload import payload_object
 from daemon.providers.base import Session
 
 log = logging.getLogger(__name__)

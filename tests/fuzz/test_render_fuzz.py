@@ -29,10 +29,11 @@ from hypothesis import strategies as st
 
 from daemon.config import OutputConfig
 from daemon.errors import BatonError, PayloadError
-from daemon.files.render import MAX_PAYLOAD, Rendered, render_version
+from daemon.files.render import Rendered, render_version
 from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
 from daemon.model import Secret, VersionId
+from daemon.payload import MAX_PAYLOAD
 
 pytestmark = pytest.mark.fuzz
 

@@ -9,16 +9,12 @@ import pytest
 
 from daemon.errors import PayloadError
 from daemon.files.render import (
-    MAX_DEPTH,
-    MAX_PAYLOAD,
     check_templates,
-    fields_of,
-    payload_object,
     render,
     render_env,
-    salvage_fields,
 )
 from daemon.model import Secret
+from daemon.payload import MAX_DEPTH, MAX_PAYLOAD, fields_of, payload_object, salvage_fields
 
 SECRET = "s3cr3t-Pa55-7f1c"  # a test value that must never leak
 DB_FILES = {
