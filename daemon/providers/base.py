@@ -25,9 +25,13 @@ class Session:
 
 
 class Provider(Protocol):
+    """A credential provider. Its capabilities default here (a provider subclasses this to inherit them):
+    ``slots`` None (unbounded), ``principal`` None and ``live`` empty (no principals of its own)."""
+
     # How many credentials can be live at once (two alternating users: 2);
     # None when unbounded. The rotator keeps superseded versions below it.
-    slots: int | None
+    # An attribute, not a ClassVar: the password provider's depends on its config.
+    slots: int | None = None
 
     async def create(self, *, current: Secret | None) -> Secret:
         """Mint a new payload. Nothing outside the store knows it yet.
@@ -57,7 +61,7 @@ class Provider(Protocol):
     def principal(self, payload: Secret) -> str | None:
         """What ``payload`` stands for in the target system (a role, a slot, a key id),
         never a secret; None when the provider has no such thing or does not own it."""
-        ...
+        return None
 
     async def sessions(self, old: Secret) -> list[Session]:
         """Who still uses ``old`` on the provider's side; empty when unknown-free."""
@@ -66,6 +70,6 @@ class Provider(Protocol):
     async def live(self) -> list[str]:
         """Every principal of this credential the target system says is live (can log in, or
         has sessions), whatever the store says; empty when the provider has no principals."""
-        ...
+        return []
 
     async def aclose(self) -> None: ...

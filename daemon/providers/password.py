@@ -13,7 +13,7 @@ from daemon.errors import PayloadError
 from daemon.kit.logs import event
 from daemon.model import Secret
 from daemon.payload import payload_object, salvage_fields
-from daemon.providers.base import Session
+from daemon.providers.base import Provider, Session
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ _ALPHABETS = {
 }
 
 
-class PasswordProvider:
+class PasswordProvider(Provider):
     def __init__(self, config: GeneratorConfig) -> None:
         self.config = config
         self.slots: int | None = None

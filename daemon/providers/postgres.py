@@ -74,7 +74,7 @@ from daemon.config import ProviderConfig
 from daemon.errors import PayloadError, ProviderBlocked, ProviderError
 from daemon.model import Secret
 from daemon.payload import payload_object
-from daemon.providers.base import Session
+from daemon.providers.base import Provider, Session
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _password_matches(stored: str | None, *, password: str, username: str) -> bo
 # ---------------------------------------------------------------- the provider
 
 
-class PostgresProvider:
+class PostgresProvider(Provider):
     """Mint, apply, test and retire PostgreSQL login roles (see the module docstring)."""
 
     def __init__(self, config: ProviderConfig) -> None:

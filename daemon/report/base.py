@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 REPORT_PREFIX = "baton.node."
 # A report is a few KiB at most (max_holders <= 100 summaries): far larger text is not one.
@@ -139,13 +140,8 @@ class Reporter(Protocol):
         ...
 
     async def collect(self, key: str, credential: str) -> list[NodeReport]:
-        """Every node's latest report for the credential.
-
-        A reporter that reads one store entry per node may also offer
-        ``collect_nodes(key, credential, nodes) -> list[NodeReport]``, the reports of
-        just those nodes: the rotator then re-reads only the nodes that still block
-        a retirement while a drain goes on (``CredentialRotator._blockers_remain``).
-        """
+        """Every node's latest report for the credential (a reporter that can also read
+        just some nodes says so by being a ``NodeReader`` as well)."""
         ...
 
     async def forget(self, key: str, node: str) -> None:
@@ -153,3 +149,15 @@ class Reporter(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class NodeReader(Protocol):
+    """A reporter's second capability: the reports of just some nodes, one store entry each.
+
+    The rotator then re-reads only the nodes that still block a retirement while
+    a drain goes on (``CredentialRotator._blockers_remain``); a reporter without it
+    is read whole (``collect``) every time.
+    """
+
+    async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[NodeReport]: ...

@@ -52,7 +52,7 @@ from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
 from daemon.providers.base import Provider, Session
-from daemon.report.base import NodeReport, Reporter
+from daemon.report.base import NodeReader, NodeReport, Reporter
 from daemon.rotation.gate import Decision, decide
 from daemon.stores.base import SecretStore
 
@@ -226,7 +226,7 @@ class CredentialRotator:
     @property
     def max_draining(self) -> int:
         """Superseded versions allowed to wait at once; a provider's slots bound it."""
-        slots: int | None = getattr(self.provider, "slots", None)  # test doubles may omit it
+        slots = self.provider.slots
         if slots is None:
             return self.rotation.max_draining
         return max(1, min(self.rotation.max_draining, slots - 1))
@@ -401,10 +401,7 @@ class CredentialRotator:
         the store lost the version that uses it (deleted, restored from an old backup, a
         fresh dev server). Such a principal is left exactly as it is: never re-passworded
         (the provider refuses), never retired (no version names it)."""
-        live_fn: Callable[[], Awaitable[list[str]]] | None = getattr(self.provider, "live", None)
-        if live_fn is None:
-            return  # a test double without the method
-        live = await live_fn()
+        live = await self.provider.live()
         # Named: what each version the store still has stands for. A ledger entry of a version
         # the store no longer has (the Secret overwritten by hand, the key deleted) names nothing:
         # nothing will ever retire that principal, so it is said.
@@ -449,8 +446,7 @@ class CredentialRotator:
 
     def _principal(self, payload: Secret) -> str:
         """The provider's name for what ``payload`` stands for (role, slot); "" when it has none."""
-        fn: Callable[[Secret], str | None] | None = getattr(self.provider, "principal", None)
-        return (fn(payload) if fn is not None else None) or ""
+        return self.provider.principal(payload) or ""
 
     async def _metadata(self) -> dict[str, str]:
         try:
@@ -509,7 +505,7 @@ class CredentialRotator:
         reporting = {r.node for r in reports}
         for node in sorted(reporting - self._seen):
             event(log, "node_joined", credential=self.cred.name, node=node)
-        if getattr(self.reporter, "absent_means_gone", False):
+        if self.reporter.absent_means_gone:
             for node in sorted(self._seen - reporting):
                 event(log, "node_gone", credential=self.cred.name, node=node)
             self._seen = reporting
@@ -609,9 +605,9 @@ class CredentialRotator:
         it more often lands the full collect in the drain's write burst, where it
         is slowest.
         """
-        collect_nodes = getattr(self.reporter, "collect_nodes", None)
+        reporter = self.reporter
         decisions = self.last_decisions
-        if collect_nodes is None or not decisions or self._full_at is None:
+        if not isinstance(reporter, NodeReader) or not decisions or self._full_at is None:
             return False
         if time.monotonic() - self._full_at >= self.config.report.report_ttl:
             return False
@@ -631,7 +627,9 @@ class CredentialRotator:
             if not todo or fruitless >= QUICK_ROUNDS:
                 return False  # some version's blockers have (all, or likely) cleared: a full collect decides
             before = len(unproven)
-            reports: dict[str, NodeReport] = {r.node: r for r in await collect_nodes(self.key, self.cred.name, todo)}
+            reports: dict[str, NodeReport] = {
+                r.node: r for r in await reporter.collect_nodes(self.key, self.cred.name, todo)
+            }
             read.update(todo)
             now = time.time()
             for version in list(unproven):

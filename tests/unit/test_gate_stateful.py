@@ -30,7 +30,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from daemon.config import Config
 from daemon.errors import ProviderError
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret
-from daemon.providers.base import Session
+from daemon.providers.base import Provider, Session
 from daemon.providers.password import PasswordProvider
 from daemon.report.base import REPORT_PREFIX, Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
@@ -67,7 +67,7 @@ class NodeByNodeReporter(MetadataReporter):
         return [r for r in await self.collect(key, credential) if r.node in wanted]
 
 
-class FailOnce:
+class FailOnce(Provider):
     """The password provider, failing one chosen step on the next rotation only."""
 
     def __init__(self, inner: PasswordProvider) -> None:

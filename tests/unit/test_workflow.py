@@ -21,7 +21,7 @@ from daemon.config import Config, GeneratorConfig
 from daemon.errors import ProviderError, StoreUnavailable
 from daemon.kit import metrics
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, VersionId
-from daemon.providers.base import Session
+from daemon.providers.base import Provider, Session
 from daemon.providers.password import PasswordProvider
 from daemon.report.base import REPORT_PREFIX, Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
@@ -33,7 +33,7 @@ KEY = "app/db"
 EVERY = 3600.0
 
 
-class FlakyProvider:
+class FlakyProvider(Provider):
     """The password generator, failing chosen steps a chosen number of times, and recording calls."""
 
     def __init__(self, fail: Mapping[str, int] | None = None) -> None:
