@@ -716,7 +716,8 @@ def path_part(p: int | str) -> str:
     # A key from the file (a file name, an unknown key) may hold anything, a
     # newline or ": " included: quote it then, so a problem stays one line.
     text = str(p)
-    return text if re.fullmatch(r"[\w.\-]{1,60}", text) else repr(text)[:62]
+    plain = len(text) <= 60 and re.fullmatch(r"[\w-]+(?:\.[\w-]+)*", text)  # "db.json", not "." or "a."
+    return text if plain else repr(text)[:62]
 
 
 def _path(loc: tuple[int | str, ...]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.config import OutputConfig
@@ -34,6 +34,7 @@ from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
 from daemon.model import Secret, VersionId
 from daemon.payload import MAX_PAYLOAD
+from tests.fuzz import scale
 
 pytestmark = pytest.mark.fuzz
 
@@ -102,6 +103,8 @@ def _snapshot(out: Path, names: list[str]) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in names}
 
 
+# Each example fsyncs a few versions: 5,000 under make fuzz is ~10 minutes on a busy 2-core box.
+@settings(max_examples=scale(200, 5000))
 @given(templates=st.sampled_from(TEMPLATES), sequence=st.lists(payloads, min_size=1, max_size=4))
 def test_render_then_write_raises_only_baton_errors_stays_in_its_dir_and_keeps_the_last_good_version(
     loop_and_worker: tuple[asyncio.AbstractEventLoop, RenderWorker], templates: dict[str, str], sequence: list[str]

@@ -204,10 +204,11 @@ def test_every_system_dir_is_absolute_and_normalised() -> None:
 
 
 def test_a_path_part_that_is_not_a_plain_name_is_quoted_so_a_problem_stays_one_line(tmp_path: Path) -> None:
-    problems = _problems(tmp_path, GOOD_CONFIG + '"colour\\nred": 1\n"a: b": 2\n')
+    problems = _problems(tmp_path, GOOD_CONFIG + '"colour\\nred": 1\n"a: b": 2\n".": 3\n')
 
     assert "'colour\\nred': unknown key" in problems, problems
     assert "'a: b': unknown key" in problems
+    assert "'.': unknown key" in problems
 
 
 def test_an_unknown_key_never_echoes_its_value(tmp_path: Path) -> None:
