@@ -8,6 +8,7 @@ secret value: versions are ids, holders are pids and names.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any
@@ -16,38 +17,45 @@ import aiohttp
 
 from daemon.config import Config
 from daemon.errors import BatonError
+from daemon.kit.logs import event
 from daemon.providers import open_provider
 from daemon.report import open_reporter
-from daemon.rotation.workflow import CredentialRotator
+from daemon.report.base import Reporter
+from daemon.rotation.reader import GateReader
 from daemon.stores import open_store
+from daemon.stores.base import SecretStore
+
+log = logging.getLogger(__name__)
 
 
-def _rotators(config: Config) -> tuple[Any, Any, list[CredentialRotator]]:
+def _gates(config: Config) -> tuple[SecretStore, Reporter, list[GateReader]]:
+    """The read-only gate of every credential; a provider only where one rotates it (for its sessions)."""
     store = open_store(config)
     reporter = open_reporter(config, store)
-    out = []
-    for c in config.credentials:
-        rotation = c.rotation
-        provider = open_provider(rotation) if rotation is not None else None
-        if provider is None:
-            from daemon.config import RotationConfig
-            from daemon.providers.password import PasswordProvider
-
-            rotation = RotationConfig(every=86400)
-            provider = PasswordProvider(rotation.generator)  # type: ignore[arg-type]
-            c = c.model_copy(update={"rotation": rotation})
-        out.append(CredentialRotator(config=config, credential=c, store=store, reporter=reporter, provider=provider))
-    return store, reporter, out
+    gates = [
+        GateReader(
+            config=config,
+            credential=c,
+            store=store,
+            reporter=reporter,
+            provider=open_provider(c.rotation) if c.rotation is not None else None,
+        )
+        for c in config.credentials
+    ]
+    return store, reporter, gates
 
 
 async def pending(config: Config) -> dict[str, Any]:
-    store, reporter, rotators = _rotators(config)
+    store, reporter, gates = _gates(config)
     try:
         out = {}
-        for r in rotators:
-            decisions = await r.evaluate(apply_policy=False)
-            out[r.cred.name] = [d.as_dict() for d in decisions]
-            await r.provider.aclose()
+        for g in gates:
+            try:
+                decisions = await g.evaluate(now=time.time())
+            finally:
+                if g.provider is not None:
+                    await g.provider.aclose()
+            out[g.cred.name] = [d.as_dict() for d in decisions]
         return out
     finally:
         await reporter.aclose()
@@ -139,11 +147,12 @@ def _print_rotator(data: dict[str, Any]) -> None:
 
 
 async def forget_node(config: Config, node: str) -> int:
-    store, reporter, rotators = _rotators(config)
+    store = open_store(config)
+    reporter = open_reporter(config, store)
     try:
-        for r in rotators:
-            await r.forget(node)
-            await r.provider.aclose()
+        for c in config.credentials:
+            await reporter.forget(c.key, node)
+            event(log, "node_forgotten", credential=c.name, node=node)
         print(f"forgot node {node}")
         return 0
     finally:

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -50,18 +49,28 @@ from daemon.config import Config, CredentialConfig
 from daemon.errors import BatonError, PayloadError, ProviderBlocked, StoreNotFound
 from daemon.kit import metrics
 from daemon.kit.logs import event
-from daemon.model import CURRENT, PENDING, Secret, VersionId, VersionInfo
-from daemon.providers.base import Provider, Session
+from daemon.model import PENDING, Secret, VersionId, VersionInfo
+from daemon.providers.base import Provider
 from daemon.report.base import NodeReader, NodeReport, Reporter
 from daemon.rotation.gate import Decision, decide
+from daemon.rotation.ledger import (
+    APPLYING,
+    PROMOTED,
+    RETIRING,
+    Own,
+    draining,
+    ledger,
+    own_key,
+    retired_by_provider,
+    superseded,
+)
+from daemon.rotation.reader import GateReader
 from daemon.stores.base import SecretStore
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
-OWN_PREFIX = "baton.own."
-APPLYING, PROMOTED, RETIRING = "applying", "promoted", "retiring"
 DELAY_ENV = "BATON_TEST_DELAY"
 # The quick check (``_blockers_remain``) re-reads blocking nodes this many per
 # round, for at most QUICK_ROUNDS rounds that find none still blocking: past
@@ -77,61 +86,6 @@ class Outcome:
     version: str | None = None
     step: str | None = None
     error: str | None = None
-
-
-@dataclass(frozen=True)
-class Own:
-    """What Baton recorded of one version it applied: its state and the principal it names."""
-
-    state: str  # applying | promoted | retiring
-    principal: str  # "" when the provider has none (a generated password)
-
-    def encode(self) -> str:
-        return f"{self.state}:{self.principal}"
-
-
-def own_key(version: str) -> str:
-    return OWN_PREFIX + version
-
-
-def ledger(meta: Mapping[str, str]) -> dict[str, Own]:
-    """The ``baton.own.*`` entries of a key's metadata: version id -> what Baton applied."""
-    out = {}
-    for k, v in meta.items():
-        if k.startswith(OWN_PREFIX):
-            state, _, principal = v.partition(":")
-            if state in (APPLYING, PROMOTED, RETIRING):
-                out[k[len(OWN_PREFIX) :]] = Own(state, principal)
-    return out
-
-
-def superseded(versions: list[VersionInfo], owned: Mapping[str, Own] | None = None) -> list[VersionInfo]:
-    """Versions that are neither current nor pending nor retired: waiting for retirement.
-
-    A version Baton promoted and has not retired itself is still waiting even when
-    the store calls it retired (labels removed by hand): only Baton's retirement ends it.
-    """
-    owned = owned or {}
-    current = [v for v in versions if v.is_current]
-    newest_current = max((v.created for v in current), default=0.0)
-    return [
-        v
-        for v in versions
-        if (not v.retired or _draining(owned.get(v.id)))
-        and CURRENT not in v.stages
-        and PENDING not in v.stages
-        and v.created <= newest_current
-    ]
-
-
-def _draining(own: Own | None) -> bool:
-    return own is not None and own.state == PROMOTED
-
-
-def _retired_by_provider(own: Own | None) -> bool:
-    """Baton promoted it, or had begun retiring it through the provider (a rotator killed
-    between the ``retiring`` record and the provider's revoke): the provider finishes it."""
-    return own is not None and own.state in (PROMOTED, RETIRING)
 
 
 class _Delayed:
@@ -204,6 +158,9 @@ class CredentialRotator:
         if delay := _test_delay():
             self.store = cast(SecretStore, _Delayed(store, delay))
             self.provider = cast(Provider, _Delayed(provider, delay))
+        self.gate = GateReader(
+            config=config, credential=credential, store=self.store, reporter=reporter, provider=self.provider
+        )
         self.last_outcome: Outcome | None = None
         self.last_decisions: list[Decision] = []
         self.retired_total = 0
@@ -411,7 +368,7 @@ class CredentialRotator:
             if own is not None and own.principal:
                 named.add(own.principal)
                 continue
-            if v.retired and not _draining(own):
+            if v.retired and not draining(own):
                 continue
             with contextlib.suppress(StoreNotFound, PayloadError):
                 if principal := self._principal((await self.store.read(self.key, v.id)).payload):
@@ -449,17 +406,11 @@ class CredentialRotator:
         return self.provider.principal(payload) or ""
 
     async def _metadata(self) -> dict[str, str]:
-        try:
-            return await self.store.read_metadata(self.key)
-        except StoreNotFound:
-            return {}
+        return await self.gate.metadata()
 
     async def _versions(self) -> list[VersionInfo]:
         """The key's versions; none when the key does not exist yet (first rotation)."""
-        try:
-            return await self.store.versions(self.key)
-        except StoreNotFound:
-            return []
+        return await self.gate.versions()
 
     async def _current_payload(self) -> Secret | None:
         try:
@@ -522,16 +473,12 @@ class CredentialRotator:
     async def evaluate(
         self,
         *,
-        apply_policy: bool = True,
         versions: list[VersionInfo] | None = None,
         owned: Mapping[str, Own] | None = None,
     ) -> list[Decision]:
-        """The gate's answer for every superseded version.
-
-        With ``apply_policy`` (the rotator), nodes silent past ``forget_after`` are
-        forgotten; without it (``baton status --pending``) nothing is changed.
-        The provider's sessions are asked only of versions Baton promoted.
-        """
+        """The gate's answer for every superseded version (``GateReader.decisions``), with the
+        rotator's policies: the nodes it remembers count as known, and nodes silent past
+        ``forget_after`` are forgotten."""
         if versions is None:
             versions = await self._versions()
         if owned is None:
@@ -541,13 +488,12 @@ class CredentialRotator:
         if not waiting or not current:
             self.last_decisions = []
             return []
-        new = current[-1].id
         reports = await self.reporter.collect(self.key, self.cred.name)
-        self._full_at, self._full_new = time.monotonic(), new
+        self._full_at, self._full_new = time.monotonic(), current[-1].id
         known = self._remember(reports)
         now = time.time()
         forget_after = self.config.report.forget_after
-        if forget_after is not None and apply_policy:
+        if forget_after is not None:
             for r in reports:
                 # A stand-in for an unreadable or missing report (heartbeat 0) is not a
                 # silent node: it must keep blocking, never be forgotten by age.
@@ -555,32 +501,7 @@ class CredentialRotator:
                     await self.forget(r.node)
                     known.discard(r.node)
             reports = [r for r in reports if r.node in known]
-        # A version is superseded when the next one was created (promote follows at once).
-        ordered = sorted(versions, key=lambda x: x.created)
-        successor = {a.id: b.created for a, b in itertools.pairwise(ordered)}
-        decisions = []
-        for v in waiting:
-            sessions: list[Session] = []
-            if _retired_by_provider(owned.get(v.id)):
-                try:
-                    old = (await self.store.read(self.key, v.id)).payload
-                    sessions = await self.provider.sessions(old)
-                except BatonError as e:
-                    decisions.append(Decision(v.id, False, (f"provider: cannot list sessions ({e})",)))
-                    continue
-            decisions.append(
-                decide(
-                    old=v.id,
-                    new=new,
-                    reports=reports,
-                    known=known,
-                    now=now,
-                    ttl=self.config.report.report_ttl,
-                    sessions=sessions,
-                    superseded_for=now - successor.get(v.id, now),
-                    min_drain=self.rotation.min_drain,
-                )
-            )
+        decisions = await self.gate.decisions(versions=versions, owned=owned, reports=reports, known=known, now=now)
         self.last_decisions = decisions
         self._blocking = {d.version: set(d.blocking) for d in decisions}
         created: dict[str, float] = {v.id: v.created for v in versions}
@@ -662,7 +583,7 @@ class CredentialRotator:
             version = VersionId(decision.version)
             own = owned.get(version)
             try:
-                if _retired_by_provider(own):
+                if retired_by_provider(own):
                     assert own is not None
                     await self._retire_ours(version, own, listed, owned)
                 else:
@@ -720,7 +641,7 @@ class CredentialRotator:
         since = mine.created if mine is not None else 0.0
         names: set[str] = set()
         for v in listed:
-            live = not v.retired or _draining(owned.get(v.id))
+            live = not v.retired or draining(owned.get(v.id))
             if v.id == version or not (v.is_current or (live and v.created >= since)):
                 continue
             own = owned.get(v.id)

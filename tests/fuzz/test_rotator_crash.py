@@ -36,7 +36,7 @@ from daemon.errors import BatonError
 from daemon.model import PENDING, Secret
 from daemon.report.base import NodeReport
 from daemon.report.metadata import MetadataReporter
-from daemon.rotation.workflow import PROMOTED, ledger
+from daemon.rotation.ledger import PROMOTED, ledger
 from daemon.stores.aws import AwsStore
 from daemon.stores.base import SecretStore
 from daemon.stores.local import LocalStore

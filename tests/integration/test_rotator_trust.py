@@ -32,7 +32,8 @@ from daemon.model import Secret, VersionId
 from daemon.providers.postgres import PostgresProvider
 from daemon.report.base import NodeReport
 from daemon.report.metadata import MetadataReporter
-from daemon.rotation.workflow import OWN_PREFIX, CredentialRotator
+from daemon.rotation.ledger import OWN_PREFIX
+from daemon.rotation.workflow import CredentialRotator
 from daemon.stores.aws import AwsStore
 from daemon.stores.base import SecretStore
 from daemon.stores.local import LocalStore

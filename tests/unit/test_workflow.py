@@ -26,7 +26,8 @@ from daemon.providers.password import PasswordProvider
 from daemon.report.base import REPORT_PREFIX, Holder, NodeReport
 from daemon.report.metadata import MetadataReporter
 from daemon.rotation import workflow
-from daemon.rotation.workflow import LAST_KEY, STATE_KEY, CredentialRotator, Outcome, superseded
+from daemon.rotation.ledger import superseded
+from daemon.rotation.workflow import LAST_KEY, STATE_KEY, CredentialRotator, Outcome
 from daemon.stores.local import LocalStore
 
 KEY = "app/db"
