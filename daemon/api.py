@@ -29,7 +29,7 @@ import stat
 import struct
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
@@ -225,12 +225,22 @@ class _Guard:
                 conn.timer = asyncio.get_running_loop().call_later(self.idle_timeout, conn.expire)
 
 
+class StatusSource(Protocol):
+    """What the endpoint serves, for both roles (the agent and the rotator are ``Service``s that have both)."""
+
+    ready: asyncio.Event  # /readyz answers 200 once it is set
+
+    def status(self) -> dict[str, Any]:
+        """The /v1/status document: never a secret value."""
+        ...
+
+
 class ApiServer:
-    """Serves a source that has ``status() -> dict`` and ``ready`` (an ``asyncio.Event``)."""
+    """Serves a ``StatusSource``: /healthz, /readyz, /v1/status, /metrics."""
 
     def __init__(
         self,
-        source: Any,
+        source: StatusSource,
         *,
         token_file: Path | None = None,
         actions: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] | None = None,

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from daemon.config import ConsumerConfig, CredentialConfig, MatchConfig
@@ -33,12 +34,19 @@ from daemon.usage.consumers import START_SLACK, find_processes, process_start
 log = logging.getLogger(__name__)
 
 
-OK = "ok"
-FAILURE = "failure"
-NOT_NEEDED = "not_needed"
-NO_PROCESSES = "no_processes"
-GONE = "gone"
-FRESH = "fresh"  # started after the change: it loaded the new version by itself
+class ReloadResult(StrEnum):
+    """The result of one consumer's roll, or of one process in it (the reloads metric's ``result`` label)."""
+
+    OK = "ok"
+    FAILURE = "failure"
+    NOT_NEEDED = "not_needed"  # nothing of the consumer needed the new version
+    NO_PROCESSES = "no_processes"
+    GONE = "gone"  # the process exited (or its pid was reused) before it was reloaded
+    FRESH = "fresh"  # started after the change: it loaded the new version by itself
+
+
+OK, FAILURE, NOT_NEEDED = ReloadResult.OK, ReloadResult.FAILURE, ReloadResult.NOT_NEEDED
+NO_PROCESSES, GONE, FRESH = ReloadResult.NO_PROCESSES, ReloadResult.GONE, ReloadResult.FRESH
 
 
 @dataclass(frozen=True)
@@ -47,7 +55,7 @@ class PidReload:
 
     pid: int
     at: float  # wall time: when the reload was sent (ok), found gone, or started (fresh)
-    result: str
+    result: ReloadResult
     new_pid: int | None = None
 
 
@@ -57,7 +65,7 @@ class ConsumerStatus:
 
     name: str
     action: str
-    result: str | None = None  # ok, failure, not_needed, no_processes; None before the first roll
+    result: ReloadResult | None = None  # None before the first roll
     error: str | None = None
     last_reload: float | None = None  # wall time the last roll finished
     credentials: frozenset[str] = frozenset()  # what the last roll was for
@@ -359,7 +367,7 @@ class Reloader:
         self,
         consumer: str,
         pid: int | None,
-        result: str,
+        result: ReloadResult,
         creds: frozenset[str],
         versions: Mapping[str, str],
         **extra: Any,
@@ -385,7 +393,7 @@ class Reloader:
         creds: frozenset[str],
         versions: Mapping[str, str],
         *,
-        result: str,
+        result: ReloadResult,
         error: str | None,
         reloaded: tuple[PidReload, ...],
     ) -> None:

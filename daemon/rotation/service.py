@@ -32,7 +32,7 @@ from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.rotation.leadership import Leadership, holder_id
-from daemon.rotation.workflow import CredentialRotator
+from daemon.rotation.workflow import CredentialRotator, RotationResult
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
@@ -282,13 +282,13 @@ class Rotator(Service):
                     await asyncio.wait_for(self.rotate_now.wait(), delay)
                 self.rotate_now.clear()
             outcome = await rotator.rotate()
-            if outcome.result == "postponed":
+            if outcome.result == RotationResult.POSTPONED:
                 # Looked at again as soon as a retirement frees a slot, at the latest next
                 # interval; never sooner than one retirement pass (no spinning).
                 await asyncio.sleep(self._retire_interval())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed(rotator), every)
-            elif outcome.result == "failed":
+            elif outcome.result == RotationResult.FAILED:
                 await asyncio.sleep(every)  # retried at the next interval
 
     async def _slot_freed(self, rotator: CredentialRotator) -> None:

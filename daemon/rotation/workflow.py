@@ -43,6 +43,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, cast
 
 from daemon.config import Config, CredentialConfig
@@ -80,9 +81,17 @@ QUICK_ROUND = 16
 QUICK_ROUNDS = 4
 
 
+class RotationResult(StrEnum):
+    """How one rotation attempt ended (``Outcome.result``, the status API's last outcome)."""
+
+    ROTATED = "rotated"
+    POSTPONED = "postponed"  # too many versions still draining: the next interval tries again
+    FAILED = "failed"  # a step failed; the current credential is untouched
+
+
 @dataclass(frozen=True)
 class Outcome:
-    result: str  # rotated | postponed | failed
+    result: RotationResult
     version: str | None = None
     step: str | None = None
     error: str | None = None
@@ -224,7 +233,7 @@ class CredentialRotator:
             else:
                 waiting = superseded(versions, owned)
                 if len(waiting) >= self.max_draining:
-                    outcome = Outcome("postponed", error=f"{len(waiting)} version(s) still draining")
+                    outcome = Outcome(RotationResult.POSTPONED, error=f"{len(waiting)} version(s) still draining")
                     metrics.rotations_total.labels(self.cred.name, "postponed").inc()
                     event(
                         log,
@@ -293,12 +302,12 @@ class CredentialRotator:
                     live=list(e.live),
                     action=e.action,
                 )
-            self.last_outcome = Outcome("failed", step=step, error=str(e))
+            self.last_outcome = Outcome(RotationResult.FAILED, step=step, error=str(e))
             return self.last_outcome
         metrics.rotation_blocked.labels(self.cred.name).set(0)
         metrics.rotations_total.labels(self.cred.name, "success").inc()
         event(log, "rotated", credential=self.cred.name, version=info.id)
-        self.last_outcome = Outcome("rotated", version=info.id)
+        self.last_outcome = Outcome(RotationResult.ROTATED, version=info.id)
         return self.last_outcome
 
     async def _fenced(self) -> None:
