@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from daemon.errors import ConfigError
+from daemon.model import CredentialName, NodeId
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -528,7 +529,7 @@ class OutputConfig(Model):
 
 
 class CredentialConfig(Model):
-    name: str = Field(description="Credential name, unique.")
+    name: CredentialName = Field(description="Credential name, unique.")
     key: NonEmpty = Field(description="The secret's key in the store.")
     required: bool = Field(True, description="/readyz waits for it.")
     output: OutputConfig = Field(description="Where and how the files are written.")
@@ -639,8 +640,8 @@ class LogConfig(Model):
 
 
 class Config(Model):
-    node_id: str = Field(
-        default_factory=socket.gethostname,
+    node_id: NodeId = Field(
+        default_factory=lambda: NodeId(socket.gethostname()),
         validate_default=True,
         description="This node's id: letters, digits, '.', '_', '-' (not '.' first), max 253; default: host name.",
     )
@@ -653,12 +654,12 @@ class Config(Model):
 
     @field_validator("node_id")
     @classmethod
-    def _node_id(cls, v: str) -> str:
+    def _node_id(cls, v: str) -> NodeId:
         # The id names report keys, tags, annotations and status entries in the
         # store: a path-like or odd one could land on another node's entry.
         if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,252}", v):
             raise ValueError("expected letters, digits, '.', '_', '-', not '.' first, max 253 (default: the host name)")
-        return v
+        return NodeId(v)
 
     @model_validator(mode="after")
     def _unique(self) -> Config:

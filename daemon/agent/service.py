@@ -32,7 +32,7 @@ from daemon.kit.backoff import Backoff
 from daemon.kit.logs import bound, event
 from daemon.kit.service import Service
 from daemon.kit.tasks import close_bounded
-from daemon.model import VersionInfo
+from daemon.model import CredentialName, VersionInfo
 from daemon.reload.reloader import Reloader
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
@@ -71,7 +71,7 @@ class Agent(Service):
         self.env_key = secrets.token_bytes(32)
         # Renders every version in a child process: a runaway template is killed, not waited for.
         self.renderer = RenderWorker()
-        self.credentials: dict[str, CredentialState] = {}
+        self.credentials: dict[CredentialName, CredentialState] = {}
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
         self.api: ApiServer | None = None

@@ -11,6 +11,7 @@ from typing import Any
 
 from daemon.config import CredentialConfig
 from daemon.files.writer import Writer
+from daemon.model import VersionId
 
 
 @dataclass
@@ -19,7 +20,7 @@ class CredentialState:
 
     config: CredentialConfig
     writer: Writer
-    version: str | None = None
+    version: VersionId | None = None
     written: bool = False
     last_change: float | None = None
     last_error: str | None = None

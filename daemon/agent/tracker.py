@@ -28,6 +28,7 @@ from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.files.renderworker import RenderWorker
 from daemon.kit import metrics
 from daemon.kit.logs import event
+from daemon.model import CredentialName, VersionId
 from daemon.reload.reloader import Reloader
 from daemon.report.base import Holder, NodeReport, Reporter
 from daemon.stores.base import SecretStore
@@ -58,7 +59,7 @@ class Tracker:
         self,
         *,
         config: Config,
-        credentials: Mapping[str, CredentialState],
+        credentials: Mapping[CredentialName, CredentialState],
         store: SecretStore,
         renderer: RenderWorker,
         reporter: Reporter,
@@ -74,18 +75,18 @@ class Tracker:
         self.reloader = reloader
         self.env_key = env_key  # fingerprints are useless outside this process
         self._poke = asyncio.Event()
-        self.usage: dict[str, Usage] = {}
-        self._published: dict[str, NodeReport] = {}
-        self._last_publish: dict[str, float] = {}
+        self.usage: dict[CredentialName, Usage] = {}
+        self._published: dict[CredentialName, NodeReport] = {}
+        self._last_publish: dict[CredentialName, float] = {}
         self._retired_seen: dict[str, float] = {}
         self.consumers = {c.name: c for cred in config.credentials for c in cred.consumers}
-        self.creds_of: dict[str, list[str]] = {}
+        self.creds_of: dict[str, list[CredentialName]] = {}
         for cred in config.credentials:
             for c in cred.consumers:
                 self.creds_of.setdefault(c.name, []).append(cred.name)
         self.opens: OpenWatcher | None = None
-        self._on_disk: dict[str, list[OnDisk]] = {}
-        self._scanned_current: dict[str, str | None] = {}
+        self._on_disk: dict[CredentialName, list[OnDisk]] = {}
+        self._scanned_current: dict[CredentialName, VersionId | None] = {}
 
     def poke(self) -> None:
         """Something changed: rescan soon."""
@@ -130,7 +131,7 @@ class Tracker:
 
     # ------------------------------------------------------------ scanning
 
-    async def _env_fingerprints(self, state: CredentialState, version: str) -> tuple[str, ...] | None:
+    async def _env_fingerprints(self, state: CredentialState, version: VersionId) -> tuple[str, ...] | None:
         """The version's env fingerprints; None when they cannot be known (then it counts as held)."""
         cred = state.config
         if not cred.output.env:
@@ -139,7 +140,7 @@ class Tracker:
             # Written before this process started: render it again from the store.
             limits = self.config.agent
             try:
-                secret = await self.store.read(cred.key, version)  # type: ignore[arg-type]
+                secret = await self.store.read(cred.key, version)
                 rendered = await self.renderer.render(
                     files={},
                     env=cred.output.env,
@@ -153,7 +154,7 @@ class Tracker:
             state.fingerprints[version] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
         return state.fingerprints[version]
 
-    def on_disk(self, name: str) -> list[str]:
+    def on_disk(self, name: CredentialName) -> list[str]:
         """Versions of a credential on disk as of the last scan (no I/O: for the status API)."""
         return [d.version for d in self._on_disk.get(name, [])]
 
@@ -163,7 +164,7 @@ class Tracker:
         # began: a swap during the scan must not read as "new current, no old holders".
         current_at_start = {n: s.version for n, s in states.items()}
         files: list[VersionFiles] = []
-        unknown: list[tuple[str, str]] = []  # versions whose env holders cannot be seen now
+        unknown: list[tuple[CredentialName, VersionId]] = []  # versions whose env holders cannot be seen now
         env_names: set[str] = set()
         on_disk = await asyncio.to_thread(lambda: {n: s.writer.versions() for n, s in states.items()})
         for name, state in states.items():
@@ -230,7 +231,7 @@ class Tracker:
             for d in on_disk[name]:
                 metrics.versions_in_use.labels(name, d.version).set(usage.count(d.version))
 
-    def report_for(self, name: str) -> NodeReport:
+    def report_for(self, name: CredentialName) -> NodeReport:
         state = self.credentials[name]
         usage = self.usage.get(name, Usage())
         holders = [h for v in sorted(usage.holders) for h in usage.holders[v]]
@@ -280,7 +281,7 @@ class Tracker:
                 log.warning("cannot check for retired versions", extra={"credential": name, "error": str(e)})
             else:
                 for d in local:
-                    info = known.get(d.version)  # type: ignore[call-overload]
+                    info = known.get(d.version)
                     if info is None or info.retired:
                         doomed.add(d.version)
             for version in sorted(doomed):
@@ -294,7 +295,7 @@ class Tracker:
                     metrics.versions_in_use.remove(name, version)
                 event(log, "version_removed", credential=name, version=version)
 
-    def _unheld_beyond_keep(self, name: str, local: list[OnDisk], keep: int) -> set[str]:
+    def _unheld_beyond_keep(self, name: CredentialName, local: list[OnDisk], keep: int) -> set[VersionId]:
         # Only versions the last scan saw superseded: their holder counts come from it.
         usage = self.usage.get(name, Usage())
         scanned = {d.version for d in self._on_disk.get(name, ()) if d.version != self._scanned_current.get(name)}
@@ -303,7 +304,7 @@ class Tracker:
 
     # ------------------------------------------------------------ status
 
-    def version_states(self, name: str) -> dict[str, dict[str, Any]]:
+    def version_states(self, name: CredentialName) -> dict[str, dict[str, Any]]:
         state = self.credentials[name]
         usage = self.usage.get(name, Usage())
         out: dict[str, dict[str, Any]] = {}

@@ -76,7 +76,7 @@ R = TypeVar("R")
 class OnDisk:
     """A version as it lies on disk."""
 
-    version: str
+    version: VersionId
     dirname: str | None  # None in copy layout
     inodes: tuple[tuple[int, int], ...]
     digest: str
@@ -214,8 +214,8 @@ class Writer:
         self.uid, self.gid = _uid_gid(output)
         self._euid = os.geteuid()
         self._ident: tuple[int, int] | None = None
-        self._state: dict[str, OnDisk] | None = None
-        self._current: str | None = None
+        self._state: dict[VersionId, OnDisk] | None = None
+        self._current: VersionId | None = None
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -413,7 +413,7 @@ class Writer:
 
     # ------------------------------------------------------------ state
 
-    def _load(self) -> dict[str, OnDisk]:
+    def _load(self) -> dict[VersionId, OnDisk]:
         dfd = self._open(create=False)
         if dfd is None:
             self._state, self._current = None, None
@@ -428,7 +428,7 @@ class Writer:
                 self._state, self._current = self._rebuild(dfd)
         return self._state
 
-    def _read_state(self, dfd: int) -> tuple[dict[str, OnDisk], str | None]:
+    def _read_state(self, dfd: int) -> tuple[dict[VersionId, OnDisk], VersionId | None]:
         got = read_regular(dfd, STATE, MAX_STATE)
         if got is None:
             st = os.stat(STATE, dir_fd=dfd, follow_symlinks=False)  # FileNotFoundError: no state yet
@@ -455,7 +455,7 @@ class Writer:
                 raise _BadState("..current does not point to the recorded current version")
         return versions, current
 
-    def _parse_state(self, doc: Any) -> tuple[dict[str, OnDisk], str | None]:
+    def _parse_state(self, doc: Any) -> tuple[dict[VersionId, OnDisk], VersionId | None]:
         if not isinstance(doc, dict):
             raise _BadState("bad shape: not an object")
         current = doc.get("current")
@@ -464,7 +464,7 @@ class Writer:
         raw = doc.get("versions")
         if not isinstance(raw, dict):
             raise _BadState("bad shape: versions")
-        versions: dict[str, OnDisk] = {}
+        versions: dict[VersionId, OnDisk] = {}
         for version, v in raw.items():
             at = f"bad shape: versions.{version[:64]}"
             if not isinstance(v, dict):
@@ -486,8 +486,8 @@ class Writer:
             swapped_in = v.get("swapped_in")
             if not isinstance(swapped_in, int | float) or isinstance(swapped_in, bool) or not math.isfinite(swapped_in):
                 raise _BadState(f"{at}.swapped_in")
-            versions[version] = OnDisk(
-                version=version,
+            versions[VersionId(version)] = OnDisk(
+                version=VersionId(version),
                 dirname=dirname,
                 inodes=tuple((d, i) for d, i in inodes),
                 digest=digest,
@@ -495,7 +495,7 @@ class Writer:
             )
         if current is not None and current not in versions:
             raise _BadState("bad shape: current is not among the versions")
-        return versions, current
+        return versions, None if current is None else VersionId(current)
 
     def _read_vdir(self, dfd: int, name: str) -> tuple[dict[str, tuple[bytes, tuple[int, int]]], float] | None:
         """A version dir's regular files (name -> bytes, inode) and its mtime; None if not Baton's."""
@@ -518,9 +518,9 @@ class Writer:
         finally:
             os.close(vfd)
 
-    def _rebuild(self, dfd: int) -> tuple[dict[str, OnDisk], str | None]:
+    def _rebuild(self, dfd: int) -> tuple[dict[VersionId, OnDisk], VersionId | None]:
         """Recover the state from the directory alone (lost, foreign or corrupt state file)."""
-        versions: dict[str, OnDisk] = {}
+        versions: dict[VersionId, OnDisk] = {}
         current = None
         target = self._current_target(dfd)
         for name in sorted(os.listdir(dfd)):
@@ -532,7 +532,7 @@ class Writer:
             files, mtime = found
             # The label may be a shortened id: the entry is found again by its
             # digest when the store names the version (see write()).
-            label = name[3:].rsplit("-", 1)[0]
+            label = VersionId(name[3:].rsplit("-", 1)[0])
             if label in versions and name != target:
                 continue
             inodes = tuple(files[n][1] for n in sorted(files))
@@ -609,7 +609,7 @@ class Writer:
     # ------------------------------------------------------------ reading
 
     @_locked
-    def current(self) -> str | None:
+    def current(self) -> VersionId | None:
         try:
             self._load()
         except (WriteError, OSError):
@@ -672,7 +672,7 @@ class Writer:
         self._check_targets(dfd, list(files))
         state = self._load()
         digest = content_digest(files)
-        cur = state.get(self._current or "")
+        cur = state.get(self._current) if self._current is not None else None
         if cur is not None and cur.digest == digest and self._stable_links_ok(dfd, cur, list(files)):
             if self._current != version:  # same content under a new id: relabel, do not rewrite
                 state[version] = dataclasses.replace(state.pop(cur.version), version=version)
@@ -783,7 +783,7 @@ class Writer:
         return inodes
 
     @_locked
-    def remove(self, version: str) -> None:
+    def remove(self, version: VersionId) -> None:
         """Delete a retired or superseded version's files. The current version is never removed."""
         try:
             state = self._load()

@@ -48,7 +48,7 @@ def _gates(config: Config) -> tuple[SecretStore, Reporter, list[GateReader]]:
 async def pending(config: Config) -> dict[str, Any]:
     store, reporter, gates = _gates(config)
     try:
-        out = {}
+        out: dict[str, Any] = {}
         for g in gates:
             try:
                 decisions = await g.evaluate(now=time.time())

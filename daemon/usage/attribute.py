@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from daemon.config import ConsumerConfig
+from daemon.model import CredentialName, VersionId
 from daemon.report.base import Holder
 from daemon.usage.consumers import START_SLACK
 from daemon.usage.scan import Sighting
@@ -19,7 +20,7 @@ class Swapped(Protocol):
     """A version on disk and when it was swapped in (the writer's ``OnDisk``)."""
 
     @property
-    def version(self) -> str: ...
+    def version(self) -> VersionId: ...
     @property
     def swapped_in(self) -> float: ...
 
@@ -39,13 +40,13 @@ def attribute(
     sightings: Sequence[Sighting],
     consumers: Mapping[str, ConsumerConfig],
     consumer_pids: Mapping[str, Sequence[int]],
-    on_disk: Mapping[str, Sequence[Swapped]],
-    current: Mapping[str, str | None],
+    on_disk: Mapping[CredentialName, Sequence[Swapped]],
+    current: Mapping[CredentialName, VersionId | None],
     started: Mapping[int, float],
     reloaded: Mapping[int, float],
     exes: Mapping[int, str],
-    creds_of: Mapping[str, Sequence[str]],
-) -> dict[str, Usage]:
+    creds_of: Mapping[str, Sequence[CredentialName]],
+) -> dict[CredentialName, Usage]:
     """Combine scans into per-credential holders (pure: easy to test).
 
     A process seen holding a version (fd, open event, env) holds it. A declared
@@ -53,7 +54,7 @@ def attribute(
     holds the version that was current when it last (re)loaded: the newest
     version swapped in before its start or its last reload by us.
     """
-    by_cred: dict[str, dict[str, dict[int, Holder]]] = {}
+    by_cred: dict[CredentialName, dict[str, dict[int, Holder]]] = {}
     owner = {pid: name for name, pids in consumer_pids.items() for pid in pids}
     for s in sightings:
         holders = by_cred.setdefault(s.credential, {}).setdefault(s.version, {})

@@ -16,6 +16,7 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from daemon.model import CredentialName, VersionId
 from daemon.usage.environ import encode_names, pid_environ
 from daemon.usage.fanotify import OpenWatcher
 from daemon.usage.fdscan import PROC, list_pids, map_pids, scan_fds
@@ -26,15 +27,15 @@ FD = "fd"
 FANOTIFY = "fanotify"
 ENVIRON = "environ"
 
-_Key = tuple[str, str]  # (credential, version)
+_Key = tuple[CredentialName, VersionId]
 
 
 @dataclass(frozen=True)
 class VersionFiles:
     """What identifies one version on this node, without its value."""
 
-    credential: str
-    version: str
+    credential: CredentialName
+    version: VersionId
     # (st_dev, st_ino) of each file of the version as written on this node.
     inodes: tuple[tuple[int, int], ...]
     # environ.fingerprint() of each env var the version renders, under the agent's key.
@@ -47,8 +48,8 @@ class Sighting:
 
     pid: int
     exe: str
-    credential: str
-    version: str
+    credential: CredentialName
+    version: VersionId
     how: str
 
 
