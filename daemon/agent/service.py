@@ -1,4 +1,4 @@
-"""The agent: follow each credential, write it, reload its consumers, report drain state.
+"""The agent role: wires stores -> files (agent.follow) -> reload -> usage and report (agent.tracker).
 
 Its lifecycle is ``daemon.kit.service.Service``'s, shared with the rotator and
 ``baton exec``: ``serve() -> startup() -> main_loop() -> shutdown()``, guarded
@@ -20,26 +20,25 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.agent.follow import Follower
 from daemon.agent.state import CredentialState
 from daemon.agent.tracker import Tracker
 from daemon.api import ApiServer
 from daemon.config import Config, load_config
-from daemon.errors import BatonError, ConfigError, PayloadError, StoreError, WriteError
+from daemon.errors import ConfigError
 from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
 from daemon.kit import metrics
-from daemon.kit.backoff import Backoff
-from daemon.kit.logs import bound, event
+from daemon.kit.logs import event
 from daemon.kit.service import Service
 from daemon.kit.tasks import close_bounded
-from daemon.model import CredentialName, VersionInfo
+from daemon.model import CredentialName, VersionId
 from daemon.reload.reloader import Reloader
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 from daemon.usage import fdscan
-from daemon.usage.environ import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -209,99 +208,18 @@ class Agent(Service):
                 parts.append(f"{old} old versions draining")
         return "; ".join(parts)
 
-    # ------------------------------------------------------------ follow one credential
+    # ------------------------------------------------------------ follow one credential (daemon.agent.follow)
 
     async def follow(self, state: CredentialState) -> None:
-        """Write the current version, then every new one; on store errors keep files and back off."""
-        cred = state.config
-        backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
-        await asyncio.to_thread(state.writer.recover)
-        state.version = await asyncio.to_thread(state.writer.current)
-        kind = self.config.store.kind
+        await Follower(
+            config=self.config, store=self.store, renderer=self.renderer, env_key=self.env_key, on_written=self._written
+        ).follow(state)
 
-        def on_status(error: StoreError | None) -> None:
-            if error is not None:
-                metrics.store_errors_total.labels(kind, "watch").inc()
-            state.store_error = None if error is None else str(error)
-
-        with bound(credential=cred.name):
-            while True:
-                try:
-                    async for info in self.store.watch(cred.key, on_status=on_status):
-                        state.store_error = None
-                        await self._apply(state, info)
-                        backoff.reset()
-                except StoreError as e:
-                    metrics.store_errors_total.labels(kind, "watch").inc()
-                    state.store_error = str(e)
-                    delay = backoff.next()
-                    log.warning("store error; keeping the last good files", extra={"error": str(e), "retry_in": delay})
-                    await asyncio.sleep(delay)
-                except (PayloadError, WriteError, OSError) as e:
-                    # A version the store cannot even hand over, or a write that failed
-                    # (disk full...): keep the last good files and try the same again.
-                    state.last_error = str(e)
-                    delay = backoff.next()
-                    log.warning("version not written; retrying", extra={"error": str(e), "retry_in": delay})
-                    await asyncio.sleep(delay)
-                except Exception as e:
-                    # Anything else (a bug, a library's surprise at a hostile payload) is
-                    # this credential's trouble, never the agent's: keep the files, back
-                    # off, follow on. Its message may quote the value: name the kind only.
-                    state.last_error = f"unexpected {type(e).__name__}"
-                    delay = backoff.next()
-                    log.warning("version not written; retrying", extra={"error": state.last_error, "retry_in": delay})
-                    await asyncio.sleep(delay)
-
-    async def _apply(self, state: CredentialState, info: VersionInfo) -> None:
-        cred = state.config
-        if info.id == state.version and state.written:
-            return
-        received = time.time()
-        limits = self.config.agent
-        try:
-            secret = await self.store.read(cred.key, info.id)
-            rendered = await self.renderer.render(
-                files=cred.output.files,
-                env=cred.output.env,
-                payload=secret.payload,
-                time_limit=limits.render_timeout,
-                max_bytes=limits.max_file_size,
-            )
-        except PayloadError as e:
-            # This version is refused for good (the last good files stay); the next one may do.
-            metrics.writes_total.labels(cred.name, "rejected").inc()
-            metrics.payload_rejected_total.labels(cred.name, e.reason).inc()
-            state.last_error = f"version {info.id}: {e}"
-            event(log, "version_rejected", logging.ERROR, version=info.id, reason=e.reason, error=str(e))
-            return
-        files, env = rendered.files, rendered.env
-        try:
-            changed = await asyncio.to_thread(state.writer.write, info.id, files)
-        except (BatonError, OSError) as e:
-            metrics.writes_total.labels(cred.name, "failed").inc()
-            event(log, "write_failed", logging.ERROR, version=info.id, error=str(e))
-            raise WriteError(f"version {info.id}: {e}") from None  # follow() backs off and tries again
-        if env:
-            state.fingerprints[info.id] = tuple(fingerprint(self.env_key, k, v) for k, v in env.items())
-        previous, state.version = state.version, info.id
-        state.written = True
-        state.last_error = None
-        state.swapped.set()
-        if previous is not None and previous != info.id:
-            with contextlib.suppress(KeyError):
-                metrics.credential_version_info.remove(cred.name, previous)
-        metrics.credential_version_info.labels(cred.name, info.id).set(1)
-        if changed:
-            state.last_change = time.time()
-            # The store's own time of the change where it has one, else when we saw it.
-            state.changed_at = info.created if 0 < info.created <= received else received
-            state.waiting_for = {c.name for c in cred.consumers if c.loads != "per-use"}
-            metrics.writes_total.labels(cred.name, "ok").inc()
-            metrics.last_change_timestamp_seconds.labels(cred.name).set(state.last_change)
-            event(log, "version_written", version=info.id, previous=previous)
-            if previous is not None and previous != info.id and self.reloader is not None:
-                self.reloader.changed(cred.name, info.id)
+    def _written(self, state: CredentialState, previous: VersionId | None, changed: bool) -> None:
+        """A version is on disk: a changed one goes to the reloader; the tracker rescans either way."""
+        if changed and previous is not None and previous != state.version and self.reloader is not None:
+            assert state.version is not None
+            self.reloader.changed(state.config.name, state.version)
         if self.tracker is not None:
             self.tracker.poke()
 
