@@ -128,6 +128,13 @@ class Campaign:
             self.scratch.cluster, user=data["username"], password=data["password"], dbname=self.scratch.dbname
         )
 
+    def login_roles(self) -> set[str]:
+        assert self.scratch is not None
+        rows = self.scratch.admin_sql(
+            f"SELECT rolname FROM pg_roles WHERE starts_with(rolname, '{self.base}_') AND rolcanlogin"
+        )
+        return {str(r[0]) for r in rows}
+
     def roles(self) -> int:
         assert self.scratch is not None
         rows = self.scratch.admin_sql(f"SELECT count(*) FROM pg_roles WHERE starts_with(rolname, '{self.base}_')")
@@ -169,6 +176,10 @@ async def check_invariants(c: Campaign, kill: int) -> None:
     assert len(live) <= 5, f"{where}: {len(live)} versions not retired"
     if c.scratch is not None:
         assert c.roles() <= MAX_ROLES[c.strategy], f"{where}: {c.roles()} roles"
+        # Nothing live is orphaned: a role that can log in is named by a version the store has
+        # (else nothing ever retires it, and alternating-users stops rotating for good).
+        orphans = c.login_roles() - await _named_roles(c, versions)
+        assert not orphans, f"{where}: role(s) {sorted(orphans)} can log in and no version names them"
     if current:
         meta = await c.store.read_metadata(c.key)
         own = ledger(meta).get(current[0].id)
@@ -176,6 +187,18 @@ async def check_invariants(c: Campaign, kill: int) -> None:
             payload = (await c.store.read(c.key)).payload
             why = await c.works(current[0].id, payload)
             assert why is None, f"{where}: the current version {current[0].id} does not work: {why}"
+
+
+async def _named_roles(c: Campaign, versions: list[Any]) -> set[str]:
+    owned = ledger(await c.store.read_metadata(c.key)) if versions else {}
+    named = set()
+    for v in versions:
+        if v.id in owned and owned[v.id].principal:
+            named.add(owned[v.id].principal)
+        elif not v.retired:
+            with contextlib.suppress(BatonError, ValueError, KeyError, TypeError):
+                named.add(json.loads((await c.store.read(c.key, v.id)).payload.reveal())["username"])
+    return named
 
 
 async def _exists(c: Campaign) -> bool:
