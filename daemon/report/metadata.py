@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,9 @@ class MetadataReporter:
         self.store = store
         # Stores with a small per-value limit (Vault: 512 bytes) say so.
         self.limit: int | None = getattr(store, "metadata_value_limit", None)
+        # Stores that rename long entries (Kubernetes: annotation names of at most
+        # 63 characters) say what name an entry comes back under.
+        self.entry_of: Callable[[str], str] = getattr(store, "metadata_entry", lambda k: k)
 
     async def publish(self, key: str, report: NodeReport) -> None:
         await self.store.merge_metadata(key, {REPORT_PREFIX + report.node: fit(report, self.limit)})
@@ -54,7 +58,10 @@ class MetadataReporter:
             if not k.startswith(REPORT_PREFIX):
                 continue
             try:
-                report = NodeReport.from_json(v, node=k.removeprefix(REPORT_PREFIX))
+                report = NodeReport.from_json(v)
+                if self.entry_of(REPORT_PREFIX + report.node) != k:
+                    # Filed under another node's entry: it cannot speak for that node.
+                    raise ValueError("a node report names another node than its entry")
             except (ValueError, TypeError, KeyError):
                 # An unreadable report is an unknown node, and unknown blocks:
                 # stand in a report that is stale from the start.

@@ -560,6 +560,11 @@ class KubernetesStore:
             what=key,
         )
 
+    @staticmethod
+    def metadata_entry(key: str) -> str:
+        """The name ``read_metadata`` gives an entry written as ``key`` (a long one comes back shortened)."""
+        return generic_key(annotation_key(key)) or key
+
     async def read_metadata(self, key: str) -> dict[str, str]:
         """Baton's own annotations of the Secret (``baton.io/x`` returned as ``baton.x``)."""
         obj = await self._get(key)
