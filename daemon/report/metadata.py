@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -44,10 +43,10 @@ class MetadataReporter:
     def __init__(self, store: SecretStore) -> None:
         self.store = store
         # Stores with a small per-value limit (Vault: 512 bytes) say so.
-        self.limit: int | None = getattr(store, "metadata_value_limit", None)
+        self.limit = store.metadata_value_limit
         # Stores that rename long entries (Kubernetes: annotation names of at most
         # 63 characters) say what name an entry comes back under.
-        self.entry_of: Callable[[str], str] = getattr(store, "metadata_entry", lambda k: k)
+        self.entry_of = store.metadata_entry
 
     async def publish(self, key: str, report: NodeReport) -> None:
         await self.store.merge_metadata(key, {REPORT_PREFIX + report.node: fit(report, self.limit)})

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from daemon.clients.aws import AwsClient, ErrorRules, classify
 from daemon.errors import PayloadError, StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import StatusHook, check_payload
+from daemon.stores.base import SecretStore, StatusHook, check_payload
 from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
@@ -178,7 +178,7 @@ def _ts(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-class AwsStore:
+class AwsStore(SecretStore):
     """``SecretStore`` on AWS Secrets Manager; ``key`` is the SecretId (name or ARN)."""
 
     def __init__(

@@ -30,6 +30,15 @@ StatusHook = Callable[[StoreError | None], None]
 
 @runtime_checkable
 class SecretStore(Protocol):
+    """A secret store. Its capabilities default here (a store subclasses this Protocol to inherit them)."""
+
+    # The longest metadata value the store takes (Vault: 512 bytes); None: no limit of its own.
+    metadata_value_limit: int | None = None
+
+    def metadata_entry(self, key: str) -> str:
+        """The name ``read_metadata`` gives an entry written as ``key`` (Kubernetes shortens long ones)."""
+        return key
+
     async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
         """The current version of ``key`` (or the given one), with its payload."""
         ...

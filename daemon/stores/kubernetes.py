@@ -58,7 +58,7 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import MAX_PAYLOAD, StatusHook, check_payload
+from daemon.stores.base import MAX_PAYLOAD, SecretStore, StatusHook, check_payload
 from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ def _info(obj: Obj, stage: str | None) -> VersionInfo | None:
 # ---------------------------------------------------------------- the store
 
 
-class KubernetesStore:
+class KubernetesStore(SecretStore):
     """``SecretStore`` on Kubernetes Secrets. Create it anywhere; it connects on first use."""
 
     def __init__(

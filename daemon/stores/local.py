@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from daemon.errors import StoreError, StoreNotFound, StoreUnavailable
 from daemon.model import CURRENT, PENDING, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import StatusHook, check_payload
+from daemon.stores.base import SecretStore, StatusHook, check_payload
 from daemon.stores.lease import LeaseRecord
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ _FALLBACK_RECHECK = 30.0
 _POLL_WITHOUT_INOTIFY = 1.0
 
 
-class LocalStore:
+class LocalStore(SecretStore):
     """SQLite-backed ``SecretStore``. Safe to share between tasks of one loop."""
 
     def __init__(self, path: str | Path, *, watch_files: bool = True) -> None:

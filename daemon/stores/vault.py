@@ -72,7 +72,7 @@ from daemon.errors import (
     StoreUnavailable,
 )
 from daemon.model import CURRENT, PENDING, PREVIOUS, Secret, SecretVersion, VersionId, VersionInfo
-from daemon.stores.base import StatusHook, check_payload
+from daemon.stores.base import SecretStore, StatusHook, check_payload
 from daemon.stores.lease import LeaseRecord
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def _parse_version(version: VersionId | str) -> int:
     return int(text)
 
 
-class VaultStore:
+class VaultStore(SecretStore):
     """KV v2 behind the ``SecretStore`` Protocol."""
 
     # Vault refuses a custom_metadata value over this; reporters trim to fit.
