@@ -35,21 +35,32 @@ async def cancel_all(tasks: Iterable[asyncio.Task[Any]], limit: float = 5.0) -> 
 
     Returns the tasks still running at the end (each is logged). Results and
     errors of the finished ones are retrieved: a task's own failure is logged
-    where it happened, not again as "never retrieved".
+    where it happened, not again as "never retrieved". A cancel of the caller
+    meanwhile (its own stop) is held until these tasks have ended or ``limit``
+    has passed, then raised: otherwise the caller would end while its children
+    still run, and what the caller's owner closes next (a store) would be
+    closed under them (a rotator's lease release was cut short that way).
     """
     tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
     deadline = time.monotonic() + limit
+    cancelled = False
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
             break
         for t in pending:
             t.cancel()
-        _done, pending = await asyncio.wait(pending, timeout=min(RECANCEL_EVERY, left))
+        try:
+            _done, pending = await asyncio.wait(pending, timeout=min(RECANCEL_EVERY, left))
+        except asyncio.CancelledError:
+            cancelled = True
+            pending = {t for t in pending if not t.done()}
     for t in pending:
         log.error("task did not stop in time", extra={"task": t.get_name()})
     for t in tasks:
         if t.done() and not t.cancelled():
             t.exception()
+    if cancelled:
+        raise asyncio.CancelledError
     return pending

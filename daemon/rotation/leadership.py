@@ -35,6 +35,7 @@ from typing import Any
 
 from daemon.errors import StoreConflict, StoreError
 from daemon.kit.logs import event
+from daemon.kit.tasks import cancel_all
 from daemon.stores.lease import LeaseRecord, LeaseStore
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,7 @@ class CredentialLease:
         if not was or rec is None or rec.holder != self.holder:
             return
         try:
-            gone = await asyncio.wait_for(
-                self.store.write_lease(self.key, LeaseRecord("", time.time(), self.ttl), expect=rec.revision),
-                self.renew_every,
-            )
+            gone = await asyncio.wait_for(self._write_release(rec), self.renew_every)
         except (StoreError, TimeoutError) as e:
             log.warning("could not release the lease", extra={"credential": self.credential, "error": repr(e)})
             return
@@ -187,6 +185,18 @@ class CredentialLease:
         if gone is not None:
             self.record = gone
             event(log, "rotator_released_lease", credential=self.credential, holder=self.holder)
+
+    async def _write_release(self, rec: LeaseRecord) -> LeaseRecord | None:
+        gone = await self.store.write_lease(self.key, LeaseRecord("", time.time(), self.ttl), expect=rec.revision)
+        if gone is None:
+            # A renewal cancelled by the stop may still have landed (its write runs in a
+            # thread): the store then holds a newer revision of our own lease.
+            fresh = await self.store.read_lease(self.key)
+            if fresh is not None and fresh.holder == self.holder:
+                gone = await self.store.write_lease(
+                    self.key, LeaseRecord("", time.time(), self.ttl), expect=fresh.revision
+                )
+        return gone
 
     async def _release_on_the_way_out(self) -> None:
         """Release, riding out a stop's re-cancels (daemon.kit.tasks repeats them every 0.2 s, which would
@@ -230,11 +240,13 @@ class CredentialLease:
                 else:
                     await asyncio.sleep(self.renew_every)
         finally:
-            if task is not None:
-                task.cancel()
-                # asyncio.wait, not ``await task``: a cancel of this task must not be swallowed here.
-                await asyncio.wait({task})
-            await self._release_on_the_way_out()
+            try:
+                if task is not None:
+                    # Bounded, and it holds a re-cancel of this task (a stop repeats them) until
+                    # the schedules have ended, then raises it: the release below runs either way.
+                    await cancel_all([task], min(self.renew_every, 2.0))
+            finally:
+                await self._release_on_the_way_out()
 
 
 class Leadership:

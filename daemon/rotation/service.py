@@ -255,7 +255,7 @@ class Rotator(Service):
                 event(log, "rotator_lost_lease", logging.WARNING)
             return bool(failed)
         finally:
-            await cancel_all([*tasks, *watchers])
+            await cancel_all([*tasks, *watchers], self.close_limit)
 
     async def _lost(self, election: Any) -> None:
         """Return when the lease is lost or a stop is requested."""
