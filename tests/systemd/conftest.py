@@ -26,7 +26,7 @@ INSTALL = """
 set -e
 # 1. The program, in its own venv; the units run /usr/bin/baton.
 python3 -m venv /opt/baton
-/opt/baton/bin/pip install --quiet --no-index --find-links /wheels baton
+/opt/baton/bin/pip install --quiet --no-index --find-links /wheels 'baton[all]'
 ln -sf /opt/baton/bin/baton /usr/bin/baton
 # 2. A system user and group, no login, no home of its own; consumers of other users.
 useradd --system --user-group --home-dir /var/lib/baton --no-create-home --shell /usr/sbin/nologin baton

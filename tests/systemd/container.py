@@ -67,11 +67,12 @@ def rootfs() -> Path:
 
 
 def wheels(dest: Path) -> Path:
-    """Wheels of Baton (the working tree) and of its dependencies, built with the host's Python."""
+    """Wheels of Baton (the working tree) with every extra (docs/install.md installs ``.[all]``)
+    and of its dependencies, built with the host's Python."""
     dest.mkdir(parents=True, exist_ok=True)
     pip = [str(ROOT / ".venv/bin/python"), "-m", "pip"]
     proc = subprocess.run(
-        [*pip, "wheel", "--quiet", "--wheel-dir", str(dest), str(ROOT)],
+        [*pip, "wheel", "--quiet", "--wheel-dir", str(dest), f"{ROOT}[all]"],
         capture_output=True,
         text=True,
         timeout=600,
