@@ -115,6 +115,8 @@ class VaultStatusReporter(Generic[R]):
             report = self.parse(str(data["report"]))
             if report.credential != credential:  # the folder says otherwise
                 raise ValueError("report for another credential")
+            if report.node != node:  # filed under another node's entry: it cannot speak for that node
+                raise ValueError("report for another node")
             return report
         except (KeyError, TypeError, ValueError):
             log.warning("unreadable node report", extra={"path": path})

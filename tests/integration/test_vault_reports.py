@@ -227,18 +227,21 @@ async def test_an_unreadable_status_entry_stands_as_a_stale_report_of_its_node_a
     await store._write(f"{folder}/n3", {"report": '{"node": "n3", "credential": "db"', "key": "app/db"}, cas=None)
     await store._write(f"{folder}/n4", {"key": "app/db"}, cas=None)  # no report field
     await store._write(f"{folder}/n5", {"report": replace(good, credential="x").to_json()}, cas=None)
+    # Filed under n6, speaking for n1 with a newer heartbeat: it must not hide n1's own report.
+    spoof = replace(good, current="3", heartbeat=now + 5).to_json()
+    await store._write(f"{folder}/n6", {"report": spoof, "key": "app/db"}, cas=None)
 
     got = {r.node: r for r in await reporter.collect("app/db", "db")}
-    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5"]
+    assert sorted(got) == ["n1", "n2", "n3", "n4", "n5", "n6"]
     assert got["n1"] == good and got["n2"] == replace(good, node="n2")
     assert decide(old="1", new="2", reports=[good, got["n2"]], known={"n1", "n2"}, now=now, ttl=60).retire
-    for node in ("n3", "n4", "n5"):
+    for node in ("n3", "n4", "n5", "n6"):
         assert got[node] == NodeReport(node=node, credential="db", current=None), node
     decision = decide(old="1", new="2", reports=list(got.values()), known=set(got), now=now, ttl=60)
     assert not decision.retire
-    for node in ("n3", "n4", "n5"):
+    for node in ("n3", "n4", "n5", "n6"):
         assert any(r.startswith(f"{node}: report is stale") for r in decision.reasons), (node, decision.reasons)
-    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 3
+    assert len([r for r in caplog.records if r.getMessage() == "unreadable node report"]) == 4
     # forget still finds the unreadable entry (by its recorded key) and removes it: then it is gone.
     await VaultStatusReporter(store, parse=NodeReport.from_json).forget("app/db", "n3")
     assert "n3" not in {r.node for r in await reporter.collect("app/db", "db")}
