@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -18,37 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.config import Config, load_config, path_part, store_path_problem
+from daemon.config import Config, store_path_problem
 from daemon.errors import BatonError, ConfigError, ListenError
-
-
-def _unquoted(message: str, source: str) -> str:
-    """Jinja's message on one line, without the bits it quotes from the template
-    ("got 'hunter2'"): a template may hold a literal secret."""
-    text = re.sub(r"'([^']*)'", lambda m: "'...'" if m.group(1) in source else m.group(0), message)
-    return " ".join(text.split())
-
-
-def template_problems(config: Config) -> list[str]:
-    """Every template's syntax error, one line each naming its field."""
-    from daemon.files.render import check_templates
-
-    problems = []
-    for i, cred in enumerate(config.credentials):
-        for part, templates in (("files", cred.output.files), ("env", cred.output.env)):
-            for name, source in templates.items():
-                try:
-                    lines = check_templates({name: source})
-                except (RecursionError, ValueError, OverflowError):  # nesting depth, a 5,000-digit literal
-                    lines = [f"{name}: template cannot be compiled"]
-                at = f"credentials.{i}.output.{part}.{path_part(name)}"
-                problems += [f"{at}: {_unquoted(line.removeprefix(f'{name}: '), source)}" for line in lines]
-    return problems
-
-
-def load_checked(path: str) -> Config:
-    """``load_config``, and every template compiles (the config layer cannot import the renderer)."""
-    return load_config(path, more=template_problems)
+from daemon.files.checks import load_checked
 
 
 def _load(path: str) -> Config:

@@ -24,8 +24,9 @@ from daemon.agent.follow import Follower
 from daemon.agent.state import CredentialState
 from daemon.agent.tracker import Tracker
 from daemon.api import ApiServer
-from daemon.config import Config, load_config
+from daemon.config import Config
 from daemon.errors import ConfigError
+from daemon.files.checks import reload_config
 from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
 from daemon.kit import metrics
@@ -114,12 +115,9 @@ class Agent(Service):
             log.warning("SIGHUP ignored: the agent was not started from a config file")
             return
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(reload_config, self.config_path, self.config)
         except ConfigError as e:
             event(log, "config_rejected", logging.ERROR, problems=e.problems)
-            return
-        if new.store != self.config.store:
-            event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
             return
         await self._stop_generation()
         self.config = new

@@ -21,8 +21,9 @@ from typing import Any
 
 from daemon import __version__
 from daemon.api import ApiServer
-from daemon.config import Config, load_config
+from daemon.config import Config
 from daemon.errors import BatonError, ConfigError
+from daemon.files.checks import reload_config
 from daemon.kit import plugins
 from daemon.kit.backoff import Backoff
 from daemon.kit.logs import event
@@ -121,12 +122,9 @@ class Rotator(Service):
             log.warning("SIGHUP ignored: the rotator was not started from a config file")
             return
         try:
-            new = await asyncio.to_thread(load_config, self.config_path)
+            new = await asyncio.to_thread(reload_config, self.config_path, self.config)
         except ConfigError as e:
             event(log, "config_rejected", logging.ERROR, problems=e.problems)
-            return
-        if new.store != self.config.store:
-            event(log, "config_rejected", logging.ERROR, problems=["store: changing the store needs a restart"])
             return
         changed = (new.credentials, new.report) != (self.config.credentials, self.config.report)
         if changed:

@@ -282,6 +282,26 @@ def test_sighup_that_changes_the_store_is_refused_and_the_agent_keeps_its_store(
     agent.assert_never_said(SECRETS)
 
 
+def test_sighup_with_a_template_that_does_not_compile_is_refused_naming_the_field(scene: Scene) -> None:
+    scene.configure(app_db())
+    scene.put(payload(SECRETS[0]))
+    agent = scene.start()
+    agent.wait_ready()
+
+    # A template may hold a literal secret: the refusal names the field, never the text.
+    literal = "literal-" + SECRETS[2]
+    broken = {**FILES, "password": "{{ password ~ '" + literal + "' }"}
+    scene.configure(app_db(output={"dir": "./out/app-db", "mode": "0440", "files": broken}))
+    logged = len(agent.events())
+    agent.signal(signal.SIGHUP)
+
+    rejected = agent.wait_event("config_rejected", after=logged)
+    assert any(p.startswith("credentials.0.output.files.password:") for p in rejected["problems"])
+    scene.put(payload(SECRETS[1]))
+    _wait_file(scene, "password", SECRETS[1], timeout=2.0)  # the old templates go on rendering
+    agent.assert_never_said([*SECRETS, literal])
+
+
 def test_a_sighup_reload_keeps_what_status_knows_of_the_last_change(scene: Scene) -> None:
     scene.configure(app_db())
     scene.put(payload(SECRETS[0]))
