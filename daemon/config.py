@@ -9,6 +9,7 @@ referenced by file path (``admin_dsn_file``, ``token_file``).
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -269,6 +270,39 @@ class AwsStoreConfig(Model):
         return self
 
 
+class KubernetesPodsConfig(Model):
+    holders: bool = Field(
+        True,
+        description="The rotator watches the namespace's pods and counts each one that uses the credential's Secret "
+        "(env, envFrom, secret or projected volumes, in containers and init containers) as a holder: a pod whose "
+        "spec it cannot read counts as one (unknown is in use). Needs pods list/watch (manifests/rotator-rbac.yaml).",
+    )
+    rollouts: bool = Field(
+        True,
+        description="The leading rotator rolls every Deployment, StatefulSet, DaemonSet or Argo Rollout annotated "
+        "baton.io/reload: <credential>[,...] once per new version, and retirement waits until the rollout is "
+        "available. Needs list/watch/patch on those kinds.",
+    )
+    volume_sync_delay: Duration = Field(
+        120.0,
+        description="How long a running pod's plain secret volume may still show the old version: the kubelet "
+        "refreshes it on its periodic sync (syncFrequency, default 1m) from its Secret cache (TTL default 1m), "
+        "'kubelet sync period + cache propagation delay' "
+        "(https://kubernetes.io/docs/concepts/configuration/secret/#using-secrets-as-files-from-a-pod, "
+        "https://kubernetes.io/docs/reference/config-api/kubelet-config.v1beta1/). Raise it with those.",
+    )
+    start_margin: Duration = Field(
+        5.0,
+        description="A container whose environment (env, envFrom, subPath) was set up less than this after the "
+        "Secret changed still counts as holding the old version: the kubelet reads it through its Secret cache.",
+    )
+    rollout_timeout: Duration = Field(
+        600.0,
+        description="A rollout not available this long after Baton asked for it is an event and a metric "
+        "(baton_rollout_stuck); retirement keeps waiting for it.",
+    )
+
+
 class KubernetesStoreConfig(Model):
     kind: Literal["kubernetes"]
     namespace: NonEmpty | None = Field(None, description="Namespace of the Secrets; default: the pod's own.")
@@ -277,6 +311,10 @@ class KubernetesStoreConfig(Model):
         "secret", description="Node reports as annotations on the Secret, or on the sidecar's own Pod."
     )
     pod_selector: NonEmpty = Field("baton.io/agent=true", description="Label selector of agent pods (rotator).")
+    pods: KubernetesPodsConfig = Field(
+        default_factory=KubernetesPodsConfig,
+        description="The rotator's view of pods that use the Secrets natively, and Reloader-style rollouts.",
+    )
 
 
 StoreConfig = Annotated[
@@ -451,10 +489,146 @@ class ProviderConfig(Model):
         return self
 
 
+class MysqlProviderConfig(Model):
+    kind: Literal["mysql"] = Field(description="Provider kind: MySQL 8 / MariaDB accounts.")
+    admin_dsn_file: FilePath = Field(
+        description="File holding the admin DSN (mysql://user:password@host:port); read at use, never logged."
+    )
+    strategy: Literal["alternating-users", "dual-password"] = Field(
+        "alternating-users",
+        description="alternating-users: accounts <username>_a and _b; dual-password: one account keeping its "
+        "old password (RETAIN CURRENT PASSWORD: MySQL 8.0.14+, refused by MariaDB).",
+    )
+    username: str = Field(description="Base account name (alternating-users adds _a and _b).")
+    account_host: str = Field("%", description="The host part of Baton's accounts ('user'@'host').")
+    grant_role: str | None = Field(None, description="A role granted to each account Baton creates, as its default.")
+    host: NonEmpty | None = Field(None, description="Host written into the payload for consumers.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port written into the payload for consumers.")
+    database: NonEmpty | None = Field(None, description="Database written into the payload for consumers.")
+
+    @field_validator("username")
+    @classmethod
+    def _ident(cls, v: str) -> str:
+        # 32 characters is MySQL 8's limit for a user name, with room for the _a / _b suffix.
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,29}", v):
+            raise ValueError("expected a lower-case identifier of at most 30 characters")
+        return v
+
+    @field_validator("account_host")
+    @classmethod
+    def _account_host(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.%_:-]{1,255}", v):
+            raise ValueError("expected a host name, address or pattern like % or 10.0.%")
+        return v
+
+    @field_validator("grant_role")
+    @classmethod
+    def _role(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_]{1,32}", v):
+            raise ValueError("expected a role name (letters, digits, _)")
+        return v
+
+
+# Password and state rules are Baton's to set: a configured one would undo a rotation.
+_REDIS_OWN_RULES = {"on", "off", "nopass", "resetpass", "reset"}
+
+
+def _redis_rule(v: str) -> str:
+    if not v or v.strip() != v or v.lower() in _REDIS_OWN_RULES or v[0] in "<>#!":
+        raise ValueError(
+            "expected a key, channel or command rule (~keys, &channels, +@category); "
+            "passwords and on/off/nopass/reset are set by Baton"
+        )
+    return v
+
+
+class RedisProviderConfig(Model):
+    kind: Literal["redis"] = Field(description="Provider kind: Redis ACL users.")
+    admin_url_file: FilePath = Field(
+        description="File holding the admin URL (redis://user:password@host:port, or rediss://); "
+        "read at use, never logged."
+    )
+    strategy: Literal["alternating-users", "dual-password"] = Field(
+        "alternating-users",
+        description="alternating-users: users <username>_a and _b; dual-password: one user, the old password "
+        "kept beside the new one until retired.",
+    )
+    username: str = Field(description="Base ACL user name (alternating-users adds _a and _b).")
+    acl_rules: list[Annotated[str, AfterValidator(_redis_rule)]] = Field(
+        ["~*", "&*", "+@all"], description="ACL rules of the users Baton creates (ACL SETUSER syntax, one per item)."
+    )
+    host: NonEmpty | None = Field(None, description="Host written into the payload for consumers.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port written into the payload for consumers.")
+    db: int | None = Field(None, ge=0, description="Database number written into the payload for consumers.")
+
+    @field_validator("username")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", v):
+            raise ValueError("expected a user name of letters, digits, '_', '-', '.'")
+        return v
+
+
+class AwsIamProviderConfig(Model):
+    kind: Literal["aws-iam"] = Field(description="Provider kind: the access keys of one IAM user.")
+    user_name: str = Field(description="The IAM user whose access keys rotate (at most two: AWS's limit).")
+    region: NonEmpty = Field("us-east-1", description="Region of the STS call that tests a new key.")
+    endpoint_url: HttpUrl | None = Field(None, description="Custom IAM and STS endpoint (tests, VPC endpoints).")
+    delete_after: DurationOrZero = Field(
+        86400.0, description="A retired key is made Inactive, and deleted once it has been Inactive this long."
+    )
+    idle_for: Duration = Field(
+        3600.0, description="A superseded key used after the swap blocks retirement until unused this long."
+    )
+    propagation: DurationOrZero = Field(
+        30.0, description="How long a new key may take to work (IAM is eventually consistent) before test fails."
+    )
+    timeout: Duration = Field(10.0, description="Connect and read timeout of each AWS request.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Attempts per AWS request, retries included.")
+
+    @field_validator("user_name")
+    @classmethod
+    def _iam_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w+=,.@-]{1,64}", v, re.ASCII):
+            raise ValueError("expected an IAM user name (1-64 of letters, digits and +=,.@_-)")
+        return v
+
+
+def _command_argv(v: list[str]) -> list[str]:
+    if not v or not v[0].startswith("/"):
+        raise ValueError("expected [absolute path of the executable, arguments...] (run without a shell)")
+    if any("\0" in a for a in v):
+        raise ValueError("an argument holds a NUL character")
+    return v
+
+
+class CommandProviderConfig(Model):
+    kind: Literal["command"] = Field(description="Provider kind: a user-supplied executable per step.")
+    command: Annotated[list[str], AfterValidator(_command_argv)] = Field(
+        description="argv: the executable's absolute path, then arguments (the step name is appended); no shell."
+    )
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str] = Field(
+        default_factory=dict,
+        description="Environment of the command besides PATH and LANG (never put a secret here: it is config).",
+    )
+    timeout: Duration = Field(30.0, description="Each step is killed (with its process group) after this long.")
+    max_output: int = Field(65536, ge=256, le=16 << 20, description="Most bytes a step may print on stdout.")
+    slots: int | None = Field(None, ge=2, description="How many credentials the system holds at once; none: no limit.")
+    principal_field: NonEmpty | None = Field(
+        None, description="Payload field naming what a credential stands for (token id, user); never the secret."
+    )
+
+
+AnyProviderConfig = Annotated[
+    ProviderConfig | MysqlProviderConfig | RedisProviderConfig | AwsIamProviderConfig | CommandProviderConfig,
+    Field(discriminator="kind"),
+]
+
+
 class RotationConfig(Model):
     every: Duration = Field(ge=1.0, description="Rotate this often (at least 1s).")
     generator: GeneratorConfig | None = Field(None, description="Mint a random value (no provider).")
-    provider: ProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
+    provider: AnyProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
     min_drain: DurationOrZero = Field(
@@ -475,6 +649,105 @@ class RotationConfig(Model):
     def _source(self) -> RotationConfig:
         if self.generator is not None and self.provider is not None:
             raise ValueError("rotation needs one of: generator, provider")
+        return self
+
+
+# ---------------------------------------------------------------- certificates (daemon/issuers/certificate.py)
+
+_PKI_PATH = re.compile(
+    r"(?P<mount>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*)/(?P<mode>sign|issue)/[A-Za-z0-9_.-]+", re.ASCII
+)
+_DNS_NAME = re.compile(
+    r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*",
+    re.ASCII,
+)
+
+
+def _dns_name(v: str) -> str:
+    if len(v) > 253 or not _DNS_NAME.fullmatch(v):
+        raise ValueError(f"{v[:60]!r} is not a DNS name")
+    return v.lower()
+
+
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v[:60]!r} is not an IP address") from None
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+IpText = Annotated[str, AfterValidator(_ip)]
+
+
+class VaultIssuerConfig(Model):
+    kind: Literal["vault"] = Field(description="An OpenBao/Vault PKI secrets engine.")
+    path: str = Field(
+        description="pki/sign/<role> (a CSR made on this node: the key never leaves it) or pki/issue/<role> "
+        "(the CA makes the key, for CAs that require it); <mount>/revoke is derived from it."
+    )
+    url: HttpUrl | None = Field(None, description="Vault address; default: the store's (store.kind vault).")
+    auth: VaultAuthConfig | None = Field(None, description="Login method; default: the store's.")
+    namespace: NonEmpty | None = Field(None, description="Vault Enterprise namespace; default: the store's.")
+    verify: bool | FilePath = Field(True, description="TLS verification of the Vault address: true, false, a CA file.")
+    timeout: Duration = Field(10.0, description="Per-request timeout.")
+    ca_file: FilePath | None = Field(None, description="A trusted root the issued chain must end at (else any chain).")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not _PKI_PATH.fullmatch(v) or any(p in (".", "..") for p in v.split("/")):
+            raise ValueError("expected <mount>/sign/<role> or <mount>/issue/<role>, e.g. pki/sign/web")
+        return v
+
+    @property
+    def mode(self) -> Literal["sign", "issue"]:
+        m = _PKI_PATH.fullmatch(self.path)
+        assert m is not None
+        return "sign" if m.group("mode") == "sign" else "issue"
+
+    @property
+    def mount(self) -> str:
+        m = _PKI_PATH.fullmatch(self.path)
+        assert m is not None
+        return m.group("mount")
+
+
+class LocalCaIssuerConfig(Model):
+    kind: Literal["local-ca"] = Field(description="A CA certificate and key on this node's disk.")
+    cert_file: AbsPath = Field(description="The CA certificate (PEM).")
+    key_file: AbsPath = Field(
+        description="The CA's private key (PEM, unencrypted); read at each signing, never logged."
+    )
+
+
+class CertificateKeyConfig(Model):
+    type: Literal["ec", "rsa", "ed25519"] = Field("ec", description="Key algorithm, generated on this node.")
+    curve: Literal["p256", "p384", "p521"] = Field("p256", description="EC curve (type ec).")
+    bits: Literal[2048, 3072, 4096] = Field(3072, description="RSA key size (type rsa).")
+
+
+class CertificateConfig(Model):
+    issuer: Annotated[VaultIssuerConfig | LocalCaIssuerConfig, Field(discriminator="kind")] = Field(
+        description="Who signs: {kind: vault, path: pki/sign/web} or {kind: local-ca, cert_file, key_file}."
+    )
+    common_name: DnsName = Field(description="The certificate's CN (also its first DNS SAN).")
+    alt_names: list[DnsName] = Field(default_factory=list, description="More DNS SANs.")
+    ip_sans: list[IpText] = Field(default_factory=list, description="IP SANs.")
+    ttl: Duration = Field(86400.0, ge=2.0, description="Lifetime asked for (the CA may cap it).")
+    key: CertificateKeyConfig = Field(default_factory=CertificateKeyConfig, description="The private key.")
+    renew_at: float = Field(0.67, gt=0, lt=1, description="Renew when this fraction of the lifetime has passed.")
+    jitter: float = Field(
+        0.05, ge=0, lt=0.5, description="Renew up to this fraction of the lifetime earlier, at random (fleets spread)."
+    )
+    revoke_retired: bool = Field(
+        False, description="Revoke a superseded certificate at the CA once no process holds it."
+    )
+
+    @model_validator(mode="after")
+    def _jitter(self) -> CertificateConfig:
+        if self.jitter >= self.renew_at:
+            raise ValueError(f"jitter ({self.jitter:g}) must be below renew_at ({self.renew_at:g})")
         return self
 
 
@@ -528,13 +801,74 @@ class OutputConfig(Model):
         return v
 
 
+_LEASE_PATH = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*", re.ASCII)
+
+
+def _lease_path(v: str) -> str:
+    # Joined into /v1/<path>: no empty, "." or ".." segment, no query or odd characters.
+    if not _LEASE_PATH.fullmatch(v) or any(part in (".", "..") for part in v.split("/")) or len(v) > 512:
+        raise ValueError("expected a Vault path like database/creds/app (letters, digits, '_', '-', '.', '/')")
+    return v
+
+
+class LeaseConfig(Model):
+    path: Annotated[str, AfterValidator(_lease_path)] = Field(
+        description="Vault path whose read returns a leased secret for this node (database/creds/app)."
+    )
+    renew_at: float = Field(
+        0.67, gt=0, lt=1, description="Renew a lease when this fraction of its current duration has passed."
+    )
+    rotate_before: float = Field(
+        0.33, gt=0, lt=1, description="Get a new lease when less than this fraction of its max lifetime is left."
+    )
+    max_ttl: Duration | None = Field(
+        None,
+        description="The lease's max lifetime if known (the role's max_ttl); default: learned from a capped renewal.",
+    )
+    warn_before: Duration = Field(
+        60.0, description="A lease still held this close to its max TTL is an event and a metric (lease_expiring)."
+    )
+    revoke_retry_max: Duration = Field(60.0, description="Longest wait between attempts to revoke a released lease.")
+
+
+# The fields that make a credential issued to this node (daemon/issuers/) instead of read from the store.
+ISSUED_KINDS = ("lease",)
+
+
 class CredentialConfig(Model):
     name: CredentialName = Field(description="Credential name, unique.")
-    key: NonEmpty = Field(description="The secret's key in the store.")
+    key: NonEmpty = Field(
+        description="The secret's key in the store; for an issued credential (lease:) optional, default its name, "
+        "where its node reports go."
+    )
     required: bool = Field(True, description="/readyz waits for it.")
     output: OutputConfig = Field(description="Where and how the files are written.")
     consumers: list[ConsumerConfig] = Field(default_factory=list, description="Processes that use it.")
     rotation: RotationConfig | None = Field(None, description="Rotator role: how and when to rotate.")
+    lease: LeaseConfig | None = Field(
+        None, description="Issued to this node as a Vault lease (dynamic secret), renewed and revoked by the agent."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _issued_key(cls, data: Any) -> Any:
+        # An issued credential has no key in the store; its name files its node reports.
+        if isinstance(data, dict) and "key" not in data and any(data.get(k) is not None for k in ISSUED_KINDS):
+            return {**data, "key": data.get("name")}
+        return data
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CredentialConfig:
+        kinds = [k for k in ISSUED_KINDS if getattr(self, k) is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"a credential is issued one way: choose one of {', '.join(kinds)}")
+        if kinds and self.rotation is not None:
+            raise ValueError(f"an issued credential ({kinds[0]}:) is renewed by the agent; remove rotation")
+        return self
+
+    def issued_kind(self) -> str | None:
+        """The issuer kind (a key of ``kit.plugins.ISSUERS``) when this node issues it, else None (the store's)."""
+        return next((k for k in ISSUED_KINDS if getattr(self, k) is not None), None)
 
     @field_validator("name")
     @classmethod
@@ -585,6 +919,11 @@ class ReportConfig(Model):
     ttl: Duration | None = Field(None, description="A report older than this is stale; default 3 heartbeats.")
     max_holders: int = Field(10, ge=0, le=100, description="Holder summaries per report.")
     forget_after: Duration | None = Field(None, description="Forget a node silent this long (default: never).")
+    drain_poll: Duration = Field(
+        0.25,
+        le=60,
+        description="While a version drains, the rotator re-reads node reports and sessions this often.",
+    )
 
     @field_validator("ttl")
     @classmethod
@@ -615,6 +954,11 @@ class ReportConfig(Model):
 class AgentConfig(Model):
     debounce: DurationOrZero = Field(2.0, description="Wait this long for more changes before reloading.")
     scan_interval: Duration = Field(5.0, description="How often to rescan processes for holders.")
+    drain_rescan: Duration = Field(
+        0.25,
+        le=60,
+        description="While a version drains, look again at just its holders this often (exits: at once).",
+    )
     fanotify: Literal["auto", "off"] = Field("auto", description="Use fanotify open events when allowed.")
     retry_min: Duration = Field(1.0, description="First retry delay after a store error.")
     retry_max: Duration = Field(300.0, description="Longest retry delay after repeated store errors.")
@@ -623,6 +967,10 @@ class AgentConfig(Model):
     )
     max_file_size: int = Field(
         1 << 20, ge=1024, le=16 << 20, description="Largest rendered file or env value, in bytes; over it: rejected."
+    )
+    state_dir: AbsPath = Field(
+        Path("/var/lib/baton"),
+        description="Where issuers keep their 0600 state files (lease ids); must survive restarts, unlike /run.",
     )
 
     @field_validator("retry_max")
@@ -685,6 +1033,8 @@ class Config(Model):
             dirs.setdefault(d, i)
             for p in d.parents:
                 above.setdefault(p, i)
+            if cred.lease is not None and self.store.kind != "vault":
+                problems.append(f"credentials.{i}.lease: needs store kind vault (store.kind is {self.store.kind})")
             if self.store.kind == "kubernetes" and cred.rotation is not None and cred.rotation.max_draining > 1:
                 problems.append(
                     f"credentials.{i}.rotation.max_draining: the kubernetes store keeps one previous version; use 1"
@@ -709,6 +1059,7 @@ class Config(Model):
 # ---------------------------------------------------------------- loading
 
 _TAGS = {"local", "vault", "aws", "kubernetes"}
+_PROVIDER_TAGS = {"postgres", "mysql", "redis", "aws-iam", "command"}
 _NAMED = re.compile(r"^[\w.]+: ")
 
 
@@ -722,14 +1073,15 @@ def path_part(p: int | str) -> str:
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
-    parts = [path_part(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "store" and p in _TAGS)]
+    tags = {"store": _TAGS, "provider": _PROVIDER_TAGS}
+    parts = [path_part(p) for i, p in enumerate(loc) if not (i > 0 and p in tags.get(str(loc[i - 1]), ()))]
     return ".".join(parts)
 
 
 # A config holds no secret values, but an operator may paste one where it does
 # not belong: into a template, the auth section, a field named like a secret, or
 # a key that does not exist. The values found there are never echoed.
-_QUIET_KEYS = {"files", "env", "auth"}
+_QUIET_KEYS = {"files", "env", "auth", "acl_rules"}  # a misplaced ">password" ACL rule is not echoed
 _QUIET_WORDS = ("token", "secret", "passw", "dsn", "jwt", "private", "api_key", "apikey")
 
 

@@ -1,4 +1,4 @@
-"""The aiobotocore client and botocore error mapping shared by the AWS store and the DynamoDB reporter.
+"""The aiobotocore client and botocore error mapping shared by the AWS store, the DynamoDB reporter and aws-iam.
 
 Owns one lazily created aiobotocore client per ``AwsClient`` (created in the
 running loop on first use, closed in ``aclose``), the classification of botocore
@@ -31,6 +31,7 @@ from botocore.exceptions import (
 )
 
 from daemon.errors import StoreAuthError, StoreConflict, StoreError, StoreNotFound, StoreUnavailable
+from daemon.model import Secret
 
 # botocore logs request and response bodies at DEBUG (PutSecretValue's
 # SecretString, GetSecretValue's answer, PutItem's report). A daemon run with
@@ -92,6 +93,8 @@ class ErrorRules:
     transient: frozenset[str] = field(default_factory=frozenset)
     not_found: str = "not found ({code})"
     explain: tuple[tuple[str, str, str], ...] = ()
+    # This service's own codes for "no such thing" (IAM: NoSuchEntity), mapped like ResourceNotFoundException.
+    missing: frozenset[str] = field(default_factory=frozenset)
 
 
 def classify(e: BaseException, *, what: str, rules: ErrorRules) -> StoreError:
@@ -106,7 +109,7 @@ def classify(e: BaseException, *, what: str, rules: ErrorRules) -> StoreError:
                 return StoreError(f"{what} failed: {meaning} ({code})")
         if code in AUTH_CODES or status in (401, 403):
             return StoreAuthError(text)
-        if code in NOT_FOUND_CODES:
+        if code in NOT_FOUND_CODES or code in rules.missing:
             return StoreNotFound(f"{what}: " + rules.not_found.format(code=code))
         if code in rules.conflict:
             return StoreConflict(text)
@@ -132,8 +135,11 @@ class AwsClient:
         timeout: float,
         max_attempts: int,
         rules: ErrorRules | None = None,
+        credentials: tuple[str, Secret] | None = None,
     ) -> None:
         self.service = service
+        # An access key of its own (a provider testing a key it minted); None: the default chain.
+        self._credentials = credentials
         self.region = region
         self.endpoint_url = endpoint_url
         self.timeout = timeout
@@ -159,8 +165,14 @@ class AwsClient:
                     read_timeout=self.timeout,
                     retries={"max_attempts": self.max_attempts, "mode": "standard"},
                 )
+                keys: dict[str, str] = {}
+                if self._credentials is not None:
+                    keys = {
+                        "aws_access_key_id": self._credentials[0],
+                        "aws_secret_access_key": self._credentials[1].reveal(),
+                    }
                 ctx = get_session().create_client(
-                    self.service, region_name=self.region, endpoint_url=self.endpoint_url, config=config
+                    self.service, region_name=self.region, endpoint_url=self.endpoint_url, config=config, **keys
                 )
                 self._client = await stack.enter_async_context(ctx)
                 self._stack = stack

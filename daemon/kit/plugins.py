@@ -30,6 +30,10 @@ STORES: dict[str, str] = {
 PROVIDERS: dict[str, str] = {
     "password": "daemon.providers.password:PasswordProvider",
     "postgres": "daemon.providers.postgres:PostgresProvider",
+    "mysql": "daemon.providers.mysql:MysqlProvider",
+    "redis": "daemon.providers.redis:RedisProvider",
+    "aws-iam": "daemon.providers.aws_iam:AwsIamProvider",
+    "command": "daemon.providers.command:CommandProvider",
 }
 
 # "<store kind>/<reports setting>" -> a factory called as ``(config, store)``.
@@ -41,6 +45,12 @@ REPORTERS: dict[str, str] = {
     "kubernetes/pod": "sidecar.podreport:open_reporter",
 }
 
+# store.kind -> a factory of its holder source (daemon/report/holders.py), called as ``(config, act=...)``;
+# it may return None (turned off in the config).
+HOLDERS: dict[str, str] = {
+    "kubernetes": "sidecar.podholders:open_pod_holders",
+}
+
 # consumer reload action -> the class; built as ``Cls(consumer)``.
 ACTIONS: dict[str, str] = {
     "signal": "daemon.reload.actions:SignalAction",
@@ -50,6 +60,12 @@ ACTIONS: dict[str, str] = {
     "none": "daemon.reload.actions:NoneAction",
     "container_restart": "sidecar.restart:ContainerRestartAction",
     "rollout": "sidecar.rollout:RolloutAction",
+}
+
+# CredentialConfig.issued_kind() -> the Issuer (daemon/issuers/base.py) of a credential this node
+# issues itself; built as ``Cls.from_config(config, credential, store)``.
+ISSUERS: dict[str, str] = {
+    "lease": "daemon.issuers.lease:LeaseIssuer",
 }
 
 # Rotator leader election (``BATON_LEASE_NAME``) -> the class, built with keyword arguments.
