@@ -6,6 +6,12 @@ nobody, not yet retired); once the store marks it retired its files are
 deleted. The ``Tracker`` rescans who holds what (in a thread), publishes
 the node report on every change and every heartbeat, and removes retired
 versions' directories. It never decides a retirement: the rotator does.
+
+While a version drains, the holders are looked at again between full scans:
+at once when one exits (a pidfd each, ``agent.exits``) or opens or closes a
+credential file (fanotify, where allowed), and at least every
+``agent.drain_rescan``; such a quick rescan reads just those processes, and a
+changed report is published at once.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from daemon import __version__
+from daemon.agent.exits import ExitWatch
 from daemon.agent.state import CredentialState
 from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError
 from daemon.files.renderworker import RenderWorker
+from daemon.issuers.base import Issuer
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.model import CredentialName, VersionId
@@ -42,6 +50,13 @@ if TYPE_CHECKING:
     from daemon.usage.fanotify import OpenWatcher
 
 log = logging.getLogger(__name__)
+
+
+class PublishResult(StrEnum):
+    """How one node report's publish ended (the report publishes metric's ``result`` label)."""
+
+    OK = "ok"
+    FAILURE = "failure"  # tried again at the next change or heartbeat
 
 
 class VersionState(StrEnum):
@@ -65,8 +80,11 @@ class Tracker:
         reporter: Reporter,
         reloader: Reloader | None,
         env_key: bytes,
+        issuers: Mapping[CredentialName, Issuer] | None = None,
     ) -> None:
         self.config = config
+        # Issued credentials' sources (daemon/issuers/): told after every scan who holds what.
+        self.issuers: Mapping[CredentialName, Issuer] = issuers or {}
         # This generation's credentials (the agent's dict: the status API and the tracker see the same states).
         self.credentials = credentials
         self.store = store
@@ -87,31 +105,38 @@ class Tracker:
         self.opens: OpenWatcher | None = None
         self._on_disk: dict[CredentialName, list[OnDisk]] = {}
         self._scanned_current: dict[CredentialName, VersionId | None] = {}
+        # The quick rescan of a draining version's holders, between full scans (see the module doc).
+        self._let_go = asyncio.Event()  # a holder exited or opened/closed a credential file (or a poke)
+        self._draining_pids: frozenset[int] = frozenset()  # holders of superseded versions (read by fanotify's thread)
+        self.exits = ExitWatch(lambda pid: self._let_go.set())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._files: list[VersionFiles] = []  # the last full scan's inputs, reused by the quick rescans
+        self._env_names: set[str] = set()
+        self._consumer_pids: dict[str, list[int]] = {}
+        self._started: dict[int, float] = {}
 
     def poke(self) -> None:
         """Something changed: rescan soon."""
         self._poke.set()
+        self._let_go.set()
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._start_open_watcher()
         try:
-            interval = self.config.agent.scan_interval
             last_cleanup = 0.0
             while True:
                 self._poke.clear()
                 await self.scan_once()
+                await self.observe_issued()
                 now = time.monotonic()
                 if now - last_cleanup >= min(self.config.report.heartbeat, 30.0):
                     await self.cleanup_retired()
                     last_cleanup = now
                 await self.publish_all()
-                # Holders only matter while an old version is on disk; otherwise a
-                # scan per heartbeat keeps the status fresh at almost no cost.
-                draining = any(len(v) > 1 for v in self._on_disk.values())
-                wait = interval if draining else max(interval, self.config.report.heartbeat)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._poke.wait(), wait)
+                await self._between_scans()
         finally:
+            self.exits.close()
             if self.opens is not None:
                 await asyncio.to_thread(self.opens.close)
 
@@ -125,9 +150,113 @@ class Tracker:
             log.info("open events (fanotify) are off; using fd scans, env and start times", extra={"reason": why})
             return
         try:
-            self.opens = OpenWatcher()
+            self.opens = OpenWatcher(on_event=self._file_event)
         except OSError as e:
             log.info("open events (fanotify) are off", extra={"reason": str(e)})
+
+    async def _between_scans(self) -> None:
+        """Wait for the next full scan (or a poke); meanwhile rescan a draining version's holders."""
+        # Holders only matter while an old version is on disk; otherwise a
+        # scan per heartbeat keeps the status fresh at almost no cost.
+        interval = self.config.agent.scan_interval
+        draining = any(len(v) > 1 for v in self._on_disk.values())
+        wait = interval if draining else max(interval, self.config.report.heartbeat)
+        deadline = time.monotonic() + wait
+        while not self._poke.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            if not self._draining_pids:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._poke.wait(), left)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._let_go.wait(), min(left, self.config.agent.drain_rescan))
+            if self._poke.is_set():
+                return
+            self._let_go.clear()
+            if await self.rescan_holders():
+                await self.observe_issued()
+                await self.publish_all()
+
+    def _file_event(self, pid: int) -> None:
+        """fanotify's reader thread: a process opened or closed a credential file."""
+        loop = self._loop
+        if pid in self._draining_pids and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the agent is stopping
+                loop.call_soon_threadsafe(self._let_go.set)
+
+    def _follow_holders(self) -> None:
+        """Remember who holds a superseded version; watch those processes' exits."""
+        pids = {
+            h.pid
+            for name, usage in self.usage.items()
+            for version, holders in usage.holders.items()
+            if version != self._scanned_current.get(name)
+            for h in holders
+            if h.pid > 0
+        }
+        self._draining_pids = frozenset(pids)
+        self.exits.follow(pids)
+
+    async def rescan_holders(self) -> bool:
+        """Look again at just the processes that held a superseded version at the last scan.
+
+        A process that exited (its pidfd said so) or holds nothing of it any more
+        drops out; one seen holding another version moves there. Everything else
+        keeps the last full scan's answer. True when the holders changed.
+        """
+        pids = self._draining_pids
+        if not pids:
+            return False
+        look = pids - self.exits.exited
+        started_before = self._started
+        reloader = self.reloader
+
+        def blocking() -> tuple[list[Sighting], dict[int, float]]:
+            sightings = scan(
+                self._files, env_key=self.env_key, env_names=self._env_names, opens=self.opens, only_pids=look
+            )
+            started: dict[int, float] = {}
+            for pid in look:
+                born = process_start(pid)
+                # A recycled pid (another start time) is not the consumer process we knew.
+                if born is not None and abs(born - started_before.get(pid, born)) <= 1.0:
+                    started[pid] = born
+            return sightings, started
+
+        sightings, started = await asyncio.to_thread(blocking)
+        reloaded = {p: at for p in started if reloader is not None and (at := reloader.reloaded_at(p)) is not None}
+        exes = {h.pid: h.exe for u in self.usage.values() for hs in u.holders.values() for h in hs}
+        quick = attribute(
+            sightings=sightings,
+            consumers=self.consumers,
+            consumer_pids={n: [p for p in ps if p in started] for n, ps in self._consumer_pids.items()},
+            on_disk=self._on_disk,
+            current={n: s.version for n, s in self.credentials.items()},
+            started=started,
+            reloaded=reloaded,
+            exes=exes,
+            creds_of=self.creds_of,
+        )
+        changed = False
+        for name in set(self.usage) | set(quick):
+            before = self.usage.get(name, Usage()).holders
+            merged: dict[VersionId, list[Holder]] = {}
+            for version, holders in before.items():
+                kept = [h for h in holders if h.pid not in pids]
+                if kept:
+                    merged[version] = kept
+            for version, holders in quick.get(name, Usage()).holders.items():
+                merged.setdefault(version, []).extend(holders)
+            merged = {v: sorted(hs, key=lambda h: h.pid) for v, hs in merged.items()}
+            if merged != {v: hs for v, hs in before.items() if hs}:
+                changed = True
+                self.usage[name] = Usage(merged)
+                for d in self._on_disk.get(name, []):
+                    metrics.versions_in_use.labels(name, d.version).set(self.usage[name].count(d.version))
+        self._follow_holders()
+        return changed
 
     # ------------------------------------------------------------ scanning
 
@@ -140,7 +269,7 @@ class Tracker:
             # Written before this process started: render it again from the store.
             limits = self.config.agent
             try:
-                secret = await self.store.read(cred.key, version)
+                secret = await self.source(state.config.name).read(cred.key, version)
                 rendered = await self.renderer.render(
                     files={},
                     env=cred.output.env,
@@ -153,6 +282,20 @@ class Tracker:
             values = rendered.env
             state.fingerprints[version] = tuple(fingerprint(self.env_key, k, v) for k, v in values.items())
         return state.fingerprints[version]
+
+    def source(self, name: CredentialName) -> SecretStore | Issuer:
+        """Where a credential's versions come from: its issuer when this node issues it, else the store."""
+        return self.issuers.get(name, self.store)
+
+    async def observe_issued(self) -> None:
+        """Tell each issuer what the last scan saw held (it keeps those alive and lets the rest go)."""
+        for name, issuer in self.issuers.items():
+            usage = self.usage.get(name, Usage())
+            try:
+                await issuer.observe(self._scanned_current.get(name), usage.holders)
+            except Exception as e:
+                # One credential's trouble never stops the tracker: the next scan tells it again.
+                log.warning("issuer did not take the scan", extra={"credential": name, "error": type(e).__name__})
 
     def on_disk(self, name: CredentialName) -> list[str]:
         """Versions of a credential on disk as of the last scan (no I/O: for the status API)."""
@@ -200,6 +343,7 @@ class Tracker:
             return sightings, pids, started, exes
 
         sightings, pids, started, exes = await asyncio.to_thread(blocking)
+        self._files, self._env_names, self._consumer_pids, self._started = files, env_names, pids, started
         reloaded = {}
         if reloader is not None:
             for ps in pids.values():
@@ -226,6 +370,7 @@ class Tracker:
             holders.append(Holder(0, "", None, "env-unknown", version))
         self._on_disk = on_disk
         self._scanned_current = current_at_start
+        self._follow_holders()
         for name in states:
             usage = self.usage.get(name, Usage())
             for d in on_disk[name]:
@@ -249,7 +394,9 @@ class Tracker:
     async def publish_all(self) -> None:
         now = time.monotonic()
         for name, state in self.credentials.items():
-            if not state.written:
+            if not state.written or name in self.issuers:
+                # An issued credential's report has no reader: no rotator's gate decides its
+                # retirement, the issuer here does (observe), and the store has no key for it.
                 continue
             report = self.report_for(name)
             due = now - self._last_publish.get(name, 0.0) >= self.config.report.heartbeat
@@ -258,10 +405,10 @@ class Tracker:
             try:
                 await self.reporter.publish(state.config.key, report)
             except BatonError as e:
-                metrics.report_publishes_total.labels("failure").inc()
+                metrics.report_publishes_total.labels(PublishResult.FAILURE).inc()
                 log.warning("node report not published", extra={"credential": name, "error": str(e)})
                 continue
-            metrics.report_publishes_total.labels("ok").inc()
+            metrics.report_publishes_total.labels(PublishResult.OK).inc()
             self._published[name] = report
             self._last_publish[name] = now
 
@@ -275,7 +422,7 @@ class Tracker:
                 continue
             doomed = self._unheld_beyond_keep(name, local, state.config.output.keep_previous)
             try:
-                known = {v.id: v for v in await self.store.versions(state.config.key)}
+                known = {v.id: v for v in await self.source(name).versions(state.config.key)}
             except StoreError as e:
                 metrics.store_errors_total.labels(self.config.store.kind, "versions").inc()
                 log.warning("cannot check for retired versions", extra={"credential": name, "error": str(e)})

@@ -3,9 +3,12 @@
 An fd scan only sees processes that still hold the file open. A consumer that
 reads its password at start and closes the file at once still uses that
 version; fanotify tells us it opened it. ``OpenWatcher`` marks the version
-directories (FAN_OPEN | FAN_EVENT_ON_CHILD), reads events in a daemon thread,
-fstat()s and closes each event fd, and remembers pid -> (dev, ino) of the last
-file it opened, for as long as that pid lives.
+directories (FAN_OPEN | FAN_CLOSE_NOWRITE | FAN_EVENT_ON_CHILD), reads events
+in a daemon thread, fstat()s and closes each event fd, and remembers pid ->
+(dev, ino) of the last file it opened, for as long as that pid lives (a zombie
+has exited: it is gone). Every open and close is also handed to
+``on_event(pid)`` (from the reader thread), so the tracker can rescan a
+draining version's holders the moment one of them lets go of a file.
 
 Must never: read the opened file (the event fd is only fstat()ed, then closed),
 leak an event fd, block the caller's event loop, or be required: without
@@ -25,7 +28,7 @@ import select
 import struct
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +44,7 @@ FAN_CLASS_NOTIF = 0x00000000
 FAN_MARK_ADD = 0x00000001
 FAN_MARK_REMOVE = 0x00000002
 FAN_MARK_ONLYDIR = 0x00000008
+FAN_CLOSE_NOWRITE = 0x00000010
 FAN_OPEN = 0x00000020
 FAN_Q_OVERFLOW = 0x00004000
 FAN_EVENT_ON_CHILD = 0x08000000
@@ -51,7 +55,7 @@ CAP_SYS_ADMIN = 21
 # struct fanotify_event_metadata: event_len, vers, reserved, metadata_len, mask, fd, pid
 _META = struct.Struct("=IBBHQii")
 _READ_SIZE = _META.size * 512
-_MASK = FAN_OPEN | FAN_EVENT_ON_CHILD
+_MASK = FAN_OPEN | FAN_CLOSE_NOWRITE | FAN_EVENT_ON_CHILD
 
 
 @dataclass(frozen=True)
@@ -88,12 +92,15 @@ def _has_cap_sys_admin() -> bool:
 
 
 def _start_time(pid: int) -> int | None:
-    """Field 22 of /proc/<pid>/stat (start time in ticks); None if the pid is gone."""
+    """Field 22 of /proc/<pid>/stat (start time in ticks); None if the pid is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
         # comm (field 2) may hold spaces and parens: split after its last ')'.
-        return int(data[data.rindex(b")") + 2 :].split()[19])
+        rest = data[data.rindex(b")") + 2 :].split()
+        if rest[0] in (b"Z", b"X"):  # exited, not yet reaped: it holds nothing any more
+            return None
+        return int(rest[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -124,7 +131,7 @@ class OpenWatcher:
         os.close(fd)
         return True, ""
 
-    def __init__(self) -> None:
+    def __init__(self, on_event: Callable[[int], None] | None = None) -> None:
         ok, why = self.available()
         if not ok:
             raise FanotifyUnavailable(why)
@@ -144,6 +151,7 @@ class OpenWatcher:
         self._self = os.getpid()
         self._closed = False
         self.overflows = 0
+        self._on_event = on_event
         self._thread = threading.Thread(target=self._run, name="baton-fanotify", daemon=True)
         self._thread.start()
 
@@ -239,9 +247,12 @@ class OpenWatcher:
                 os.close(fd)
             if pid == self._self:
                 continue
-            start = _start_time(pid)
-            if start is not None:
-                self._last[pid] = _Open(st.st_dev, st.st_ino, start)
+            if mask & FAN_OPEN:
+                start = _start_time(pid)
+                if start is not None:
+                    self._last[pid] = _Open(st.st_dev, st.st_ino, start)
+            if self._on_event is not None:
+                self._on_event(pid)
 
     def opened(self) -> dict[int, tuple[int, int]]:
         """pid -> (dev, ino) of the last file it opened under a watched dir, live pids only.

@@ -83,8 +83,12 @@ def scan(
     env_names: Collection[str],
     opens: OpenWatcher | None = None,
     exclude_pids: Collection[int] = (),
+    only_pids: Collection[int] | None = None,
 ) -> list[Sighting]:
     """Every (pid, version, how) seen on this node, sorted; Baton's own pid never appears.
+
+    ``only_pids``: look at just these processes (the tracker's quick rescan of a
+    draining version's holders), not at every process in /proc.
 
     A pid seen by several means yields one Sighting per means, so a caller
     counting holders should count distinct pids.
@@ -92,7 +96,8 @@ def scan(
     inodes, prints = _indexes(versions)
     excluded = {os.getpid(), *exclude_pids}
     names = encode_names(env_names) if prints else frozenset()
-    pids = [p for p in list_pids() if p not in excluded]
+    listed = list_pids() if only_pids is None else sorted(only_pids)
+    pids = [p for p in listed if p not in excluded]
 
     seen: set[tuple[int, _Key, str]] = set()
     for pid, keys in scan_fds(inodes, pids=pids).items():
