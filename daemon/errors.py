@@ -13,7 +13,9 @@ never carries a secret value or a response body that might hold one.
     │   │   └── ResourceExpired  Kubernetes 410 Gone: the watch's resourceVersion is too old, re-list
     │   ├── StoreAuthError       401/403 or bad credentials
     │   ├── StoreNotFound        no such key or version
-    │   └── StoreConflict        check-and-set or precondition lost
+    │   ├── StoreConflict        check-and-set or precondition lost
+    │   ├── CertificateError     a certificate not issued, or refused (key mismatch, chain, validity, PEM)
+    │   └── LeaseError           a Vault lease not had, renewed or revoked (issuers/lease.py)
     ├── PayloadError             a secret payload is rejected (size, encoding, template)
     ├── WriteError               the writer refused or failed (symlink, owner, name)
     ├── ProviderError            a credential provider failed a step
@@ -21,6 +23,7 @@ never carries a secret value or a response body that might hold one.
     ├── ReloadError              a consumer could not be reloaded or failed its health check
     │   └── ReloadGone           the process exited (or its pid was reused): nothing holds the old version there
     ├── PluginError              a configured backend is unknown or its module cannot be imported
+    ├── StateFileError           an issuer's state file is unreadable or untrusted: start fresh
     ├── SupervisorError          ``baton exec`` could not start its child
     ├── FanotifyUnavailable      open events cannot be used here (the scans carry on without them)
     └── RotationError            a rotation step failed (wraps the cause)
@@ -74,6 +77,35 @@ class StoreNotFound(StoreError):
 
 class StoreConflict(StoreError):
     """A check-and-set or precondition failed: someone else wrote first."""
+
+
+# Why a certificate was not taken: a small fixed set, safe as a metric label.
+CERTIFICATE_REASONS = frozenset(
+    {"unavailable", "denied", "rejected", "pem", "key_mismatch", "chain", "not_yet_valid", "expired", "names", "error"}
+)
+
+
+class CertificateError(StoreError):
+    """A certificate could not be issued, or what the CA sent is refused; the current one stays.
+
+    A ``StoreError`` because an issuer is the credential's source (the agent rides it out
+    like a store outage). ``reason`` is one of ``CERTIFICATE_REASONS``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason if reason in CERTIFICATE_REASONS else "error"
+
+
+class LeaseError(StoreError):
+    """A Vault lease could not be had, renewed or revoked, or the path returned none (``issuers/lease.py``).
+
+    A ``StoreError``: the agent rides it out like a store outage, the last good files stay.
+    """
+
+
+class StateFileError(BatonError):
+    """An issuer's state file is unreadable or untrusted (owner, mode, size, JSON): it starts fresh."""
 
 
 # Why a payload was rejected: a small fixed set, safe as a metric label.

@@ -13,11 +13,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from enum import StrEnum
 
 from daemon.agent.state import CredentialState
 from daemon.config import Config
 from daemon.errors import BatonError, PayloadError, StoreError, WriteError
 from daemon.files.renderworker import RenderWorker
+from daemon.issuers.base import Issuer
 from daemon.kit import metrics
 from daemon.kit.backoff import Backoff
 from daemon.kit.logs import bound, event
@@ -31,12 +33,28 @@ log = logging.getLogger(__name__)
 OnWritten = Callable[[CredentialState, VersionId | None, bool], None]
 
 
+class WriteResult(StrEnum):
+    """How one version's write ended (the writes metric's ``result`` label)."""
+
+    OK = "ok"  # on disk, the files changed
+    REJECTED = "rejected"  # the payload or its rendering was refused for good; the last good files stay
+    FAILED = "failed"  # the write failed; retried with backoff
+
+
 class Follower:
     """Writes one credential's versions as the store makes them current."""
 
     def __init__(
-        self, *, config: Config, store: SecretStore, renderer: RenderWorker, env_key: bytes, on_written: OnWritten
+        self,
+        *,
+        config: Config,
+        store: SecretStore | Issuer,
+        renderer: RenderWorker,
+        env_key: bytes,
+        on_written: OnWritten,
     ) -> None:
+        # ``store`` is the credential's source: the store, or its issuer for an issued one
+        # (daemon/issuers/): both have watch and read.
         self.config = config
         self.store = store
         self.renderer = renderer
@@ -49,7 +67,7 @@ class Follower:
         backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
         await asyncio.to_thread(state.writer.recover)
         state.version = await asyncio.to_thread(state.writer.current)
-        kind = self.config.store.kind
+        kind = cred.issued_kind() or self.config.store.kind
 
         def on_status(error: StoreError | None) -> None:
             if error is not None:
@@ -102,7 +120,7 @@ class Follower:
             )
         except PayloadError as e:
             # This version is refused for good (the last good files stay); the next one may do.
-            metrics.writes_total.labels(cred.name, "rejected").inc()
+            metrics.writes_total.labels(cred.name, WriteResult.REJECTED).inc()
             metrics.payload_rejected_total.labels(cred.name, e.reason).inc()
             state.last_error = f"version {info.id}: {e}"
             event(log, "version_rejected", logging.ERROR, version=info.id, reason=e.reason, error=str(e))
@@ -111,7 +129,7 @@ class Follower:
         try:
             changed = await asyncio.to_thread(state.writer.write, info.id, files)
         except (BatonError, OSError) as e:
-            metrics.writes_total.labels(cred.name, "failed").inc()
+            metrics.writes_total.labels(cred.name, WriteResult.FAILED).inc()
             event(log, "write_failed", logging.ERROR, version=info.id, error=str(e))
             raise WriteError(f"version {info.id}: {e}") from None  # follow() backs off and tries again
         if env:
@@ -129,7 +147,7 @@ class Follower:
             # The store's own time of the change where it has one, else when we saw it.
             state.changed_at = info.created if 0 < info.created <= received else received
             state.waiting_for = {c.name for c in cred.consumers if c.loads != "per-use"}
-            metrics.writes_total.labels(cred.name, "ok").inc()
+            metrics.writes_total.labels(cred.name, WriteResult.OK).inc()
             metrics.last_change_timestamp_seconds.labels(cred.name).set(state.last_change)
             event(log, "version_written", version=info.id, previous=previous)
         self.on_written(state, previous, changed)

@@ -24,11 +24,13 @@ from daemon.agent.follow import Follower
 from daemon.agent.state import CredentialState
 from daemon.agent.tracker import Tracker
 from daemon.api import ApiServer
-from daemon.config import Config
+from daemon.config import Config, CredentialConfig
 from daemon.errors import ConfigError
 from daemon.files.checks import reload_config
 from daemon.files.renderworker import RenderWorker
 from daemon.files.writer import Writer
+from daemon.issuers import open_issuer
+from daemon.issuers.base import Issuer
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.kit.service import Service
@@ -72,6 +74,9 @@ class Agent(Service):
         # Renders every version in a child process: a runaway template is killed, not waited for.
         self.renderer = RenderWorker()
         self.credentials: dict[CredentialName, CredentialState] = {}
+        # Issued credentials' sources (daemon/issuers/), kept across config reloads while their config stays.
+        self.issuers: dict[CredentialName, Issuer] = {}
+        self._issued_as: dict[CredentialName, CredentialConfig] = {}
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
         self.api: ApiServer | None = None
@@ -86,6 +91,7 @@ class Agent(Service):
             self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
         )
         await self.api.start(self.config.api.listen)
+        await self._open_issuers()
         self._start_generation()
         event(
             log,
@@ -100,7 +106,10 @@ class Agent(Service):
     async def shutdown(self) -> None:
         await super().shutdown()
         await self._stop_generation()
-        # Each close is bounded, so SIGTERM ends the agent in bounded time.
+        # Each close is bounded, so SIGTERM ends the agent in bounded time. Issuers keep
+        # their leases (a restart adopts them): closing only saves their state.
+        for name, issuer in self.issuers.items():
+            await close_bounded(issuer.aclose(), f"issuer {name}", self.close_limit)
         await close_bounded(self.reporter.aclose(), "reporter", self.close_limit)
         if self.api is not None:
             await close_bounded(self.api.stop(), "api", self.close_limit)
@@ -121,10 +130,24 @@ class Agent(Service):
             return
         await self._stop_generation()
         self.config = new
+        await self._open_issuers()
         self._start_generation()
         event(log, "config_reloaded", credentials=len(new.credentials))
 
     # ------------------------------------------------------------ tasks
+
+    async def _open_issuers(self) -> None:
+        """An issuer per issued credential; one whose issuing config changed (or is gone) is closed and replaced."""
+        wanted = {c.name: c for c in self.config.credentials if c.issued_kind() is not None}
+        for name in list(self.issuers):
+            before = self._issued_as.get(name)
+            now = wanted.get(name)
+            if now is None or before is None or _issuing(before) != _issuing(now):
+                await close_bounded(self.issuers.pop(name).aclose(), f"issuer {name}", self.close_limit)
+        for name, cred in wanted.items():
+            if name not in self.issuers:
+                self.issuers[name] = open_issuer(self.config, cred, self.store)
+            self._issued_as[name] = cred
 
     def _start_generation(self) -> None:
         config = self.config
@@ -164,6 +187,7 @@ class Agent(Service):
             reporter=self.reporter,
             reloader=self.reloader,
             env_key=self.env_key,
+            issuers=self.issuers,
         )
         self._generation = [
             self.spawn(f"follow:{name}", self.follow(state)) for name, state in self.credentials.items()
@@ -209,8 +233,10 @@ class Agent(Service):
     # ------------------------------------------------------------ follow one credential (daemon.agent.follow)
 
     async def follow(self, state: CredentialState) -> None:
+        # An issued credential's versions come from its issuer, every other's from the store.
+        source = self.issuers.get(state.config.name, self.store)
         await Follower(
-            config=self.config, store=self.store, renderer=self.renderer, env_key=self.env_key, on_written=self._written
+            config=self.config, store=source, renderer=self.renderer, env_key=self.env_key, on_written=self._written
         ).follow(state)
 
     def _written(self, state: CredentialState, previous: VersionId | None, changed: bool) -> None:
@@ -248,11 +274,20 @@ class Agent(Service):
                 for name, s in self.credentials.items()
             },
         }
+        for name, issuer in self.issuers.items():
+            if name in out["credentials"]:
+                out["credentials"][name]["issuer"] = issuer.status()
         if self.tracker is not None:
             self.tracker.add_status(out)
         if self.reloader is not None:
             out["consumers"] = {name: st.as_dict() for name, st in self.reloader.status().items()}
         return out
+
+
+def _issuing(cred: CredentialConfig) -> tuple[str | None, object]:
+    """What an issuer is built from: a change here needs a new issuer (outputs and consumers do not)."""
+    kind = cred.issued_kind()
+    return kind, getattr(cred, kind) if kind else None
 
 
 def _not_dumpable() -> None:

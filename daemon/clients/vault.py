@@ -1,6 +1,7 @@
 """The Vault client (hvac): pooled sessions, auth (token, token_file, approle, kubernetes), error mapping, KV v2 calls.
 
 The only module that imports hvac. Every hvac call runs in ``asyncio.to_thread``;
+besides KV v2 it reads leased secrets and looks up, renews and revokes leases (``sys/leases``);
 hvac errors are mapped into ``daemon.errors`` here and a response body never
 reaches an error message or a log line. It knows KV v2's endpoints, never what
 Baton keeps in them (that is ``daemon.stores.vault`` and ``daemon.report.vault_status``).
@@ -33,6 +34,7 @@ import requests
 
 from daemon.config import VaultAuthConfig
 from daemon.errors import (
+    LeaseError,
     PayloadError,
     StoreAuthError,
     StoreConflict,
@@ -51,6 +53,11 @@ MAX_METADATA_VALUE_LEN = 512
 
 # Renew when this fraction of the token's TTL has passed.
 RENEW_AT = 2 / 3
+
+_REFUSED = {
+    "approle": "role_id or secret_id refused (wrong, or the secret_id expired or used up: issue a new one)",
+    "kubernetes": "service account token refused (wrong role, audience, subject or signer)",
+}
 
 
 def parse_time(text: str | None) -> float:
@@ -257,8 +264,12 @@ class VaultClient:
         except Exception as e:
             mapped = _mapped(e, f"login ({self.auth.method})")
             if isinstance(mapped, StoreNotFound | StoreConflict) or type(mapped) is StoreError:
-                # A 400/404 from a login endpoint means bad credentials or a wrong mount.
-                mapped = StoreAuthError(f"vault login ({self.auth.method}) failed: {type(e).__name__}")
+                # A 400/404 from a login endpoint means bad credentials or a wrong mount. Vault
+                # says only "invalid role or secret ID" for a wrong, expired or used-up secret_id.
+                mapped = StoreAuthError(
+                    f"vault login ({self.auth.method}) failed: {_REFUSED.get(self.auth.method, 'refused')} "
+                    f"({type(e).__name__})"
+                )
             if mapped is e:
                 raise
             raise mapped from e
@@ -384,6 +395,66 @@ class VaultClient:
 
     async def delete_all(self, key: str) -> None:
         await self.call(f"delete {key}", lambda c: c.adapter.delete(self.kv_url("metadata", key)))
+
+    # ------------------------------------------------------------ PKI
+
+    async def pki_write(self, path: str, data: Mapping[str, Any]) -> dict[str, Any]:
+        """POST to a PKI endpoint (``pki/sign/web``, ``pki/issue/web``, ``pki/revoke``); the response's ``data``.
+
+        The request may carry a CSR and the response a certificate (and in issue mode
+        a private key): neither reaches an error message, which names ``path`` only.
+        """
+        url = "/v1/" + "/".join(hvac.utils.format_url("{p}", p=part) for part in path.strip("/").split("/"))
+        resp = await self.call(f"pki {path}", lambda c: c.adapter.post(url, json=dict(data)))
+        body = resp if isinstance(resp, dict) else {}
+        out = body.get("data")
+        if not isinstance(out, dict):
+            raise StoreError(f"vault pki {path}: the response holds no data")
+        return out
+
+    # ------------------------------------------------------------ leases (dynamic secrets)
+
+    async def read_leased(self, path: str) -> Mapping[str, Any]:
+        """GET /v1/<path>: the response of a path that issues a leased secret (lease_id, lease_duration, data).
+
+        The caller checks that a lease came back; the response holds secrets and never reaches a message.
+        """
+        url = hvac.utils.format_url("/v1/{path}", path=path)
+        resp = await self.call(f"read {path}", lambda c: c.adapter.get(url))
+        if not isinstance(resp, Mapping):
+            raise StoreError(f"vault read {path}: no JSON object in the response")
+        return resp
+
+    async def _lease_call(self, what: str, endpoint: str, body: dict[str, Any]) -> Mapping[str, Any]:
+        url = f"/v1/sys/leases/{endpoint}"
+
+        def fn(c: Any) -> Any:
+            try:
+                return c.adapter.put(url, json=body)
+            except hvac.exceptions.InvalidRequest as e:
+                # Vault says 400 for a lease it does not know (expired, revoked, a restarted dev
+                # server) or one it will not renew: that lease is gone for good, not a retry.
+                said = _errors_of(e).lower()
+                if "past the max ttl" in said:
+                    raise LeaseError(f"vault {what}: past its max TTL, cannot renew") from None
+                if "not found" in said or "invalid lease" in said or "not renewable" in said or "expired" in said:
+                    raise StoreNotFound(f"vault {what}: lease not found or not renewable") from None
+                raise
+
+        resp = await self.call(what, fn)
+        return resp if isinstance(resp, Mapping) else {}
+
+    async def lookup_lease(self, lease_id: str) -> Mapping[str, Any]:
+        """sys/leases/lookup: the lease's ``data`` (ttl, expire_time, renewable); ``StoreNotFound`` if unknown."""
+        return await self._lease_call("lookup lease", "lookup", {"lease_id": lease_id})
+
+    async def renew_lease(self, lease_id: str, increment: float) -> Mapping[str, Any]:
+        """sys/leases/renew: the granted ``lease_duration`` (capped at the max TTL); ``StoreNotFound`` if gone."""
+        return await self._lease_call("renew lease", "renew", {"lease_id": lease_id, "increment": int(increment)})
+
+    async def revoke_lease(self, lease_id: str) -> None:
+        """sys/leases/revoke: the secret engine removes the credential (a database user is dropped)."""
+        await self._lease_call("revoke lease", "revoke", {"lease_id": lease_id})
 
     async def aclose(self) -> None:
         """Close every idle session; one still busy in a thread is closed when it comes back."""

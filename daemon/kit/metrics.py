@@ -83,6 +83,89 @@ propagation_seconds = Histogram(
     registry=REGISTRY,
 )
 report_publishes_total = Counter("baton_report_publishes_total", "Node reports written.", ["result"], registry=REGISTRY)
+lease_ttl_seconds = Gauge(
+    "baton_lease_ttl_seconds",
+    "Seconds left before a Vault lease of this node expires unless renewed (issuers/lease.py).",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+lease_max_ttl_seconds = Gauge(
+    "baton_lease_max_ttl_seconds",
+    "Seconds left before a lease reaches its max TTL, where renewal cannot extend it (-1: not known yet).",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+leases_outstanding = Gauge(
+    "baton_leases_outstanding",
+    "Leases of this node not yet revoked or expired, by state (current, held, revoking).",
+    ["credential", "state"],
+    registry=REGISTRY,
+)
+lease_operations_total = Counter(
+    "baton_lease_operations_total",
+    "Lease calls by operation (issue, renew, lookup, revoke) and result (ok, failed, gone).",
+    ["credential", "operation", "result"],
+    registry=REGISTRY,
+)
+lease_expiring_held = Gauge(
+    "baton_lease_expiring_held",
+    "Leases still held by a process on this node that will reach their max TTL within warn_before.",
+    ["credential"],
+    registry=REGISTRY,
+)
+lease_revoke_seconds = Histogram(
+    "baton_lease_revoke_seconds",
+    "Time from the last holder of a superseded lease gone (the scan that saw it) to its revocation.",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 15, 60, 300),
+    registry=REGISTRY,
+)
+
+certificate_not_after_seconds = Gauge(
+    "baton_certificate_not_after_seconds",
+    "Unix time a certificate of this node expires, per version still known (issuers/certificate.py).",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+certificate_not_before_seconds = Gauge(
+    "baton_certificate_not_before_seconds",
+    "Unix time a certificate's lifetime began (its renew window is a fraction of not_after - not_before).",
+    ["credential", "version"],
+    registry=REGISTRY,
+)
+certificate_renew_at_seconds = Gauge(
+    "baton_certificate_renew_at_seconds",
+    "Unix time the current certificate is (or was) due for renewal; past it while renewals fail: alert.",
+    ["credential"],
+    registry=REGISTRY,
+)
+certificate_renewal_failures_total = Counter(
+    "baton_certificate_renewal_failures_total",
+    "Certificates not issued or refused, by reason (errors.CERTIFICATE_REASONS); the current one stays.",
+    ["credential", "reason"],
+    registry=REGISTRY,
+)
+certificate_issued_total = Counter(
+    "baton_certificate_issued_total", "Certificates issued and taken.", ["credential"], registry=REGISTRY
+)
+certificate_revocations_total = Counter(
+    "baton_certificate_revocations_total",
+    "Superseded certificates revoked at the CA once nothing held them (revoke_retired), by result.",
+    ["credential", "result"],
+    registry=REGISTRY,
+)
+
+rollouts_total = Counter(
+    "baton_rollouts_total",
+    "Reloader-style workload restarts the rotator asked for (sidecar/podholders.py), by result (requested, failed).",
+    ["credential", "kind", "result"],
+    registry=REGISTRY,
+)
+rollout_stuck = Gauge(
+    "baton_rollout_stuck",
+    "1 while a workload restarted for a credential's new version is not available after store.pods.rollout_timeout.",
+    ["credential", "workload"],
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:
