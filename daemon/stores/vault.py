@@ -37,6 +37,8 @@ values are strings, lists are comma-separated version numbers):
 - custom_metadata is limited by Vault to 64 keys (key <= 128, value <= 512
   bytes). ``merge_metadata`` checks before it writes and says to use
   ``reports: status_path`` (``daemon.report.vault_status``) when a fleet outgrows it.
+  The server checks the 64 keys of a PATCH body only, not of the merged map, so
+  concurrent merges can leave more; then only a merge that adds keys is refused.
 
 Payloads: a KV data map ``{"value": "<str>"}`` is the payload string itself;
 any other map is its JSON (so templates see the fields). ``create`` of a payload
@@ -443,7 +445,10 @@ class VaultStore(SecretStore):
             meta = await self._metadata(key)
             removed = {k for k, v in entries.items() if v is None}
             total = len((set(meta.custom) | added) - removed)
-            if total > MAX_METADATA_KEYS:
+            # Vault checks only a PATCH body, never the merged map: two nodes that each saw
+            # 63 keys leave 65. Refuse only what grows the map past the limit, so the nodes
+            # already in it keep heart-beating (and removals shrink it) once that happened.
+            if total > MAX_METADATA_KEYS and total > len(meta.custom):
                 raise StoreError(
                     f"vault {key}: merging would make {total} custom_metadata keys, over Vault's limit of "
                     f"{MAX_METADATA_KEYS}; use `reports: status_path` for a fleet this large"

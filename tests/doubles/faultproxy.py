@@ -1,32 +1,77 @@
-"""A small HTTP fault-injecting proxy for tests: delay or drop the answer to chosen requests.
+"""A small HTTP fault-injecting proxy for tests: the faults a real server cannot make on demand.
 
 ``FaultProxy(host, port)`` listens on a free loopback port and forwards each
 HTTP/1.1 request to the target on a connection of its own (it asks for
 ``Connection: close``, so every request is seen and judged apart). A ``Rule``
-matches a method and a path substring; a matching request still reaches the
-server (the write lands), but its answer is held back ``delay`` seconds or
-never sent (``drop``): the client sees a timeout or a closed connection, as
-with a slow or broken network. ``seen`` lists every (method, path) forwarded.
-It never logs a request or an answer: bodies carry secrets.
+matches a method (``None``: any) and a path substring; what it does to a
+matching request:
+
+- ``status``: answer that status at once (``{"errors": [...]}``, as Vault
+  does), the request never reaches the server: a sealed or overloaded Vault
+  (503, 500, 502, 504, 429), which a dev server cannot be made to answer;
+- ``delay``: the request reaches the server (the write lands), its answer is
+  held back that long (or until ``release()``): a slow server or network;
+- ``drop``: the request lands, the connection closes without an answer;
+- ``truncate``: the request lands, only the first half of the answer is sent
+  before the connection closes (a body cut short).
+
+``times`` is how many matching requests a rule applies to (``None``: until it
+is removed). ``seen`` lists every (method, path) the proxy got, ``count(method,
+kind)`` counts them as Vault endpoint kinds (``("GET", "metadata")``,
+``("LIST", "metadata")``, ``("POST", "auth/approle/login")``), answered or not.
+``ThreadedFaultProxy`` runs one on a loop of its own in a thread, so a test may
+block its own loop (hvac calls, ``kv put``) while the proxy keeps answering;
+its hooks are safe to call from any thread. It never logs a request or an
+answer: bodies carry secrets.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import json
+import threading
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+_REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 @dataclass
 class Rule:
-    method: str
-    path: str  # a substring of the request path
+    method: str | None
+    path: str = ""  # a substring of the request path
     delay: float = 0.0
     drop: bool = False
-    times: int = 1  # how many matching requests it applies to; then it is spent
+    times: int | None = 1  # how many matching requests it applies to; then it is spent (None: never)
+    status: int | None = None
+    truncate: bool = False
 
     def matches(self, method: str, path: str) -> bool:
-        return self.times > 0 and method == self.method and self.path in path
+        return (self.times is None or self.times > 0) and self.method in (None, method) and self.path in path
+
+
+def endpoint_kind(method: str, path: str) -> tuple[str, str]:
+    """(method, kind) of a Vault request: ``LIST`` for ``?list=true``; ``auth/...`` whole, else the KV verb."""
+    parts = urlsplit(path)
+    if method == "GET" and "list=true" in parts.query:
+        method = "LIST"
+    tail = parts.path.removeprefix("/v1/").rstrip("/")
+    if tail.startswith("auth/"):
+        return method, tail
+    pieces = tail.split("/", 2)
+    return method, pieces[1] if len(pieces) > 1 else tail
+
+
+def _answer(status: int) -> bytes:
+    said = "Vault is sealed" if status == 503 else "injected failure"  # what Vault says; must stay out of errors
+    body = json.dumps({"errors": [said]}).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 @dataclass
@@ -38,12 +83,15 @@ class FaultProxy:
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _wake: asyncio.Event | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> FaultProxy:
+        self._wake = asyncio.Event()
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -57,6 +105,19 @@ class FaultProxy:
             await asyncio.wait(list(self._tasks), timeout=10)
         for t in list(self._tasks):
             t.cancel()
+
+    def counts(self) -> collections.Counter[tuple[str, str]]:
+        with self._lock:
+            return collections.Counter(endpoint_kind(m, p) for m, p in self.seen)
+
+    def count(self, method: str, kind: str) -> int:
+        return self.counts()[(method, kind)]
+
+    def _release(self) -> None:
+        """Wake every held answer at once (on this proxy's loop)."""
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = asyncio.Event()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -83,10 +144,15 @@ class FaultProxy:
             if name.strip().lower() == b"content-length":
                 length = int(value.strip())
         body = await reader.readexactly(length) if length else b""
-        rule = next((r for r in self.rules if r.matches(method, path)), None)
-        if rule is not None:
-            rule.times -= 1
-        self.seen.append((method, path))
+        with self._lock:
+            rule = next((r for r in self.rules if r.matches(method, path)), None)
+            if rule is not None and rule.times is not None:
+                rule.times -= 1
+            self.seen.append((method, path))
+        if rule is not None and rule.status is not None:
+            writer.write(_answer(rule.status))
+            await writer.drain()
+            return
         up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
         try:
             request = b"\r\n".join([lines[0], *headers, b"Connection: close"]) + b"\r\n\r\n" + body
@@ -97,9 +163,69 @@ class FaultProxy:
             up_writer.close()
             with contextlib.suppress(OSError):
                 await up_writer.wait_closed()
-        if rule is not None and rule.delay:
-            await asyncio.sleep(rule.delay)
+        if rule is not None and rule.delay and self._wake is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), rule.delay)
         if rule is not None and rule.drop:
             return  # the write landed; its answer never comes
+        if rule is not None and rule.truncate:
+            answer = answer[: max(1, len(answer) // 2)]
         writer.write(answer)
         await writer.drain()
+
+
+class ThreadedFaultProxy:
+    """A ``FaultProxy`` on its own event loop in a daemon thread; hooks callable from any thread."""
+
+    def __init__(self, target_url: str) -> None:
+        parts = urlsplit(target_url)
+        assert parts.hostname is not None and parts.port is not None
+        self.proxy = FaultProxy(parts.hostname, parts.port)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.proxy.url
+
+    @property
+    def seen(self) -> list[tuple[str, str]]:
+        with self.proxy._lock:
+            return list(self.proxy.seen)
+
+    def start(self) -> ThreadedFaultProxy:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.proxy.start(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        self.clear()
+        asyncio.run_coroutine_threadsafe(self.proxy.stop(), self._loop).result(15)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(15)
+        self._loop.close()
+
+    def add(self, rule: Rule) -> Rule:
+        with self.proxy._lock:
+            self.proxy.rules.append(rule)
+        return rule
+
+    def fail_with(self, status: int, *, times: int | None = None, method: str | None = None, path: str = "") -> Rule:
+        """Answer ``status`` to every request (or the next ``times``) without forwarding it."""
+        return self.add(Rule(method, path, status=status, times=times))
+
+    def slow(self, seconds: float, *, method: str | None = None, path: str = "", times: int | None = None) -> Rule:
+        """Hold back answers ``seconds`` (each request still reaches the server)."""
+        return self.add(Rule(method, path, delay=seconds, times=times))
+
+    def clear(self) -> None:
+        """Remove every rule and send every held answer now: the server is healthy again."""
+        with self.proxy._lock:
+            self.proxy.rules.clear()
+        self._loop.call_soon_threadsafe(self.proxy._release)
+
+    def counts(self) -> collections.Counter[tuple[str, str]]:
+        return self.proxy.counts()
+
+    def count(self, method: str, kind: str) -> int:
+        return self.proxy.count(method, kind)

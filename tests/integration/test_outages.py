@@ -1,7 +1,7 @@
 """Store outages seen from a running agent and a rotator, on real servers.
 
 Owns the agent-level outage scenarios: moto_server stopped and started again
-(AWS), the Vault double answering 503 or answering too slowly, the Kubernetes
+(AWS), OpenBao behind a fault proxy answering 503 or too slowly, the Kubernetes
 double answering 5xx. During an outage the agent's files must stay exactly as
 they were (same inodes, same bytes), and once the store is back a new version
 must land within a few poll intervals. A rotator that evaluates retirement
@@ -41,7 +41,6 @@ from daemon.stores.aws import AwsStore
 from daemon.stores.base import SecretStore
 from daemon.stores.local import LocalStore
 from daemon.stores.vault import VaultStore
-from tests.doubles.vault import VaultDouble
 from tests.fixtures.moto import MotoServer, _free_port
 from tests.fixtures.vault import VaultTarget
 from tests.helpers import everything_logged, running_agent, until
@@ -190,23 +189,23 @@ async def test_an_aws_outage_shows_in_the_status_and_the_store_error_counter(
         assert agent.status()["credentials"]["db"]["last_error"] is None
 
 
-# ---------------------------------------------------------------- Vault double (503, slow, healthy)
+# ---------------------------------------------------------------- Vault (OpenBao, a fault proxy: 503, slow)
 
 
 @pytest.fixture
 def vault_env(vault_server: VaultTarget, monkeypatch: pytest.MonkeyPatch) -> VaultTarget:
-    monkeypatch.setenv("VAULT_TOKEN", vault_server.root_token)
+    monkeypatch.setenv("VAULT_TOKEN", vault_server.baton_token())
     return vault_server
 
 
 def vault_store_config(target: VaultTarget, **extra: Any) -> dict[str, Any]:
-    return {"kind": "vault", "url": target.url, "poll_interval": POLL, "timeout": 1.0, **extra}
+    return {"kind": "vault", "url": target.url, "mount": target.mount, "poll_interval": POLL, "timeout": 1.0, **extra}
 
 
 async def test_a_vault_503_then_a_slow_vault_keep_the_files_and_the_next_version_lands_within_a_poll(
-    vault_env: VaultTarget, vault_double: VaultDouble, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    vault_env: VaultTarget, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    vault_double.write(KEY, {"value": CANARY + "-1"})
+    vault_env.write(KEY, {"value": CANARY + "-1"})
     config = agent_config(tmp_path, vault_store_config(vault_env))
     async with running_agent(Agent(config, install_signals=False)) as agent:
         state = agent.credentials["db"]
@@ -214,24 +213,24 @@ async def test_a_vault_503_then_a_slow_vault_keep_the_files_and_the_next_version
         before = snapshot(tmp_path / "out")
 
         # Sealed: every request answers 503.
-        vault_double.fail_with(503)
-        polls = vault_double.count("GET", "metadata")
-        await until(lambda: vault_double.count("GET", "metadata") >= polls + 3, timeout=5, what="three failed polls")
+        vault_env.faults.fail_with(503)
+        polls = vault_env.faults.count("GET", "metadata")
+        faults = vault_env.faults
+        await until(lambda: faults.count("GET", "metadata") >= polls + 3, timeout=5, what="three failed polls")
         assert snapshot(tmp_path / "out") == before
 
         # Slow: answers take 10 s, the client gives up after 1 s.
-        vault_double.fail_with(None)
-        vault_double.set_delay(10.0)
-        polls = vault_double.count("GET", "metadata")
-        await until(lambda: vault_double.count("GET", "metadata") >= polls + 2, timeout=6, what="two timed-out polls")
+        vault_env.faults.clear()
+        vault_env.faults.slow(10.0)
+        polls = vault_env.faults.count("GET", "metadata")
+        await until(lambda: faults.count("GET", "metadata") >= polls + 2, timeout=6, what="two timed-out polls")
         await until(lambda: "timed out" in everything_logged(caplog), timeout=3, what="a timeout in the log")
         assert snapshot(tmp_path / "out") == before
         assert state.version == "1" and agent.ready.is_set()
 
         # A new version written behind the outage (by another writer), then healthy again.
-        vault_double.write(KEY, {"value": CANARY + "-2"})
-        vault_double.set_delay(0)
-        vault_double.release()  # answer the polls still waiting in the double at once
+        vault_env.write(KEY, {"value": CANARY + "-2"})
+        vault_env.faults.clear()  # healthy: the polls still held in the proxy are answered at once
         took = await until(lambda: state.version == "2", timeout=PICKUP_DEADLINE, what="version 2 on disk")
         assert stable_value(tmp_path) == CANARY + "-2"
         assert took <= PICKUP_DEADLINE
@@ -239,19 +238,19 @@ async def test_a_vault_503_then_a_slow_vault_keep_the_files_and_the_next_version
 
 
 async def test_a_vault_outage_shows_in_the_status_and_the_store_error_counter(
-    vault_env: VaultTarget, vault_double: VaultDouble, tmp_path: Path
+    vault_env: VaultTarget, tmp_path: Path
 ) -> None:
-    vault_double.write(KEY, {"value": CANARY})
+    vault_env.write(KEY, {"value": CANARY})
     config = agent_config(tmp_path, vault_store_config(vault_env))
     async with running_agent(Agent(config, install_signals=False)) as agent:
         errors_before = store_errors("vault")
-        vault_double.fail_with(503)
+        vault_env.faults.fail_with(503)
         state = agent.credentials["db"]
         await until(lambda: state.store_error, timeout=6 * POLL + 2, what="the outage in the status")
         assert agent.status()["credentials"]["db"]["last_error"]
         assert CANARY not in str(agent.status())
         assert store_errors("vault") > errors_before
-        vault_double.fail_with(None)
+        vault_env.faults.clear()
         await until(lambda: state.store_error is None, timeout=6 * POLL + 2, what="the outage cleared")
         assert agent.status()["credentials"]["db"]["last_error"] is None
 
@@ -374,28 +373,29 @@ async def test_a_store_or_reporter_error_at_any_call_of_a_retirement_pass_retire
 
 
 async def test_a_rotator_during_a_vault_outage_retires_nothing_and_retires_once_healthy(
-    vault_env: VaultTarget, vault_double: VaultDouble, tmp_path: Path
+    vault_env: VaultTarget, tmp_path: Path
 ) -> None:
     config = rotation_config(vault_store_config(vault_env, reports="status_path"), tmp_path)
     store = VaultStore.from_config(config)
-    impatient = VaultStore(url=vault_env.url, timeout=0.3, env={"VAULT_TOKEN": vault_env.root_token})
+    impatient = VaultStore(
+        url=vault_env.url, mount=vault_env.mount, timeout=0.3, env={"VAULT_TOKEN": vault_env.baton_token()}
+    )
     try:
         reporter = open_reporter(config, store)
         old, new = await rotated_and_drained(rotator_for(config, store, reporter), reporter)
         rotator = rotator_for(config, store, reporter)
         # Sealed for the whole pass, or for only its first one, two, three requests.
         for times in (None, 1, 2, 3):
-            vault_double.fail_with(503, times=times)
+            vault_env.faults.fail_with(503, times=times)
             assert await retire_during_outage(rotator) == []
-            vault_double.fail_with(None)
+            vault_env.faults.clear()
             assert not {v.id: v for v in await store.versions(KEY)}[VersionId(old)].retired, times
         # Slow: a rotator with a short client timeout gives up and retires nothing.
         slow = rotator_for(config, impatient, open_reporter(config, impatient))
         await impatient.versions(KEY)  # logged in while the server is fast
-        vault_double.set_delay(10.0)
+        vault_env.faults.slow(10.0)
         assert await retire_during_outage(slow) == []
-        vault_double.set_delay(0)
-        vault_double.release()
+        vault_env.faults.clear()
         assert not {v.id: v for v in await store.versions(KEY)}[VersionId(old)].retired
         assert rotator.retired_total == slow.retired_total == 0
         await heartbeat(reporter, new)  # the nodes kept heart-beating through the outage

@@ -1,8 +1,11 @@
-"""VaultStore login methods, token renewal and re-authentication.
+"""VaultStore login methods, token renewal and re-authentication, against a real OpenBao.
 
-Renewal and revocation need short TTLs and the revoke hook, so most tests here
-run against the double only (``vault_double``); the AppRole and token-file
-logins also run against a real server.
+Every token here is real: TTLs run down on the server, renewals are the
+server's answers, revocations are ``auth/token/revoke`` and
+``sys/leases/revoke-prefix``, a policy denial is a policy the test rewrites.
+Each test's AppRole (or JWT) auth mount is its own, so the proxy's count of
+``POST auth/<mount>/login`` is exactly this store's logins. Tokens carry
+Baton's policy of docs/install.md and nothing else.
 """
 
 from __future__ import annotations
@@ -14,39 +17,66 @@ from pathlib import Path
 import hvac
 import pytest
 
+from daemon.clients.vault import parse_time
 from daemon.config import VaultAuthConfig
 from daemon.errors import StoreAuthError
 from daemon.model import Secret
 from daemon.stores.vault import VaultStore
-from tests.doubles.vault import VaultDouble
 from tests.fixtures.vault import MakeStore, VaultTarget
 
 pytestmark = pytest.mark.integration
 
-LOGIN = ("POST", "auth/approle/login")
 RENEW = ("POST", "auth/token/renew-self")
+LOOKUP = ("GET", "auth/token/lookup-self")
 
 
-def approle_auth(vault_server: VaultTarget, tmp_path: Path) -> VaultAuthConfig:
-    role_id, secret_id = vault_server.approle()
-    sid = tmp_path / "secret_id"
+def login(mount: str) -> tuple[str, str]:
+    return ("POST", f"auth/{mount}/login")
+
+
+def approle_auth(vault_server: VaultTarget, tmp_path: Path, **role: object) -> tuple[VaultAuthConfig, str]:
+    """An AppRole of this test (options as ``VaultTarget.approle``): its auth config and its mount."""
+    mount, role_id, secret_id = vault_server.approle(**role)  # type: ignore[arg-type]
+    sid = tmp_path / f"secret_id-{mount}"
     sid.write_text(secret_id + "\n")
-    return VaultAuthConfig(method="approle", role_id=role_id, secret_id_file=sid)
+    return VaultAuthConfig(method="approle", mount=mount, role_id=role_id, secret_id_file=sid), mount
 
 
 async def approle_store_reading(
-    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
-) -> tuple[VaultStore, str]:
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path, **role: object
+) -> tuple[VaultStore, str, str]:
     """An AppRole-authenticated store that has logged in and read ``<prefix>/db`` (value "v") once."""
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
+    auth, mount = approle_auth(vault_server, tmp_path, **role)
+    store = make_vault_store(auth=auth)
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
     await store.read(key)
-    return store, key
+    return store, key, mount
+
+
+def approle_token(vault_server: VaultTarget) -> str:
+    """A token from a real AppRole login (renewable, 1 h TTL), not held by any store."""
+    mount, role_id, secret_id = vault_server.approle()
+    c = hvac.Client(url=vault_server.direct_url)
+    try:
+        resp = c.auth.approle.login(role_id=role_id, secret_id=secret_id, use_token=False, mount_point=mount)
+        return str(resp["auth"]["client_token"])
+    finally:
+        c.adapter.close()
+
+
+def seconds_left(vault_server: VaultTarget, token: str) -> float:
+    """The token's time left by its ``expire_time`` (the server's ``ttl`` is whole seconds)."""
+    c = vault_server.client()
+    try:
+        info = c.auth.token.lookup(token)["data"]
+    finally:
+        c.adapter.close()
+    return parse_time(info["expire_time"]) - time.time()
 
 
 async def wait_until_monotonic(t: float) -> None:
-    # Time itself is what the test waits for (a TTL running down), not another task.
+    # Time itself is what the test waits for (a TTL running down on the server), not another task.
     while time.monotonic() < t:
         await asyncio.sleep(min(0.05, max(0.0, t - time.monotonic())))
 
@@ -54,17 +84,19 @@ async def wait_until_monotonic(t: float) -> None:
 async def test_approle_login_reads_and_writes(
     vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
+    auth, mount = approle_auth(vault_server, tmp_path)
+    store = make_vault_store(auth=auth)
     key = f"{vault_prefix}/db"
     await store.promote(key, (await store.create(key, Secret("x"))).id)
     assert (await store.read(key)).payload.reveal() == "x"
+    assert vault_server.faults.count(*login(mount)) == 1
 
 
 async def test_token_file_login_reads(
     vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
     tf = tmp_path / "token"
-    tf.write_text(vault_server.root_token + "\n")
+    tf.write_text(vault_server.baton_token() + "\n")
     store = make_vault_store(auth=VaultAuthConfig(method="token_file", token_file=tf))
     vault_server.write(f"{vault_prefix}/db", {"value": "y"})
     assert (await store.read(f"{vault_prefix}/db")).payload.reveal() == "y"
@@ -79,38 +111,62 @@ async def test_a_missing_vault_token_is_an_auth_error(make_vault_store: MakeStor
 async def test_a_wrong_approle_secret_id_is_an_auth_error(
     vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    role_id, _ = vault_server.approle()
+    mount, role_id, _ = vault_server.approle()
     sid = tmp_path / "secret_id"
     sid.write_text("not-the-secret-id")
-    store = make_vault_store(auth=VaultAuthConfig(method="approle", role_id=role_id, secret_id_file=sid))
-    with pytest.raises(StoreAuthError) as err:
+    store = make_vault_store(auth=VaultAuthConfig(method="approle", mount=mount, role_id=role_id, secret_id_file=sid))
+    with pytest.raises(StoreAuthError, match="refused") as err:
         await store.read(f"{vault_prefix}/db")
-    assert "not-the-secret-id" not in str(err.value)
+    assert "not-the-secret-id" not in str(err.value) and role_id not in str(err.value)
+
+
+@pytest.mark.parametrize("spent", ["uses", "ttl"])
+async def test_a_used_up_or_expired_secret_id_is_a_clear_auth_error_at_the_next_login(
+    spent: str, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    # One use, or two seconds: enough for the first login only.
+    role = {"secret_id_num_uses": 1} if spent == "uses" else {"secret_id_ttl": "2s"}
+    store, key, mount = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path, **role)
+    if spent == "ttl":
+        await wait_until_monotonic(time.monotonic() + 2.2)
+    vault_server.revoke_logins(mount)  # the token dies: the store must log in again
+    with pytest.raises(StoreAuthError, match="secret_id") as err:
+        await store.read(key)
+    assert "refused" in str(err.value)
+    secret_id = (tmp_path / f"secret_id-{mount}").read_text().strip()
+    assert secret_id not in str(err.value)
+    assert vault_server.faults.count(*login(mount)) == 2
 
 
 async def test_kubernetes_login_uses_the_service_account_token(
-    vault_double: VaultDouble, make_vault_store: MakeStore, vault_server: VaultTarget, vault_prefix: str, tmp_path: Path
+    make_vault_store: MakeStore, vault_server: VaultTarget, vault_prefix: str, tmp_path: Path
 ) -> None:
-    vault_double.add_kubernetes_role("baton", "jwt-abc")
+    mount = vault_server.kubernetes("baton")
     jwt = tmp_path / "token"
-    jwt.write_text("jwt-abc")
-    store = make_vault_store(auth=VaultAuthConfig(method="kubernetes", role="baton", jwt_file=jwt))
+    jwt.write_text(vault_server.jwt_for())
+    store = make_vault_store(auth=VaultAuthConfig(method="kubernetes", mount=mount, role="baton", jwt_file=jwt))
     vault_server.write(f"{vault_prefix}/db", {"value": "k"})
     assert (await store.read(f"{vault_prefix}/db")).payload.reveal() == "k"
-    assert vault_double.count("POST", "auth/kubernetes/login") == 1
+    assert vault_server.faults.count(*login(mount)) == 1
 
-    jwt.write_text("jwt-wrong")
-    bad = make_vault_store(auth=VaultAuthConfig(method="kubernetes", role="baton", jwt_file=jwt))
-    with pytest.raises(StoreAuthError):
-        await bad.read(f"{vault_prefix}/db")
+    # Signed by another key (a token of another cluster), and one for another service account.
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for bad_jwt in (vault_server.jwt_for(key=other_key), vault_server.jwt_for("system:serviceaccount:apps:other")):
+        jwt.write_text(bad_jwt)
+        bad = make_vault_store(auth=VaultAuthConfig(method="kubernetes", mount=mount, role="baton", jwt_file=jwt))
+        with pytest.raises(StoreAuthError) as err:
+            await bad.read(f"{vault_prefix}/db")
+        assert bad_jwt not in str(err.value)
 
 
 async def test_the_token_is_renewed_before_its_ttl_ends(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
     # 2 s: renewal at 1.33 s leaves 0.67 s of slack on a loaded machine.
-    vault_double.token_ttl = 2.0
-    store = make_vault_store(auth=approle_auth(vault_server, tmp_path))
+    auth, mount = approle_auth(vault_server, tmp_path, token_ttl="2s")
+    store = make_vault_store(auth=auth)
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
     login_at = time.monotonic()
@@ -118,87 +174,112 @@ async def test_the_token_is_renewed_before_its_ttl_ends(
     assert store.client.renew_at is not None
     await wait_until_monotonic(store.client.renew_at)
     await store.read(key)
-    assert vault_double.count(*RENEW) == 1
-    # Past the first TTL: the original token would have expired by now.
+    assert vault_server.faults.count(*RENEW) == 1
+    # Past the first TTL: the original grant would have expired on the server by now.
     await wait_until_monotonic(login_at + 2.1)
     assert (await store.read(key)).payload.reveal() == "v"
-    assert vault_double.count(*LOGIN) == 1
-    assert vault_double.count("GET", "metadata") >= 3
+    assert vault_server.faults.count(*login(mount)) == 1
+    assert vault_server.faults.count("GET", "metadata") >= 3
+
+
+async def test_a_token_past_its_max_ttl_is_replaced_by_a_fresh_login(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    # Renewable for 3 s in all: renewals grant less and less, then the server refuses the token.
+    store, key, mount = await approle_store_reading(
+        vault_server, make_vault_store, vault_prefix, tmp_path, token_ttl="2s", token_max_ttl="3s"
+    )
+    first = store.client._grant
+    assert first is not None
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:  # a poll every 0.1 s, as a watching agent would
+        assert (await store.read(key)).payload.reveal() == "v"
+        await asyncio.sleep(0.1)
+    assert vault_server.faults.count(*RENEW) >= 1
+    assert vault_server.faults.count(*login(mount)) == 2
+    assert store.client._grant is not None and store.client._grant.token != first.token
+    assert vault_server.ttl_left(first.token) is None  # the first token is gone on the server
 
 
 async def test_a_plain_token_with_a_ttl_is_renewed_too(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
-    vault_double.token_ttl = 2.0
-    role_id, secret_id = vault_server.approle()
-    c = hvac.Client(url=vault_server.url)
-    try:
-        token = c.auth.approle.login(role_id=role_id, secret_id=secret_id, use_token=False)["auth"]["client_token"]
-    finally:
-        c.adapter.close()
+    token = vault_server.token(ttl="2s")
     store = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token})
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
     await store.read(key)
-    assert vault_double.count("GET", "auth/token/lookup-self") == 1
+    assert vault_server.faults.count(*LOOKUP) == 1
     assert store.client.renew_at is not None
     await wait_until_monotonic(store.client.renew_at)
     await store.read(key)
-    assert vault_double.count(*RENEW) == 1
-    left = vault_double.token_ttl_left(token)
-    assert left is not None and left > 1.0
+    assert vault_server.faults.count(*RENEW) == 1
+    assert seconds_left(vault_server, token) > 1.0
 
 
-async def test_a_revoked_token_is_replaced_by_a_fresh_approle_login(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+async def test_a_plain_token_past_its_max_ttl_is_an_auth_error_without_a_login_method(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
-    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
-    vault_double.revoke_all_tokens()
-    assert (await store.read(key)).payload.reveal() == "v"
-    assert vault_double.count(*LOGIN) == 2
-
-
-async def test_a_revoked_static_token_fails_with_an_auth_error_after_one_retry(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
-) -> None:
-    role_id, secret_id = vault_server.approle()
-    c = hvac.Client(url=vault_server.url)
-    try:
-        token = c.auth.approle.login(role_id=role_id, secret_id=secret_id, use_token=False)["auth"]["client_token"]
-    finally:
-        c.adapter.close()
+    token = vault_server.token(ttl="2s", explicit_max_ttl="3s")
     store = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token})
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
     await store.read(key)
-    vault_double.revoke_all_tokens()
+    deadline = time.monotonic() + 3.5
+    with pytest.raises(StoreAuthError) as err:
+        while time.monotonic() < deadline:
+            await store.read(key)
+            await asyncio.sleep(0.1)
+    assert vault_server.faults.count(*RENEW) >= 1  # renewed while it could be
+    assert vault_server.ttl_left(token) is None
+    assert token not in str(err.value)
+
+
+async def test_a_revoked_token_is_replaced_by_a_fresh_approle_login(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    store, key, mount = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
+    vault_server.revoke_logins(mount)
+    assert (await store.read(key)).payload.reveal() == "v"
+    assert vault_server.faults.count(*login(mount)) == 2
+
+
+async def test_a_revoked_static_token_fails_with_an_auth_error_after_one_retry(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    token = approle_token(vault_server)
+    store = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token})
+    key = f"{vault_prefix}/db"
+    vault_server.write(key, {"value": "v"})
+    await store.read(key)
+    vault_server.revoke(token)
     with pytest.raises(StoreAuthError) as err:
         await store.read(key)
     assert token not in str(err.value)
     # One lookup at start, one to tell a dead token from a policy denial, one for the re-login attempt.
-    assert vault_double.count("GET", "auth/token/lookup-self") == 3
+    assert vault_server.faults.count(*LOOKUP) == 3
 
 
 async def test_concurrent_calls_after_a_revocation_log_in_once(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
-    vault_double.revoke_all_tokens()
+    store, key, mount = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
+    vault_server.revoke_logins(mount)
     got = await asyncio.gather(*(store.read(key) for _ in range(6)))
     assert {g.payload.reveal() for g in got} == {"v"}
-    assert vault_double.count(*LOGIN) == 2
+    assert vault_server.faults.count(*login(mount)) == 2
 
 
 async def test_a_policy_denial_on_a_live_token_never_spends_a_login(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
 ) -> None:
-    store, key = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
-    assert vault_double.count(*LOGIN) == 1
-    vault_double.deny(key)
+    store, key, mount = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path)
+    assert vault_server.faults.count(*login(mount)) == 1
+    vault_server.deny(key)  # the role's policy now denies the key; its token stays valid
     for _ in range(3):  # e.g. three polls: a limited-use secret_id must not pay for any of them
         with pytest.raises(StoreAuthError, match="denied by policy"):
             await store.read(key)
-    assert vault_double.count(*LOGIN) == 1
-    vault_double.deny(None)
+    assert vault_server.faults.count(*login(mount)) == 1
+    vault_server.deny(None)
     assert (await store.read(key)).payload.reveal() == "v"
-    assert vault_double.count(*LOGIN) == 1
+    assert vault_server.faults.count(*login(mount)) == 1

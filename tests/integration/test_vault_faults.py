@@ -1,4 +1,8 @@
-"""VaultStore under failure: 5xx, a slow server, no server; and no secret in any log or error."""
+"""VaultStore under failure: 5xx, a slow server, a dropped or cut answer, no server; no secret in any log or error.
+
+The server is the session's real OpenBao; the faults come from the test's proxy in front of it
+(``vault_server.faults``), which also counts the requests the store makes.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import pytest
 from daemon.errors import StoreConflict, StoreError, StoreUnavailable
 from daemon.model import Secret, VersionId
 from daemon.stores.vault import VaultStore
-from tests.doubles.vault import VaultDouble
+from tests.doubles.faultproxy import Rule
 from tests.fixtures.vault import MakeStore, VaultTarget
 
 pytestmark = pytest.mark.integration
@@ -31,40 +35,67 @@ async def wait_for(cond: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def test_a_503_is_store_unavailable_and_the_store_recovers(
-    vault_double: VaultDouble, vault_server: VaultTarget, vault_store: VaultStore, vault_prefix: str
+    vault_server: VaultTarget, vault_store: VaultStore, vault_prefix: str
 ) -> None:
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
-    vault_double.fail_with(503)
+    vault_server.faults.fail_with(503)
     with pytest.raises(StoreUnavailable) as err:
         await vault_store.read(key)
     assert "sealed" not in str(err.value)  # the response body stays out of the message
-    vault_double.fail_with(None)
+    vault_server.faults.clear()
     assert (await vault_store.read(key)).payload.reveal() == "v"
 
 
 @pytest.mark.parametrize("status", [500, 502, 504, 429])
 async def test_other_server_errors_are_store_unavailable(
-    status: int, vault_double: VaultDouble, vault_store: VaultStore, vault_prefix: str
+    status: int, vault_server: VaultTarget, vault_store: VaultStore, vault_prefix: str
 ) -> None:
-    vault_double.fail_with(status, times=1)
+    vault_server.faults.fail_with(status, times=1)
     with pytest.raises(StoreUnavailable):
         await vault_store.versions(f"{vault_prefix}/db")
 
 
 async def test_a_slow_server_times_out_as_store_unavailable(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v"})
     store = make_vault_store(timeout=0.2)
     await store.read(key)  # logged in while the server is fast
-    vault_double.set_delay(2.0)
+    vault_server.faults.slow(2.0)
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="timed out"):
         await store.read(key)
     assert time.monotonic() - started < 1.5
-    vault_double.set_delay(0)
+    vault_server.faults.clear()
+
+
+async def test_a_dropped_connection_is_store_unavailable_and_the_write_it_carried_landed(
+    vault_server: VaultTarget, vault_store: VaultStore, vault_prefix: str
+) -> None:
+    key = f"{vault_prefix}/db"
+    await vault_store.promote(key, (await vault_store.create(key, Secret("one"))).id)
+    vault_server.faults.add(Rule("POST", f"/{vault_server.mount}/data/{key}", drop=True))
+    with pytest.raises(StoreUnavailable):
+        await vault_store.create(key, Secret("two"))
+    # The server took the write; the store recorded it pending first, so nothing is lost or current.
+    infos = {v.id: v for v in await vault_store.versions(key)}
+    assert sorted(infos) == ["1", "2"] and infos["1"].is_current and not infos["2"].is_current
+    assert (await vault_store.read(key)).payload.reveal() == "one"
+
+
+@pytest.mark.parametrize("kind", ["metadata", "data"])
+async def test_a_truncated_answer_is_store_unavailable_not_a_parse_error(
+    kind: str, vault_server: VaultTarget, vault_store: VaultStore, vault_prefix: str
+) -> None:
+    key = f"{vault_prefix}/db"
+    vault_server.write(key, {"value": CANARY})
+    vault_server.faults.add(Rule("GET", f"/{vault_server.mount}/{kind}/{key}", truncate=True))
+    with pytest.raises(StoreUnavailable) as err:
+        await vault_store.read(key)
+    assert CANARY not in "".join(traceback.format_exception(err.value))
+    assert (await vault_store.read(key)).payload.reveal() == CANARY  # the next answer is whole
 
 
 async def test_no_server_listening_is_store_unavailable(make_vault_store: MakeStore, vault_prefix: str) -> None:
@@ -77,7 +108,7 @@ async def test_no_server_listening_is_store_unavailable(make_vault_store: MakeSt
 
 
 async def test_watch_polls_through_an_outage_and_then_sees_the_new_version(
-    vault_double: VaultDouble, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     key = f"{vault_prefix}/db"
     vault_server.write(key, {"value": "v1"})
@@ -91,11 +122,11 @@ async def test_watch_polls_through_an_outage_and_then_sees_the_new_version(
     task = asyncio.create_task(consume())
     try:
         await wait_for(lambda: seen == ["1"])
-        vault_double.fail_with(503)
-        failed_from = vault_double.count("GET", "metadata")
-        await wait_for(lambda: vault_double.count("GET", "metadata") >= failed_from + 3)
-        vault_double.write(key, {"value": "v2"})  # behind the outage, like a write on another node
-        vault_double.fail_with(None)
+        vault_server.faults.fail_with(503)
+        failed_from = vault_server.faults.count("GET", "metadata")
+        await wait_for(lambda: vault_server.faults.count("GET", "metadata") >= failed_from + 3)
+        vault_server.write(key, {"value": "v2"})  # behind the outage, like a write on another node
+        vault_server.faults.clear()
         await wait_for(lambda: seen == ["1", "2"])
         assert not task.done()
     finally:
@@ -104,7 +135,6 @@ async def test_watch_polls_through_an_outage_and_then_sees_the_new_version(
 
 
 async def test_a_secret_never_appears_in_logs_or_errors(
-    vault_double: VaultDouble,
     vault_server: VaultTarget,
     make_vault_store: MakeStore,
     vault_prefix: str,
@@ -122,19 +152,19 @@ async def test_a_secret_never_appears_in_logs_or_errors(
     assert CANARY not in repr(got) and CANARY not in str(got.info)
 
     # A cas loss, an outage, a timeout, a refused token, a bad version, a metadata limit.
-    vault_double.write(key, {"value": CANARY + "-by-hand"})
+    vault_server.write(key, {"value": CANARY + "-by-hand"})
     meta_before = await b._metadata(key)
-    vault_double.write(key, {"value": CANARY + "-again"})
+    vault_server.write(key, {"value": CANARY + "-again"})
     try:
         await b._write(key, {"value": CANARY}, cas=meta_before.current_version)
     except StoreConflict as e:
         errors.append(e)
-    vault_double.fail_with(503, times=1)
+    vault_server.faults.fail_with(503, times=1)
     try:
         await a.read(key)
     except StoreUnavailable as e:
         errors.append(e)
-    vault_double.revoke_all_tokens(keep_root=False)
+    vault_server.revoke(vault_server.baton_token())  # the token of store a (and b)
     try:
         await a.read(key)
     except StoreError as e:

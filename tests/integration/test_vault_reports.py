@@ -1,4 +1,4 @@
-"""Node reports on Vault: custom_metadata merges (and their 64-key limit), and the status path."""
+"""Node reports on a real OpenBao: custom_metadata merges (and their 64-key limit), and the status path."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from daemon.report.metadata import MetadataReporter
 from daemon.report.vault_status import VaultStatusReporter
 from daemon.rotation.gate import decide
 from daemon.stores.vault import VaultStore
-from tests.doubles.vault import VaultDouble
 from tests.fixtures.vault import MakeStore, VaultTarget
 
 pytestmark = pytest.mark.integration
@@ -90,15 +89,30 @@ async def test_merging_past_64_keys_raises_a_store_error_naming_status_path(
     assert len(await vault_store.read_metadata(key)) == MAX_METADATA_KEYS
 
 
-async def test_the_double_enforces_64_keys_on_the_merged_map_even_if_a_client_does_not_check(
-    vault_double: VaultDouble, vault_store: VaultStore, vault_prefix: str
+async def test_the_server_checks_only_a_patch_body_so_a_map_raced_past_64_keys_still_takes_updates(
+    vault_store: VaultStore, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
+    # OpenBao validates the PATCH body, not the merged map: two nodes that each
+    # checked 63 keys and added one leave 65 stored (the double refused that).
     key = await rotated_key(vault_store, f"{vault_prefix}/db")
     have = len(await vault_store.read_metadata(key))
     await vault_store._patch(key, {f"baton.node.n{i}": "x" for i in range(MAX_METADATA_KEYS - have)})
+    other = make_vault_store()
+    await other._patch(key, {"baton.node.raced": "x"})  # the second node's merge, checked before the first landed
+    meta = await vault_store.read_metadata(key)
+    assert len(meta) == MAX_METADATA_KEYS + 1 and meta["baton.node.raced"] == "x"
+    # Over the limit: a new entry is refused naming status_path, and nothing is written...
     with pytest.raises(StoreError, match="status_path"):
-        await vault_store._patch(key, {"baton.node.extra": "x"})
-    assert "baton.node.extra" not in await vault_store.read_metadata(key)
+        await vault_store.merge_metadata(key, {"baton.node.new": "x"})
+    assert "baton.node.new" not in await vault_store.read_metadata(key)
+    # ...but the nodes already there keep heart-beating, and removals shrink the map.
+    await vault_store.merge_metadata(key, {"baton.node.n0": "y"})
+    await vault_store.merge_metadata(key, {"baton.node.raced": None})
+    meta = await vault_store.read_metadata(key)
+    assert meta["baton.node.n0"] == "y" and len(meta) == MAX_METADATA_KEYS
+    # A whole body over the limit is still refused by the server itself.
+    with pytest.raises(StoreError, match="status_path"):
+        await vault_store._patch(key, {f"baton.node.m{i}": "x" for i in range(MAX_METADATA_KEYS + 1)})
 
 
 async def test_a_metadata_value_over_512_bytes_is_refused_with_advice(
@@ -150,29 +164,29 @@ async def test_status_path_entries_keep_at_most_two_versions(
 
 
 async def test_collect_lists_once_and_reads_each_entry_once(
-    vault_double: VaultDouble, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
     nodes = [f"node-{i:03d}" for i in range(40)]
     await asyncio.gather(*(reporter.publish("app/db", report(n)) for n in nodes))
-    before = dict(vault_double.counts)
+    before = vault_server.faults.counts()
     assert sorted(r.node for r in await reporter.collect("app/db", "db")) == nodes
-    spent = {k: n - before.get(k, 0) for k, n in vault_double.counts.items() if n != before.get(k, 0)}
+    spent = {k: n - before.get(k, 0) for k, n in vault_server.faults.counts().items() if n != before.get(k, 0)}
     assert spent == {("LIST", "metadata"): 1, ("GET", "data"): 40}
 
 
 async def test_collect_nodes_reads_just_those_entries_and_leaves_out_missing_ones(
-    vault_double: VaultDouble, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
     await asyncio.gather(*(reporter.publish("app/db", report(f"node-{i:03d}")) for i in range(40)))
     await reporter.publish("app/db", report("node-007", current="2", beat=2.0))
-    before = dict(vault_double.counts)
+    before = vault_server.faults.counts()
     got = await reporter.collect_nodes("app/db", "db", ["node-007", "node-031", "never-reported"])
     assert sorted(got, key=lambda r: r.node) == [report("node-007", current="2", beat=2.0), report("node-031")]
-    spent = {k: n - before.get(k, 0) for k, n in vault_double.counts.items() if n != before.get(k, 0)}
+    spent = {k: n - before.get(k, 0) for k, n in vault_server.faults.counts().items() if n != before.get(k, 0)}
     assert spent == {("GET", "data"): 3}  # no LIST, one read per node asked for
     with pytest.raises(StoreError, match="bad node name"):
         await reporter.collect_nodes("app/db", "db", ["../escape"])
