@@ -127,11 +127,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    from daemon.model import NodeId
     from daemon.rotation.status import forget_node
 
     config = _load(args.config)
     _setup_logging(config)
-    return asyncio.run(forget_node(config, args.node))
+    return asyncio.run(forget_node(config, NodeId(args.node)))
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from daemon.clients.kube import KubeClient, kube_call
 from daemon.errors import StoreError, StoreNotFound
+from daemon.kit.election import Election
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def _micro_time() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class LeaderElection:
+class LeaderElection(Election):
     """``async with LeaderElection(...) as le:`` runs the election; ``le.is_leader``, ``le.elected``."""
 
     def __init__(
@@ -61,10 +62,6 @@ class LeaderElection:
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._renewed_at = 0.0
-
-    @property
-    def is_leader(self) -> bool:
-        return self.elected.is_set()
 
     async def _coord(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
         return await self._kube.coordination()

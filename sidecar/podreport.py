@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.clients.kube import MERGE_PATCH, KubeClient, annotation_key, default_namespace, kube_call
 from daemon.errors import ConfigError, StoreNotFound
+from daemon.model import CredentialName, NodeId
 from daemon.report.base import NodeReport
 from sidecar.identity import PodIdentity
 
@@ -96,7 +97,7 @@ class PodReporter:
             self.identity.namespace, self.identity.name, {report_annotation(report.credential): report.to_json()}
         )
 
-    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+    async def collect(self, key: str, credential: CredentialName) -> list[NodeReport]:
         core = await self._core()
         listing = await kube_call(
             core.list_namespaced_pod(
@@ -120,7 +121,7 @@ class PodReporter:
                 # A live pod (pending, running, or terminating with its containers
                 # still up) with no report yet may be about to read, or already
                 # hold, the old version: unknown, and unknown blocks until it reports.
-                reports.append(NodeReport(node=name, credential=credential, current=None))
+                reports.append(NodeReport(node=NodeId(name), credential=credential, current=None))
                 continue
             try:
                 report = NodeReport.from_json(text)
@@ -130,11 +131,11 @@ class PodReporter:
                 # An unreadable report is an unknown node, and unknown blocks:
                 # stand in a report that is stale from the start (node id = pod name).
                 log.warning("unreadable pod report", extra={"pod": name})
-                report = NodeReport(node=name, credential=credential, current=None)
+                report = NodeReport(node=NodeId(name), credential=credential, current=None)
             reports.append(report)
         return reports
 
-    async def forget(self, key: str, node: str) -> None:
+    async def forget(self, key: str, node: NodeId) -> None:
         """Clear every Baton report annotation of the node's pod (a node id is its pod name)."""
         # The credential is not part of the call, so every report key of that pod
         # goes; the merge patch touches only those keys.

@@ -22,6 +22,7 @@ from daemon.config import ConsumerConfig, CredentialConfig, MatchConfig
 from daemon.errors import ReloadError, ReloadGone
 from daemon.kit import metrics
 from daemon.kit.logs import event
+from daemon.model import CredentialName, VersionId
 from daemon.reload.actions import ReloadAction, make_action
 from daemon.reload.health import check_consumer_health, check_health
 from daemon.reload.processes import (
@@ -92,7 +93,7 @@ class ConsumerStatus:
 class _State:
     consumer: ConsumerConfig
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    pending: dict[str, str] = field(default_factory=dict)  # credential -> version
+    pending: dict[CredentialName, VersionId] = field(default_factory=dict)  # credential -> version
     first_at: float = 0.0
     last_wall: float = 0.0  # wall time of the latest change in the batch
     batch_wall: float = 0.0  # last_wall of the batch being rolled
@@ -100,6 +101,16 @@ class _State:
     last_roll: float | None = None  # monotonic start of the last roll that acted
     running: bool = False
     status: ConsumerStatus | None = None
+
+
+@dataclass
+class _Roll:
+    """One roll of one consumer: what it is for, and each process handled so far, in order."""
+
+    st: _State
+    creds: frozenset[CredentialName]
+    versions: dict[CredentialName, VersionId]
+    reloaded: list[PidReload] = field(default_factory=list)
 
 
 OnDone = Callable[[str, frozenset[str], bool], Awaitable[None] | None]
@@ -157,7 +168,7 @@ class Reloader:
 
     # -- the agent's side
 
-    def changed(self, credential: str, version: str) -> None:
+    def changed(self, credential: CredentialName, version: VersionId) -> None:
         """A new version of ``credential`` was written. Never blocks."""
         names = self._by_credential.get(credential, [])
         now = self._clock()
@@ -240,7 +251,7 @@ class Reloader:
                 st.running = False
                 self._update_idle()
 
-    def _take(self, st: _State) -> tuple[frozenset[str], dict[str, str]]:
+    def _take(self, st: _State) -> tuple[frozenset[CredentialName], dict[CredentialName, VersionId]]:
         versions = dict(st.pending)
         st.pending.clear()
         st.batch_wall = st.last_wall
@@ -281,9 +292,34 @@ class Reloader:
             action = self._actions[consumer.name] = self._make(consumer)
         return action
 
-    async def _roll(self, st: _State, creds: frozenset[str], versions: dict[str, str]) -> None:
-        cons = st.consumer
-        reloaded: list[PidReload] = []
+    async def _roll(
+        self, st: _State, creds: frozenset[CredentialName], versions: dict[CredentialName, VersionId]
+    ) -> None:
+        """Reload the consumer's processes one at a time, each behind its health gate; a failure stops the roll."""
+        roll = _Roll(st, creds, versions)
+        prepared = await self._prepare(roll)
+        if prepared is None:
+            return
+        action, pids, started = prepared
+        targets = self._targets(action, pids, started)
+        if not targets and action.needs_process:
+            self._event(st.consumer.name, None, NO_PROCESSES, creds, versions)
+            await self._end(roll, NO_PROCESSES)
+            return
+        st.last_roll = self._clock()
+        for pid in targets:
+            if self._skipped(roll, action, pid, started):
+                continue
+            error = await self._reload_one(roll, action, pid, pids, started)
+            if error is not None:
+                # The roll stops here: the remaining processes keep the old version.
+                await self._end(roll, FAILURE, error=error)
+                return
+        await self._end(roll, OK)
+
+    async def _prepare(self, roll: _Roll) -> tuple[ReloadAction, list[int], dict[int, float | None]] | None:
+        """The consumer's action, pids and start times; None (the roll failed and is finished) if they cannot be had."""
+        cons = roll.st.consumer
         try:
             pids, started = await asyncio.to_thread(self._snapshot, cons.match)
             action = self._action(cons)
@@ -292,84 +328,119 @@ class Reloader:
             if not isinstance(e, ReloadError):
                 log.exception("preparing the reload of %s failed", cons.name)
             error = str(e) if isinstance(e, ReloadError) else f"{type(e).__name__} preparing the reload"
-            self._event(cons.name, None, FAILURE, creds, versions, error=error)
-            await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=())
-            return
-        needs_process, per_consumer, replaced = action.needs_process, action.per_consumer, action.replaces
+            self._event(cons.name, None, FAILURE, roll.creds, roll.versions, error=error)
+            await self._end(roll, FAILURE, error=error)
+            return None
+        return action, pids, started
+
+    @staticmethod
+    def _targets(action: ReloadAction, pids: list[int], started: Mapping[int, float | None]) -> list[int]:
+        """The pids to reload; for a per-consumer action, one live process of it (0: none needed)."""
+        if not action.per_consumer:
+            return pids
+        # The action acts on the whole consumer: any live process of it will do
+        # (the first one found may have exited since; the others still hold the old version).
+        live = next((p for p in pids if same_process(p, started.get(p))), None)
+        return [live] if live is not None else ([] if action.needs_process else [0])
+
+    def _skipped(self, roll: _Roll, action: ReloadAction, pid: int, started: Mapping[int, float | None]) -> bool:
+        """True (and noted) when the process needs no reload: gone since it was seen, or started after the change."""
+        if not pid or action.per_consumer:
+            return False
+        if not same_process(pid, started.get(pid)):
+            # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
+            self._note(roll, PidReload(pid, self._wall(), GONE))
+            return True
+        born = process_start(pid)
+        if born is not None and born >= roll.st.batch_wall + START_SLACK:
+            # Started after the new files were in place: it read them at start. A
+            # signal now could reach it before it installs its handler, and kill it.
+            self._note(roll, PidReload(pid, born, FRESH))
+            return True
+        return False
+
+    async def _reload_one(
+        self,
+        roll: _Roll,
+        action: ReloadAction,
+        pid: int,
+        pids: list[int],
+        started: Mapping[int, float | None],
+    ) -> str | None:
+        """Reload one process and wait for its health gate; the error if it failed (then the roll stops)."""
+        # The tracker credits a process with the newest version swapped in before
+        # this time: it must be when the reload went out, not when the health
+        # check passed (a version swapped in during the check was never loaded).
+        sent = self._wall()
+        try:
+            new_pid, serving = await self._send(roll.st.consumer, action, pid, pids, started)
+        except ReloadGone:
+            # Exited (or recycled) between the check above and the signal: as above.
+            self._note(roll, PidReload(pid, self._wall(), GONE))
+            return None
+        except Exception as e:
+            if not isinstance(e, ReloadError):
+                log.exception("reload of %s pid %d raised", roll.st.consumer.name, pid)
+            error = str(e) if isinstance(e, ReloadError) else f"{type(e).__name__} during reload"
+            self._note(roll, PidReload(pid, self._wall(), FAILURE), error=error)
+            return error
+        self._remember(sent, pid, new_pid, serving)
+        replacement = new_pid or (serving if serving != pid else None)
+        self._note(roll, PidReload(pid, sent, OK, new_pid=replacement))
+        return None
+
+    async def _send(
+        self,
+        cons: ConsumerConfig,
+        action: ReloadAction,
+        pid: int,
+        pids: list[int],
+        started: Mapping[int, float | None],
+    ) -> tuple[int | None, int | None]:
+        """The action's reload, then its health gate: the new pid (if the action made one) and the serving pid."""
+        per_consumer = action.per_consumer
+        # A checks_start action signals through a pidfd, after checking the pid is still the process seen here.
         checks_start = action.checks_start and not per_consumer
-        targets = pids
+        new_pid = await action.reload(pid, started=started.get(pid) if checks_start else None)
         if per_consumer:
-            # The action acts on the whole consumer: any live process of it will do
-            # (the first one found may have exited since; the others still hold the old version).
-            live = next((p for p in pids if same_process(p, started.get(p))), None)
-            targets = [live] if live is not None else ([] if needs_process else [0])
-        if not targets and needs_process:
-            self._event(cons.name, None, NO_PROCESSES, creds, versions)
-            await self._finish(st, creds, versions, result=NO_PROCESSES, error=None, reloaded=())
-            return
-        st.last_roll = self._clock()
-        for pid in targets:
-            if pid and not per_consumer and not same_process(pid, started.get(pid)):
-                # Exited (or the pid was recycled) since we looked: nothing holds the old version there.
-                reloaded.append(PidReload(pid, self._wall(), GONE))
-                self._event(cons.name, pid, GONE, creds, versions)
-                continue
-            born = process_start(pid) if pid and not per_consumer else None
-            if born is not None and born >= st.batch_wall + START_SLACK:
-                # Started after the new files were in place: it read them at start. A
-                # signal now could reach it before it installs its handler, and kill it.
-                reloaded.append(PidReload(pid, born, FRESH))
-                self._event(cons.name, pid, FRESH, creds, versions)
-                continue
-            # The tracker credits a process with the newest version swapped in before
-            # this time: it must be when the reload went out, not when the health
-            # check passed (a version swapped in during the check was never loaded).
-            sent = self._wall()
-            try:
-                # A checks_start action signals through a pidfd, after checking the pid is still the process seen here.
-                new_pid = await action.reload(pid, started=started.get(pid) if checks_start else None)
-                if per_consumer:
-                    await check_consumer_health(
-                        cons.health, match=cons.match, had_processes=bool(pids), find=self._find
-                    )
-                    serving = None
-                else:
-                    serving = await check_health(
-                        cons.health,
-                        pid=pid,
-                        new_pid=new_pid,
-                        replaced=replaced,
-                        match=cons.match,
-                        old=set(pids),
-                        find=self._find,
-                    )
-            except ReloadGone:
-                # Exited (or recycled) between the check above and the signal: as above.
-                reloaded.append(PidReload(pid, self._wall(), GONE))
-                self._event(cons.name, pid, GONE, creds, versions)
-                continue
-            except Exception as e:
-                if not isinstance(e, ReloadError):
-                    log.exception("reload of %s pid %d raised", cons.name, pid)
-                error = str(e) if isinstance(e, ReloadError) else f"{type(e).__name__} during reload"
-                reloaded.append(PidReload(pid, self._wall(), FAILURE, new_pid=None))
-                self._event(cons.name, pid or None, FAILURE, creds, versions, error=error)
-                # The roll stops here: the remaining processes keep the old version.
-                await self._finish(st, creds, versions, result=FAILURE, error=error, reloaded=tuple(reloaded))
-                return
-            self._remember(sent, pid, new_pid, serving)
-            replacement = new_pid or (serving if serving != pid else None)
-            reloaded.append(PidReload(pid, sent, OK, new_pid=replacement))
-            self._event(cons.name, pid or None, OK, creds, versions, new_pid=replacement)
-        await self._finish(st, creds, versions, result=OK, error=None, reloaded=tuple(reloaded))
+            await check_consumer_health(cons.health, match=cons.match, had_processes=bool(pids), find=self._find)
+            return new_pid, None
+        serving = await check_health(
+            cons.health,
+            pid=pid,
+            new_pid=new_pid,
+            replaced=action.replaces,
+            match=cons.match,
+            old=set(pids),
+            find=self._find,
+        )
+        return new_pid, serving
+
+    def _note(self, roll: _Roll, done: PidReload, *, error: str | None = None) -> None:
+        """One process handled: into the roll's record, the reloads metric and the log."""
+        roll.reloaded.append(done)
+        self._event(
+            roll.st.consumer.name,
+            done.pid or None,
+            done.result,
+            roll.creds,
+            roll.versions,
+            new_pid=done.new_pid,
+            error=error,
+        )
+
+    async def _end(self, roll: _Roll, result: ReloadResult, *, error: str | None = None) -> None:
+        await self._finish(
+            roll.st, roll.creds, roll.versions, result=result, error=error, reloaded=tuple(roll.reloaded)
+        )
 
     def _event(
         self,
         consumer: str,
         pid: int | None,
         result: ReloadResult,
-        creds: frozenset[str],
-        versions: Mapping[str, str],
+        creds: frozenset[CredentialName],
+        versions: Mapping[CredentialName, VersionId],
         **extra: Any,
     ) -> None:
         metrics.reloads_total.labels(consumer=consumer, result=result).inc()
@@ -390,8 +461,8 @@ class Reloader:
     async def _finish(
         self,
         st: _State,
-        creds: frozenset[str],
-        versions: Mapping[str, str],
+        creds: frozenset[CredentialName],
+        versions: Mapping[CredentialName, VersionId],
         *,
         result: ReloadResult,
         error: str | None,

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Protocol, runtime_checkable
 
+from daemon.model import CredentialName, NodeId, VersionId
+
 REPORT_PREFIX = "baton.node."
 # A report is a few KiB at most (max_holders <= 100 summaries): far larger text is not one.
 MAX_REPORT_CHARS = 1 << 20
@@ -24,15 +26,15 @@ class Holder:
     exe: str
     consumer: str | None  # None: an unmanaged holder
     how: str  # fd, fanotify, environ, start-time, provider
-    version: str
+    version: VersionId
 
 
 @dataclass(frozen=True)
 class NodeReport:
-    node: str
-    credential: str
-    current: str | None
-    in_use: dict[str, int] = field(default_factory=dict)  # version -> holder count
+    node: NodeId
+    credential: CredentialName
+    current: VersionId | None
+    in_use: dict[VersionId, int] = field(default_factory=dict)  # version -> holder count
     holders: tuple[Holder, ...] = ()
     heartbeat: float = 0.0
     agent_version: str = ""
@@ -44,7 +46,7 @@ class NodeReport:
         return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, node: str | None = None) -> NodeReport:
+    def from_json(cls, text: str, *, node: NodeId | None = None) -> NodeReport:
         """Parse a report; fields this version does not know are ignored.
 
         A newer agent may add fields, and an older rotator reading its report
@@ -139,12 +141,12 @@ class Reporter(Protocol):
         """Write this node's report for the credential stored at ``key``."""
         ...
 
-    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+    async def collect(self, key: str, credential: CredentialName) -> list[NodeReport]:
         """Every node's latest report for the credential (a reporter that can also read
         just some nodes says so by being a ``NodeReader`` as well)."""
         ...
 
-    async def forget(self, key: str, node: str) -> None:
+    async def forget(self, key: str, node: NodeId) -> None:
         """Remove a node's report (the node is known gone)."""
         ...
 
@@ -160,4 +162,6 @@ class NodeReader(Protocol):
     is read whole (``collect``) every time.
     """
 
-    async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[NodeReport]: ...
+    async def collect_nodes(
+        self, key: str, credential: CredentialName, nodes: Sequence[NodeId]
+    ) -> list[NodeReport]: ...

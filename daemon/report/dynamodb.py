@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from daemon.clients.aws import AwsClient, ErrorRules
 from daemon.errors import StoreConflict, StoreError, StoreNotFound
+from daemon.model import CredentialName, NodeId
 from daemon.report.base import NodeReport
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ class DynamoReporter:
                 f"node {report.node!r} already has a newer report for {report.credential!r}; this one was dropped"
             ) from None
 
-    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+    async def collect(self, key: str, credential: CredentialName) -> list[NodeReport]:
         """Every node's report for ``credential``: one Query, paged by DynamoDB (1 MB a page).
 
         Only ``node`` and ``report`` are read. ``page_size`` (None: DynamoDB's own
@@ -172,7 +173,9 @@ class DynamoReporter:
             for item in resp.get("Items") or []:
                 node = (item.get("node") or {}).get("S")
                 try:
-                    report = NodeReport.from_json(item["report"]["S"], node=node if isinstance(node, str) else None)
+                    report = NodeReport.from_json(
+                        item["report"]["S"], node=NodeId(node) if isinstance(node, str) else None
+                    )
                     if report.credential != credential:  # the partition key says otherwise
                         raise ValueError("report for another credential")
                 except (KeyError, ValueError, TypeError):
@@ -183,14 +186,14 @@ class DynamoReporter:
                         continue  # no sort key: not an item this table layout can hold
                     # An unreadable report is an unknown node, and unknown blocks:
                     # stand in a report that is stale from the start.
-                    report = NodeReport(node=node, credential=credential, current=None)
+                    report = NodeReport(node=NodeId(node), credential=credential, current=None)
                 reports.append(report)
             last = resp.get("LastEvaluatedKey")
             if not last:
                 return reports
             params["ExclusiveStartKey"] = last
 
-    async def forget(self, key: str, node: str) -> None:
+    async def forget(self, key: str, node: NodeId) -> None:
         """Delete the node's items for ``key``.
 
         ``forget`` gets the store key, not the credential, so the items are

@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from daemon.model import CredentialName, NodeId
 from daemon.report.base import REPORT_PREFIX, NodeReport
 from daemon.stores.base import SecretStore
 
@@ -51,7 +52,7 @@ class MetadataReporter:
     async def publish(self, key: str, report: NodeReport) -> None:
         await self.store.merge_metadata(key, {REPORT_PREFIX + report.node: fit(report, self.limit)})
 
-    async def collect(self, key: str, credential: str) -> list[NodeReport]:
+    async def collect(self, key: str, credential: CredentialName) -> list[NodeReport]:
         reports = []
         for k, v in (await self.store.read_metadata(key)).items():
             if not k.startswith(REPORT_PREFIX):
@@ -65,12 +66,12 @@ class MetadataReporter:
                 # An unreadable report is an unknown node, and unknown blocks:
                 # stand in a report that is stale from the start.
                 log.warning("unreadable node report", extra={"entry": k})
-                report = NodeReport(node=k.removeprefix(REPORT_PREFIX), credential=credential, current=None)
+                report = NodeReport(node=NodeId(k.removeprefix(REPORT_PREFIX)), credential=credential, current=None)
             if report.credential == credential:
                 reports.append(report)
         return reports
 
-    async def forget(self, key: str, node: str) -> None:
+    async def forget(self, key: str, node: NodeId) -> None:
         await self.store.merge_metadata(key, {REPORT_PREFIX + node: None})
 
     async def aclose(self) -> None:

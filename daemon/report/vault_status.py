@@ -14,6 +14,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from daemon.config import Config, VaultStoreConfig
 from daemon.errors import ConfigError, StoreError, StoreNotFound
+from daemon.model import CredentialName, NodeId
 from daemon.report.base import NodeReport
 from daemon.stores.base import SecretStore
 from daemon.stores.vault import VaultStore
@@ -104,7 +105,7 @@ class VaultStatusReporter(Generic[R]):
         # An entry that is there but not an object is unreadable, not absent ({} has no report).
         return data if isinstance(data, dict) else {}
 
-    async def _one(self, folder: str, node: str, credential: str) -> R | None:
+    async def _one(self, folder: str, node: NodeId, credential: CredentialName) -> R | None:
         """The node's report; None if the entry vanished since the listing (then the
         rotator's own memory of the node keeps it unknown); a stale stand-in if unreadable."""
         path = f"{folder}/{node}"
@@ -124,17 +125,17 @@ class VaultStatusReporter(Generic[R]):
         # report that is stale from the start (heartbeat 0), made by the same parser.
         return self.parse(NodeReport(node=node, credential=credential, current=None).to_json())
 
-    async def collect(self, key: str, credential: str) -> list[R]:
+    async def collect(self, key: str, credential: CredentialName) -> list[R]:
         folder = self._path(credential, "x").rpartition("/")[0]
         self._credential_of[key] = credential
-        names = [n for n in await self.client.list(folder) if not n.endswith("/")]
+        names = [NodeId(n) for n in await self.client.list(folder) if not n.endswith("/")]
         return await self._read_all(folder, names, credential)
 
-    async def _read_all(self, folder: str, nodes: Sequence[str], credential: str) -> list[R]:
+    async def _read_all(self, folder: str, nodes: Sequence[NodeId], credential: CredentialName) -> list[R]:
         found = await asyncio.gather(*(self._one(folder, n, credential) for n in nodes))
         return [r for r in found if r is not None]
 
-    async def collect_nodes(self, key: str, credential: str, nodes: Sequence[str]) -> list[R]:
+    async def collect_nodes(self, key: str, credential: CredentialName, nodes: Sequence[NodeId]) -> list[R]:
         """The reports of just ``nodes`` (one read each); a node without an entry is left out.
 
         For the rotator's quick check while a drain goes on (``CredentialRotator``):
@@ -145,7 +146,7 @@ class VaultStatusReporter(Generic[R]):
             self._path(credential, node)  # validates the node name
         return await self._read_all(folder, nodes, credential)
 
-    async def forget(self, key: str, node: str) -> None:
+    async def forget(self, key: str, node: NodeId) -> None:
         self._path("x", node)  # validates the node name
         credential = self._credential_of.get(key)
         if credential is not None:

@@ -19,18 +19,19 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from daemon.model import NodeId, VersionId
 from daemon.providers.base import Session
 from daemon.report.base import Holder, NodeReport
 
 
 @dataclass(frozen=True)
 class Decision:
-    version: str
+    version: VersionId
     retire: bool
     reasons: tuple[str, ...] = ()
-    holders: dict[str, tuple[Holder, ...]] = field(default_factory=dict)  # node -> holders of the version
+    holders: dict[NodeId, tuple[Holder, ...]] = field(default_factory=dict)  # node -> holders of the version
     sessions: tuple[Session, ...] = ()
-    blocking: frozenset[str] = frozenset()  # the nodes with a reason above
+    blocking: frozenset[NodeId] = frozenset()  # the nodes with a reason above
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -47,10 +48,10 @@ class Decision:
 
 def decide(
     *,
-    old: str,
-    new: str,
+    old: VersionId,
+    new: VersionId,
     reports: Sequence[NodeReport],
-    known: Collection[str],
+    known: Collection[NodeId],
     now: float,
     ttl: float,
     sessions: Sequence[Session] = (),
@@ -60,12 +61,12 @@ def decide(
     reasons: list[str] = []
     if min_drain > 0 and superseded_for is not None and superseded_for < min_drain:
         reasons.append(f"superseded {superseded_for:.0f}s ago; min_drain is {min_drain:.0f}s")
-    holders: dict[str, tuple[Holder, ...]] = {}
-    latest: dict[str, NodeReport] = {}
+    holders: dict[NodeId, tuple[Holder, ...]] = {}
+    latest: dict[NodeId, NodeReport] = {}
     for r in reports:
         if r.node not in latest or r.heartbeat > latest[r.node].heartbeat:
             latest[r.node] = r
-    blocking: set[str] = set()
+    blocking: set[NodeId] = set()
     for node in sorted(set(known) | set(latest)):
         said = _judge(node, latest.get(node), old=old, new=new, now=now, ttl=ttl, holders=holders)
         if said:
@@ -87,14 +88,14 @@ def decide(
 
 
 def _judge(
-    node: str,
+    node: NodeId,
     report: NodeReport | None,
     *,
-    old: str,
-    new: str,
+    old: VersionId,
+    new: VersionId,
     now: float,
     ttl: float,
-    holders: dict[str, tuple[Holder, ...]],
+    holders: dict[NodeId, tuple[Holder, ...]],
 ) -> list[str]:
     """One node's part of the gate: its reasons (none: it does not block); records its holders of ``old``."""
     if report is None:

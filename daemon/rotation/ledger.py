@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-from daemon.model import CURRENT, PENDING, VersionInfo
+from daemon.model import CURRENT, PENDING, VersionId, VersionInfo
 
 OWN_PREFIX = "baton.own."
 
@@ -37,22 +37,22 @@ class Own:
         return f"{self.state}:{self.principal}"
 
 
-def own_key(version: str) -> str:
+def own_key(version: VersionId) -> str:
     return OWN_PREFIX + version
 
 
-def ledger(meta: Mapping[str, str]) -> dict[str, Own]:
+def ledger(meta: Mapping[str, str]) -> dict[VersionId, Own]:
     """The ``baton.own.*`` entries of a key's metadata: version id -> what Baton applied."""
     out = {}
     for k, v in meta.items():
         if k.startswith(OWN_PREFIX):
             state, _, principal = v.partition(":")
             if state in OwnState.__members__.values():
-                out[k[len(OWN_PREFIX) :]] = Own(OwnState(state), principal)
+                out[VersionId(k[len(OWN_PREFIX) :])] = Own(OwnState(state), principal)
     return out
 
 
-def superseded(versions: list[VersionInfo], owned: Mapping[str, Own] | None = None) -> list[VersionInfo]:
+def superseded(versions: list[VersionInfo], owned: Mapping[VersionId, Own] | None = None) -> list[VersionInfo]:
     """Versions that are neither current nor pending nor retired: waiting for retirement.
 
     A version Baton promoted and has not retired itself is still waiting even when

@@ -14,7 +14,7 @@ from collections.abc import Collection, Mapping
 
 from daemon.config import Config, CredentialConfig, RotationConfig
 from daemon.errors import BatonError, StoreNotFound
-from daemon.model import VersionInfo
+from daemon.model import NodeId, VersionId, VersionInfo
 from daemon.providers.base import Provider, Session
 from daemon.report.base import NodeReport, Reporter
 from daemon.rotation.gate import Decision, decide
@@ -60,9 +60,9 @@ class GateReader:
         self,
         *,
         versions: list[VersionInfo],
-        owned: Mapping[str, Own],
+        owned: Mapping[VersionId, Own],
         reports: list[NodeReport],
-        known: Collection[str],
+        known: Collection[NodeId],
         now: float,
     ) -> list[Decision]:
         """``decide`` for every superseded version; the provider's sessions are asked of versions Baton promoted."""
@@ -73,7 +73,7 @@ class GateReader:
         new = current[-1].id
         # A version is superseded when the next one was created (promote follows at once).
         ordered = sorted(versions, key=lambda x: x.created)
-        successor = {a.id: b.created for a, b in itertools.pairwise(ordered)}
+        successor: dict[VersionId, float] = {a.id: b.created for a, b in itertools.pairwise(ordered)}
         decisions = []
         for v in waiting:
             sessions: list[Session] = []

@@ -16,16 +16,19 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from daemon import __version__
 from daemon.api import ApiServer
-from daemon.config import Config
+from daemon.config import Config, KubernetesStoreConfig
 from daemon.errors import BatonError, ConfigError
 from daemon.files.checks import reload_config
 from daemon.kit import plugins
 from daemon.kit.backoff import Backoff
+from daemon.kit.election import Election
 from daemon.kit.logs import event
 from daemon.kit.service import Service
 from daemon.kit.tasks import cancel_all, close_bounded
@@ -38,6 +41,14 @@ from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
 log = logging.getLogger(__name__)
+
+
+class Standing(StrEnum):
+    """Where the rotator stands (STATUS=, the status API's ``leadership``)."""
+
+    STARTING = "starting"  # the store has not answered yet
+    LEADING = "leading"  # it runs the schedules (of every credential whose lease it holds)
+    STANDBY = "standby"  # another rotator leads (or holds every credential's lease)
 
 
 class Rotator(Service):
@@ -67,10 +78,10 @@ class Rotator(Service):
         self.leases = self._leases()
         self.api: ApiServer | None = None
         self.rotate_now = asyncio.Event()
-        self.election: Any = None
-        # What STATUS= and the status API say: "starting", "leading" or "standby";
-        # the wall time each credential's next rotation is due; the store's last error.
-        self.leadership = "starting"
+        self.election: Election | None = None
+        # What STATUS= and the status API say: where it stands; the wall time each
+        # credential's next rotation is due; the store's last error.
+        self.leadership = Standing.STARTING
         self.next_rotation: dict[str, float] = {}
         self.store_error: str | None = None
         self._roles: asyncio.Task[None] | None = None
@@ -149,11 +160,11 @@ class Rotator(Service):
         election = self.election
         while not self.should_exit.is_set():
             if election is not None and not election.is_leader:
-                self._now("standby")
+                self._now(Standing.STANDBY)
                 if not await self._until(election.elected.wait()):
                     return
             # With leases, leading is per credential: standby until one is taken (on_change says so).
-            self._now("standby" if self.leases.leases else "leading")
+            self._now(Standing.STANDBY if self.leases.leases else Standing.LEADING)
             if not self.leases.leases:  # with leases, each credential's lease says it (leadership.py)
                 event(log, "rotator_leading", credentials=sorted(self.rotators))
             if await self._lead(election):
@@ -181,7 +192,7 @@ class Rotator(Service):
                     await asyncio.sleep(delay)
         self.store_error = None
 
-    def _now(self, leadership: str) -> None:
+    def _now(self, leadership: Standing) -> None:
         self.leadership = leadership
         if self.ready.is_set():
             self.refresh_status()
@@ -194,32 +205,36 @@ class Rotator(Service):
             return f"{self.leadership}: waiting for the store: {self.store_error}"
         names = sorted(self.rotators)
         parts = [f"{self.leadership}: {len(names)} credentials" + (f" ({', '.join(names)})" if names else "")]
-        if self.leadership == "leading" and self.next_rotation:
+        if self.leadership == Standing.LEADING and self.next_rotation:
             name, due = min(self.next_rotation.items(), key=lambda kv: kv[1])
             parts.append(f"next rotation {name} in {_duration(due - time.time())}")
-        elif self.leadership == "standby":
+        elif self.leadership == Standing.STANDBY:
             parts.append("another rotator holds the lease")
         pending = sorted(f"{n} {d.version}" for n, r in self.rotators.items() for d in r.last_decisions)
         parts.append(f"{len(pending)} pending retirements" + (f" ({', '.join(pending)})" if pending else ""))
         return "; ".join(parts)
 
-    def _election(self) -> Any:
-        """A Lease-based election when BATON_LEASE_NAME is set (the rotator Deployment), else None."""
+    def _election(self) -> Election | None:
+        """A Lease-based election when BATON_LEASE_NAME is set (the rotator Deployment), else None.
+
+        The Lease goes beside the Kubernetes store's Secrets (its namespace and kubeconfig)
+        unless POD_NAMESPACE says otherwise; with another store, in-cluster config."""
         name = os.environ.get("BATON_LEASE_NAME")
         if not name:
             return None
-        election = plugins.load(plugins.ELECTIONS, "kubernetes", kind="leader election")
+        factory: Callable[..., Election] = plugins.load(plugins.ELECTIONS, "kubernetes", kind="leader election")
         store = self.config.store
-        return election(
+        kube = store if isinstance(store, KubernetesStoreConfig) else None
+        return factory(
             name=name,
-            namespace=os.environ.get("POD_NAMESPACE") or getattr(store, "namespace", None) or "default",
+            namespace=os.environ.get("POD_NAMESPACE") or (kube.namespace if kube else None) or "default",
             identity=os.environ.get("POD_NAME") or self.config.node_id,
-            kubeconfig=getattr(store, "kubeconfig", None),
+            kubeconfig=kube.kubeconfig if kube else None,
         )
 
     def _leases(self) -> Leadership:
         def changed() -> None:
-            self._now("standby" if self.leases.standing_by else "leading")
+            self._now(Standing.STANDBY if self.leases.standing_by else Standing.LEADING)
 
         credentials = {n: (r.key, r.rotation.lease_ttl) for n, r in self.rotators.items()}
         leadership = Leadership(store=self.store, holder=self.holder, credentials=credentials, on_change=changed)
@@ -233,7 +248,7 @@ class Rotator(Service):
             tg.create_task(self.schedule(rotator), name=f"rotate:{rotator.cred.name}")
             tg.create_task(self.retire_loop(rotator), name=f"retire:{rotator.cred.name}")
 
-    async def _lead(self, election: Any) -> bool:
+    async def _lead(self, election: Election | None) -> bool:
         """Run the schedules until stopped or the lease is lost. True when a task failed."""
         # Each credential's schedule and retirement run only while this rotator holds its lease.
         self.leases = self._leases()
@@ -255,13 +270,13 @@ class Rotator(Service):
         finally:
             await cancel_all([*tasks, *watchers], self.close_limit)
 
-    async def _lost(self, election: Any) -> None:
+    async def _lost(self, election: Election) -> None:
         """Return when the lease is lost or a stop is requested."""
         # The stop check is in the loop condition, not left to cancellation: on 3.11
         # wait_for drops a cancel that races with should_exit being set, and this loop
         # then spun forever (a leading rotator never stopped). Polled no slower than the
         # election retries, so a lost lease stops the schedules before another can win.
-        every = min(1.0, float(getattr(election, "retry_period", 1.0)))
+        every = min(1.0, election.retry_period)
         while election.is_leader and not self.should_exit.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.should_exit.wait(), every)

@@ -18,6 +18,7 @@ import aiohttp
 from daemon.config import Config
 from daemon.errors import BatonError
 from daemon.kit.logs import event
+from daemon.model import NodeId
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
@@ -146,7 +147,7 @@ def _print_rotator(data: dict[str, Any]) -> None:
         print(f"  {name}: {held}; next rotation {_clock(c.get('next_rotation'))}; last {outcome}")
 
 
-async def forget_node(config: Config, node: str) -> int:
+async def forget_node(config: Config, node: NodeId) -> int:
     store = open_store(config)
     reporter = open_reporter(config, store)
     try:

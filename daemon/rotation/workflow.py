@@ -50,7 +50,7 @@ from daemon.config import Config, CredentialConfig
 from daemon.errors import BatonError, PayloadError, ProviderBlocked, StoreNotFound
 from daemon.kit import metrics
 from daemon.kit.logs import event
-from daemon.model import PENDING, Secret, VersionId, VersionInfo
+from daemon.model import PENDING, NodeId, Secret, VersionId, VersionInfo
 from daemon.providers.base import Provider
 from daemon.report.base import NodeReader, NodeReport, Reporter
 from daemon.rotation.gate import Decision, decide
@@ -88,12 +88,27 @@ class RotationResult(StrEnum):
     POSTPONED = "postponed"  # too many versions still draining: the next interval tries again
     FAILED = "failed"  # a step failed; the current credential is untouched
 
+    @property
+    def metric(self) -> str:
+        """The rotations metric's ``result`` label (older names, kept for dashboards)."""
+        return {"rotated": "success", "failed": "failure"}.get(self.value, self.value)
+
+
+class RotationStep(StrEnum):
+    """The step a rotation failed at (``Outcome.step``, the rotation failures metric's ``step`` label)."""
+
+    CREATE = "create"  # the provider mints the new payload
+    WRITE = "write"  # the store records it pending
+    APPLY = "apply"  # the provider makes it valid
+    TEST = "test"  # the provider proves it works
+    PROMOTE = "promote"  # the store makes it current
+
 
 @dataclass(frozen=True)
 class Outcome:
     result: RotationResult
-    version: str | None = None
-    step: str | None = None
+    version: VersionId | None = None
+    step: RotationStep | None = None
     error: str | None = None
 
 
@@ -178,11 +193,11 @@ class CredentialRotator:
         # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
         # changes the credential: it raises once another rotator holds the lease.
         self.fence: Callable[[], Awaitable[None]] | None = None
-        self._seen: set[str] = set()
+        self._seen: set[NodeId] = set()
         self._had_current = False  # this rotator has seen a current version (so a missing one was lost)
         self._full_at: float | None = None  # monotonic time of the last full evaluate
-        self._full_new = ""  # the current version that evaluate judged against
-        self._blocking: dict[str, set[str]] = {}  # version -> nodes still to re-read (quick check)
+        self._full_new = VersionId("")  # the current version that evaluate judged against
+        self._blocking: dict[VersionId, set[NodeId]] = {}  # version -> nodes still to re-read (quick check)
         self._unrecorded: list[str] = []  # live principals no version names, as last said
 
     @property
@@ -217,7 +232,7 @@ class CredentialRotator:
 
     async def rotate(self) -> Outcome:
         """Run one rotation (or resume one). Never raises for a failed step: returns the outcome."""
-        step = "create"
+        step = RotationStep.CREATE
         try:
             versions = await self._versions()
             meta = await self._metadata()
@@ -234,7 +249,7 @@ class CredentialRotator:
                 waiting = superseded(versions, owned)
                 if len(waiting) >= self.max_draining:
                     outcome = Outcome(RotationResult.POSTPONED, error=f"{len(waiting)} version(s) still draining")
-                    metrics.rotations_total.labels(self.cred.name, "postponed").inc()
+                    metrics.rotations_total.labels(self.cred.name, RotationResult.POSTPONED.metric).inc()
                     event(
                         log,
                         "rotation_postponed",
@@ -256,7 +271,7 @@ class CredentialRotator:
                     )
                 new = await self.provider.create(current=current)
                 principal = self._principal(new)
-                step = "write"
+                step = RotationStep.WRITE
                 await self._fenced()
                 # Said before the data write, so a write that lands unrecorded is found again.
                 # A key that does not exist yet has no metadata to say it in (Vault, AWS);
@@ -265,18 +280,18 @@ class CredentialRotator:
                     await self._record(None, "creating", digest=_fingerprint(new), principal=principal)
                 info = await self.store.create(self.key, new)
                 await self._record(info.id, "created", digest=_fingerprint(new), principal=principal, fresh=not meta)
-            step = "apply"
+            step = RotationStep.APPLY
             await self._fenced()
             await self.provider.apply(new, current=current)
             await self._record(
                 info.id, "applied", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
             )
-            step = "test"
+            step = RotationStep.TEST
             await self.provider.test(new)
             await self._record(
                 info.id, "tested", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
             )
-            step = "promote"
+            step = RotationStep.PROMOTE
             await self._fenced()
             await self.store.promote(self.key, info.id)
             await self.store.merge_metadata(
@@ -288,7 +303,7 @@ class CredentialRotator:
                 },
             )
         except BatonError as e:
-            metrics.rotations_total.labels(self.cred.name, "failure").inc()
+            metrics.rotations_total.labels(self.cred.name, RotationResult.FAILED.metric).inc()
             metrics.rotation_failures_total.labels(self.cred.name, step).inc()
             event(log, "rotation_failed", logging.ERROR, credential=self.cred.name, step=step, error=str(e))
             if isinstance(e, ProviderBlocked):
@@ -305,7 +320,7 @@ class CredentialRotator:
             self.last_outcome = Outcome(RotationResult.FAILED, step=step, error=str(e))
             return self.last_outcome
         metrics.rotation_blocked.labels(self.cred.name).set(0)
-        metrics.rotations_total.labels(self.cred.name, "success").inc()
+        metrics.rotations_total.labels(self.cred.name, RotationResult.ROTATED.metric).inc()
         event(log, "rotated", credential=self.cred.name, version=info.id)
         self.last_outcome = Outcome(RotationResult.ROTATED, version=info.id)
         return self.last_outcome
@@ -315,7 +330,7 @@ class CredentialRotator:
             await self.fence()
 
     async def _in_flight(
-        self, versions: list[VersionInfo], owned: Mapping[str, Own], state: Mapping[str, Any]
+        self, versions: list[VersionInfo], owned: Mapping[VersionId, Own], state: Mapping[str, Any]
     ) -> tuple[VersionInfo, Secret] | None:
         """The version of a rotation in progress, with its payload; None when there is none.
 
@@ -362,7 +377,7 @@ class CredentialRotator:
             return info, payload
         return None
 
-    async def _check_live(self, versions: list[VersionInfo], owned: Mapping[str, Own]) -> None:
+    async def _check_live(self, versions: list[VersionInfo], owned: Mapping[VersionId, Own]) -> None:
         """Ask the provider what is live, and say (once per change) what no version names:
         the store lost the version that uses it (deleted, restored from an old backup, a
         fresh dev server). Such a principal is left exactly as it is: never re-passworded
@@ -396,10 +411,10 @@ class CredentialRotator:
             )
         self._unrecorded = unrecorded
 
-    def _foreign(self, version: str, what: str) -> None:
+    def _foreign(self, version: VersionId, what: str) -> None:
         event(log, "foreign_version", logging.WARNING, credential=self.cred.name, version=version, found=what)
 
-    async def _settle(self, versions: list[VersionInfo], owned: Mapping[str, Own]) -> None:
+    async def _settle(self, versions: list[VersionInfo], owned: Mapping[VersionId, Own]) -> None:
         """Drop the ledger entries of versions Baton was retiring and the store has retired
         (a crash between the store's retire and the entry's removal)."""
         fixes: dict[str, str | None] = {}
@@ -433,7 +448,7 @@ class CredentialRotator:
             return None
 
     async def _record(
-        self, version: str | None, step: str, *, digest: str, principal: str, fresh: bool = False
+        self, version: VersionId | None, step: str, *, digest: str, principal: str, fresh: bool = False
     ) -> None:
         """Say how far the rotation got; from ``created`` on, the version is recorded as Baton's.
 
@@ -452,13 +467,13 @@ class CredentialRotator:
 
     # ------------------------------------------------------------ retire
 
-    async def known_nodes(self) -> set[str]:
+    async def known_nodes(self) -> set[NodeId]:
         """Nodes with a report on record. Reports persist until a node is forgotten,
         so the records themselves are the list of known nodes (no shared list to
         outgrow a store's metadata limits)."""
         return {r.node for r in await self.reporter.collect(self.key, self.cred.name)}
 
-    def _remember(self, reports: list[NodeReport]) -> set[str]:
+    def _remember(self, reports: list[NodeReport]) -> set[NodeId]:
         """Known nodes: those reporting, plus, while this rotator lives, any seen
         before whose record vanished (missing is unknown, and unknown blocks),
         unless the reporter says a missing record means gone (a deleted Pod)."""
@@ -473,7 +488,7 @@ class CredentialRotator:
             self._seen |= reporting
         return set(self._seen)
 
-    async def forget(self, node: str) -> None:
+    async def forget(self, node: NodeId) -> None:
         await self.reporter.forget(self.key, node)
         self._seen.discard(node)
         self._full_at = None  # it may have been a blocker: the next pass judges on a full collect
@@ -483,7 +498,7 @@ class CredentialRotator:
         self,
         *,
         versions: list[VersionInfo] | None = None,
-        owned: Mapping[str, Own] | None = None,
+        owned: Mapping[VersionId, Own] | None = None,
     ) -> list[Decision]:
         """The gate's answer for every superseded version (``GateReader.decisions``), with the
         rotator's policies: the nodes it remembers count as known, and nodes silent past
@@ -513,7 +528,7 @@ class CredentialRotator:
         decisions = await self.gate.decisions(versions=versions, owned=owned, reports=reports, known=known, now=now)
         self.last_decisions = decisions
         self._blocking = {d.version: set(d.blocking) for d in decisions}
-        created: dict[str, float] = {v.id: v.created for v in versions}
+        created: dict[VersionId, float] = {v.id: v.created for v in versions}
         metrics.pending_retirements.labels(self.cred.name).set(sum(not d.retire for d in decisions))
         oldest = min((created.get(d.version, now) for d in decisions if not d.retire), default=now)
         metrics.oldest_pending_seconds.labels(self.cred.name).set(now - oldest)
@@ -549,7 +564,7 @@ class CredentialRotator:
         if any(d.retire or not d.blocking for d in decisions):
             return False  # ready, or held back by something else (sessions, min_drain): a full pass
         unproven = {d.version for d in decisions}  # not yet shown to be still blocked
-        read: set[str] = set()
+        read: set[NodeId] = set()
         ttl = self.config.report.report_ttl
         fruitless = 0  # rounds in a row that showed no version still blocked
         while unproven:
@@ -576,9 +591,9 @@ class CredentialRotator:
             fruitless = 0 if len(unproven) < before else fruitless + 1
         return True
 
-    async def retire_ready(self) -> list[str]:
+    async def retire_ready(self) -> list[VersionId]:
         """Retire every superseded version whose gate holds. Returns the retired ids."""
-        retired = []
+        retired: list[VersionId] = []
         self.retire_failures = 0
         listed = await self.store.versions(self.key)
         if await self._blockers_remain(listed):
@@ -589,7 +604,7 @@ class CredentialRotator:
         for decision in await self.evaluate(versions=listed, owned=owned):
             if not decision.retire:
                 continue
-            version = VersionId(decision.version)
+            version = decision.version
             own = owned.get(version)
             try:
                 if retired_by_provider(own):
@@ -631,7 +646,7 @@ class CredentialRotator:
         return retired
 
     async def _retire_ours(
-        self, version: VersionId, own: Own, listed: list[VersionInfo], owned: Mapping[str, Own]
+        self, version: VersionId, own: Own, listed: list[VersionInfo], owned: Mapping[VersionId, Own]
     ) -> None:
         """Retire a version Baton promoted: through the provider, which is told every
         principal the current and newer versions name (it refuses to revoke those)."""
@@ -643,7 +658,7 @@ class CredentialRotator:
         await self.store.merge_metadata(self.key, {own_key(version): None})
 
     async def _live_principals(
-        self, version: str, listed: list[VersionInfo], owned: Mapping[str, Own]
+        self, version: VersionId, listed: list[VersionInfo], owned: Mapping[VersionId, Own]
     ) -> frozenset[str]:
         """The principals named by the current version and every non-retired version newer than ``version``."""
         mine = next((v for v in listed if v.id == version), None)

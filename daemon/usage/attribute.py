@@ -29,9 +29,9 @@ class Swapped(Protocol):
 class Usage:
     """Who holds which version of one credential, from one scan."""
 
-    holders: dict[str, list[Holder]] = field(default_factory=dict)  # version -> holders
+    holders: dict[VersionId, list[Holder]] = field(default_factory=dict)  # version -> holders
 
-    def count(self, version: str) -> int:
+    def count(self, version: VersionId) -> int:
         return len(self.holders.get(version, ()))
 
 
@@ -54,7 +54,7 @@ def attribute(
     holds the version that was current when it last (re)loaded: the newest
     version swapped in before its start or its last reload by us.
     """
-    by_cred: dict[CredentialName, dict[str, dict[int, Holder]]] = {}
+    by_cred: dict[CredentialName, dict[VersionId, dict[int, Holder]]] = {}
     owner = {pid: name for name, pids in consumer_pids.items() for pid in pids}
     for s in sightings:
         holders = by_cred.setdefault(s.credential, {}).setdefault(s.version, {})
