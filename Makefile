@@ -39,6 +39,25 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 psmisc lsof >/dev/null; \
 		else echo "missing PostgreSQL 15 / psmisc / lsof and cannot apt-get install them" >&2; fi; \
 	fi
+	@# Certificate tests and bench/certificates.py: a real nginx serving the agent's files.
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; \
+		else echo "missing nginx and cannot apt-get install it: the certificate tests will skip" >&2; fi; \
+	fi
+	@# The mysql and redis providers' tests and bench rows: MariaDB 10.11 and redis-server 7.
+	@# The packages' own services are not started: the fixtures run private servers.
+	@if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ] || ! command -v redis-server >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server redis-server >/dev/null; \
+		else echo "missing mariadb-server / redis-server and cannot apt-get install them: their tests will skip" >&2; fi; \
+	fi
+	@# The fleet page's test (tests/integration/test_fleet_page.py): a real headless Chromium.
+	@if ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "missing chromium and cannot apt-get install it: the fleet page test will skip" >&2; fi; \
+	fi
 	@# tests/systemd: systemd-nspawn boots a Debian rootfs that mmdebstrap builds (cached in .cache/).
 	@if ! command -v systemd-nspawn >/dev/null || ! command -v mmdebstrap >/dev/null; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
