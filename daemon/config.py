@@ -832,14 +832,14 @@ class LeaseConfig(Model):
 
 
 # The fields that make a credential issued to this node (daemon/issuers/) instead of read from the store.
-ISSUED_KINDS = ("lease",)
+ISSUED_KINDS = ("lease", "certificate")
 
 
 class CredentialConfig(Model):
     name: CredentialName = Field(description="Credential name, unique.")
     key: NonEmpty = Field(
-        description="The secret's key in the store; for an issued credential (lease:) optional, default its name, "
-        "where its node reports go."
+        description="The secret's key in the store; for an issued credential (lease:, certificate:) optional, "
+        "default its name, where its node reports go."
     )
     required: bool = Field(True, description="/readyz waits for it.")
     output: OutputConfig = Field(description="Where and how the files are written.")
@@ -847,6 +847,11 @@ class CredentialConfig(Model):
     rotation: RotationConfig | None = Field(None, description="Rotator role: how and when to rotate.")
     lease: LeaseConfig | None = Field(
         None, description="Issued to this node as a Vault lease (dynamic secret), renewed and revoked by the agent."
+    )
+    certificate: CertificateConfig | None = Field(
+        None,
+        description="Issued to this node as an X.509 certificate (key made here, CSR signed by a PKI or a local CA), "
+        "renewed from its own lifetime by the agent.",
     )
 
     @model_validator(mode="before")
@@ -982,6 +987,72 @@ class AgentConfig(Model):
         return v
 
 
+# ---------------------------------------------------------------- notifications
+
+# The events a notification sink is told of (``notify[].events`` picks some).
+NOTIFY_EVENTS = (
+    "rotated",
+    "rotation_failed",
+    "retired",
+    "retirement_pending_too_long",
+    "force_retired",
+    "lease_expiring",
+    "certificate_expiring",
+)
+
+
+def _events(v: list[str] | None) -> list[str] | None:
+    if v is None:
+        return v
+    unknown = sorted(set(v) - set(NOTIFY_EVENTS))
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(map(repr, unknown))}; known: {', '.join(NOTIFY_EVENTS)}")
+    if not v:
+        raise ValueError("an empty list would send nothing: leave it out for every event")
+    return v
+
+
+NotifyEvents = Annotated[list[str] | None, AfterValidator(_events)]
+
+
+class WebhookNotifyConfig(Model):
+    kind: Literal["webhook"] = Field(description="POST each event to an HTTP(S) endpoint.")
+    url: NonEmpty = Field(description="http(s)://host[:port]/path; no user:password@ (use secret_file to sign).")
+    secret_file: FilePath | None = Field(
+        None, description="HMAC-SHA256 key: each body is signed in X-Baton-Signature (sha256=<hex>)."
+    )
+    format: Literal["json", "slack"] = Field("json", description="json: the event as an object; slack: {text: ...}.")
+    events: NotifyEvents = Field(None, description="Only these events (default: every one in NOTIFY_EVENTS).")
+    timeout: Duration = Field(5.0, le=60, description="One delivery attempt's limit.")
+    retries: int = Field(5, ge=0, le=20, description="Attempts after the first, with backoff; then dropped, counted.")
+    queue: int = Field(100, ge=1, le=10000, description="Events waiting for delivery; when full, new ones are dropped.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("no user:password@ in the URL (it would be a secret in the config); sign with secret_file")
+        if any(c.isspace() or ord(c) < 32 for c in v):
+            raise ValueError("no spaces or control characters in the URL")
+        return v
+
+
+class KubernetesEventsNotifyConfig(Model):
+    kind: Literal["kubernetes-events"] = Field(
+        description="A core/v1 Event on this Pod (POD_NAME/POD_NAMESPACE) per event (sidecar/events.py)."
+    )
+    events: NotifyEvents = Field(None, description="Only these events (default: every one in NOTIFY_EVENTS).")
+    kubeconfig: FilePath | None = Field(None, description="Kubeconfig file; default: in-cluster, then ~/.kube/config.")
+    queue: int = Field(100, ge=1, le=10000, description="Events waiting for delivery; when full, new ones are dropped.")
+    retries: int = Field(3, ge=0, le=20, description="Attempts after the first, with backoff; then dropped, counted.")
+
+
+NotifyConfig = Annotated[WebhookNotifyConfig | KubernetesEventsNotifyConfig, Field(discriminator="kind")]
+
+
 class LogConfig(Model):
     format: Literal["json", "text"] = Field("text", description="Log line format.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Minimum level.")
@@ -999,6 +1070,9 @@ class Config(Model):
     report: ReportConfig = Field(default_factory=ReportConfig, description="Node reports.")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="Agent tuning.")
     credentials: list[CredentialConfig] = Field(description="Credentials to deliver.")
+    notify: list[NotifyConfig] = Field(
+        default_factory=list, description="Where the events that matter are sent (webhook, kubernetes-events)."
+    )
 
     @field_validator("node_id")
     @classmethod
@@ -1035,6 +1109,12 @@ class Config(Model):
                 above.setdefault(p, i)
             if cred.lease is not None and self.store.kind != "vault":
                 problems.append(f"credentials.{i}.lease: needs store kind vault (store.kind is {self.store.kind})")
+            cert_issuer = cred.certificate.issuer if cred.certificate is not None else None
+            if isinstance(cert_issuer, VaultIssuerConfig) and cert_issuer.url is None and self.store.kind != "vault":
+                problems.append(
+                    f"credentials.{i}.certificate.issuer.url: needed unless the store is vault (store.kind is "
+                    f"{self.store.kind})"
+                )
             if self.store.kind == "kubernetes" and cred.rotation is not None and cred.rotation.max_draining > 1:
                 problems.append(
                     f"credentials.{i}.rotation.max_draining: the kubernetes store keeps one previous version; use 1"
@@ -1081,7 +1161,8 @@ def _path(loc: tuple[int | str, ...]) -> str:
 # A config holds no secret values, but an operator may paste one where it does
 # not belong: into a template, the auth section, a field named like a secret, or
 # a key that does not exist. The values found there are never echoed.
-_QUIET_KEYS = {"files", "env", "auth", "acl_rules"}  # a misplaced ">password" ACL rule is not echoed
+# A misplaced ">password" ACL rule is not echoed, nor a webhook URL (a Slack hook's path is its secret).
+_QUIET_KEYS = {"files", "env", "auth", "acl_rules", "url"}
 _QUIET_WORDS = ("token", "secret", "passw", "dsn", "jwt", "private", "api_key", "apikey")
 
 
@@ -1276,4 +1357,8 @@ def check_host(config: Config) -> list[str]:
             problems.append(f"credentials.{i}.output.owner: {why}")
         if (why := _id_problem(out.group, group=True)) is not None:
             problems.append(f"credentials.{i}.output.group: {why}")
+    for i, sink in enumerate(config.notify):
+        key = getattr(sink, "secret_file", None)
+        if key is not None and not os.access(key, os.R_OK):
+            problems.append(f"notify.{i}.secret_file: {key} cannot be read")
     return problems

@@ -26,6 +26,7 @@ never carries a secret value or a response body that might hold one.
     ├── StateFileError           an issuer's state file is unreadable or untrusted: start fresh
     ├── SupervisorError          ``baton exec`` could not start its child
     ├── FanotifyUnavailable      open events cannot be used here (the scans carry on without them)
+    ├── NotifyError              a notification was not delivered (retried with backoff, then counted and dropped)
     └── RotationError            a rotation step failed (wraps the cause)
 
     OSError
@@ -170,3 +171,7 @@ class RenderUnavailable(OSError):
 
 class PluginError(BatonError):
     """A backend named by the config is unknown, or its module (an optional extra) cannot be imported."""
+
+
+class NotifyError(BatonError):
+    """A notification sink did not take an event (HTTP status, connection); never names a URL's path or a body."""

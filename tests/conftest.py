@@ -5,8 +5,11 @@ from __future__ import annotations
 pytest_plugins = [
     "tests.fixtures.moto",
     "tests.fixtures.postgres",
+    "tests.fixtures.mariadb",
+    "tests.fixtures.redis",
     "tests.fixtures.vault",
     "tests.fixtures.openbao",
+    "tests.fixtures.pki",
     "tests.fixtures.kube",
 ]
 

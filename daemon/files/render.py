@@ -14,8 +14,11 @@ process it can kill, so a runaway template never runs in the daemon itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -42,6 +45,41 @@ def _finalize(value: Any) -> Any:
 _ENV = SandboxedEnvironment(
     undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True, finalize=_finalize
 )
+
+# A filter's binary output (a PKCS#12 keystore) is base64 after a prefix only this
+# process knows: a payload field cannot forge it, and a file that is nothing else
+# is written as the decoded bytes. It starts with NUL, so an env value refuses it.
+_BINARY = "\0baton-binary-" + secrets.token_hex(16) + ":"
+
+
+def _pkcs12(private_key: Any, certificate: Any, chain: Any = "", password: Any = "", name: Any = "baton") -> str:
+    """``{{ private_key | pkcs12(certificate, ca_chain, password="changeit") }}``: a whole file, PKCS#12."""
+    from daemon.errors import CertificateError
+    from daemon.kit.x509 import pkcs12_bundle
+
+    try:
+        blob = pkcs12_bundle(
+            str(certificate), str(private_key), str(chain or ""), password=str(password), name=str(name)
+        )
+    except CertificateError as e:
+        raise PayloadError(f"pkcs12: {e}", reason="template") from None
+    return _BINARY + base64.b64encode(blob).decode()
+
+
+_ENV.filters["pkcs12"] = _pkcs12
+
+
+def _binary_of(name: str, text: str) -> bytes | None:
+    """The bytes of a file that is one binary filter's output; None for a text file."""
+    if _BINARY not in text:
+        return None
+    body = text.strip()
+    if not body.startswith(_BINARY) or _BINARY in body[len(_BINARY) :]:
+        raise PayloadError(f"template for {name!r}: a binary filter (pkcs12) must be the whole file", reason="template")
+    try:
+        return base64.b64decode(body[len(_BINARY) :], validate=True)
+    except (binascii.Error, ValueError):
+        raise PayloadError(f"template for {name!r}: a binary filter's output is damaged", reason="template") from None
 
 
 @dataclass(frozen=True)
@@ -78,7 +116,13 @@ def render_version(
 ) -> Rendered:
     """Files and env of one version, in this process (no time bound). Raises ``PayloadError``."""
     texts, env_texts = _render_texts(files, env, payload, max_bytes)
-    return Rendered({k: v.encode() for k, v in texts.items()}, env_texts)
+    return Rendered({k: file_bytes(k, v) for k, v in texts.items()}, env_texts)
+
+
+def file_bytes(name: str, text: str) -> bytes:
+    """A rendered file's bytes: its UTF-8 text, or a binary filter's decoded output."""
+    binary = _binary_of(name, text)
+    return binary if binary is not None else text.encode()
 
 
 def _render_texts(
@@ -158,7 +202,8 @@ def serve(channel_in: BinaryIO, channel_out: BinaryIO, *, hello: dict[str, Any])
 
     Frames are a 4-byte big-endian length and a JSON object. The first frame
     out is ``hello`` (the child is up). A request is ``{"files", "env",
-    "payload", "max_bytes"}``; a reply ``{"files", "env"}`` or ``{"error",
+    "payload", "max_bytes"}``; a reply ``{"files", "binary", "env"}`` (``binary``: base64 of the
+    files a binary filter made) or ``{"error",
     "reason"}``. Every error is a reply: the worker ends only at EOF, or when
     its parent kills it.
     """
@@ -184,10 +229,18 @@ def _handle(body: bytes) -> dict[str, Any]:
         texts, env = _render_texts(
             request["files"], request["env"], Secret(request["payload"]), int(request["max_bytes"])
         )
+        # Binary files go as base64 of their bytes: the marker is this process's own.
+        files, binary = {}, {}
+        for name, text in texts.items():
+            data = _binary_of(name, text)
+            if data is None:
+                files[name] = text
+            else:
+                binary[name] = base64.b64encode(data).decode()
     except PayloadError as e:
         return {"error": str(e), "reason": e.reason}
     except MemoryError:
         return {"error": "rendering ran out of memory", "reason": "memory"}
     except Exception as e:
         return {"error": f"the render worker failed: {type(e).__name__}", "reason": "worker"}
-    return {"files": texts, "env": env}
+    return {"files": files, "binary": binary, "env": env}

@@ -15,6 +15,8 @@ starts with an empty environment, is not dumpable, and dies with its parent.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -241,12 +243,18 @@ def _parse_reply(reply: bytes, *, files: Mapping[str, str], env: Mapping[str, st
         if "error" in data:
             reason = data.get("reason")
             raise PayloadError(str(data["error"])[:500], reason=reason if reason in PAYLOAD_REASONS else "worker")
-        out_files = _texts(data["files"], files)
+        binary = data.get("binary") or {}
+        if not isinstance(binary, dict) or not isinstance(data["files"], dict) or set(binary) & set(data["files"]):
+            raise ValueError
+        out_files = _texts({**data["files"], **binary}, files)
         out_env = _texts(data["env"], env)
-        return Rendered({k: v.encode() for k, v in out_files.items()}, out_env)
+        return Rendered(
+            {k: base64.b64decode(v, validate=True) if k in binary else v.encode() for k, v in out_files.items()},
+            out_env,
+        )
     except PayloadError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+    except (ValueError, KeyError, TypeError, UnicodeEncodeError, binascii.Error):
         raise PayloadError("the render worker sent a malformed reply", reason="worker") from None
 
 

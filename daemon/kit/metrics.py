@@ -167,6 +167,13 @@ rollout_stuck = Gauge(
     registry=REGISTRY,
 )
 
+notify_deliveries_total = Counter(
+    "baton_notify_deliveries_total",
+    "Notification attempts per sink (webhook:<host>, kubernetes-events) and result (ok, retry, dropped, queue_full).",
+    ["sink", "result"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     """The Prometheus text exposition of every Baton metric."""

@@ -66,6 +66,13 @@ ACTIONS: dict[str, str] = {
 # issues itself; built as ``Cls.from_config(config, credential, store)``.
 ISSUERS: dict[str, str] = {
     "lease": "daemon.issuers.lease:LeaseIssuer",
+    "certificate": "daemon.issuers.certificate:CertificateIssuer",
+}
+
+# notify[].kind -> the sink class; built as ``Cls(spec)`` (daemon/notify/).
+NOTIFIERS: dict[str, str] = {
+    "webhook": "daemon.notify.webhook:WebhookSink",
+    "kubernetes-events": "sidecar.events:KubeEventsSink",
 }
 
 # Rotator leader election (``BATON_LEASE_NAME``) -> the class, built with keyword arguments.
