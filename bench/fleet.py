@@ -1,8 +1,8 @@
 """Benchmark: a fleet of simulated nodes reporting on ONE credential, through each store's reporting path.
 
 Paths: ``local`` (SQLite store, ``MetadataReporter``), ``aws`` (moto_server,
-``reports: dynamodb``, ``DynamoReporter``), ``vault`` (the in-repo Vault double,
-``reports: status_path``, ``VaultStatusReporter``). The servers are started here
+``reports: dynamodb``, ``DynamoReporter``), ``vault`` (a real OpenBao,
+``bao server -dev``, ``reports: status_path``, ``VaultStatusReporter``). The servers are started here
 on loopback; nothing talks to a real cloud.
 
 A simulated node is a coroutine, not an agent: it builds ``NodeReport``s and
@@ -30,8 +30,8 @@ passes. Timeline, driven by messages over pipes (no sleeps stand in for them):
    then the fleet is told to stop and sends its counts.
 
 Counted: publishes per node per rotation beyond heartbeats (target <= 2),
-heartbeats, the store's own requests where the server can count them (Vault
-double counters; botocore ``before-send`` hooks for DynamoDB and Secrets
+heartbeats, the store's own requests where they can be counted (a counting proxy
+in front of OpenBao; botocore ``before-send`` hooks for DynamoDB and Secrets
 Manager; store method calls for SQLite; ``client_requests_rotator`` are the
 rotator's alone), each retire pass (full collect, or the rotator's quick re-read
 of the nodes that still block where the reporter offers ``collect_nodes``), and
@@ -47,8 +47,8 @@ run's measured rates, is in the JSON as ``heartbeat_why``; ``--heartbeat-<path>`
 overrides). The rotator interval is ``min(heartbeat / 2, 5 s)`` = 5 s either way.
 ``decision`` breaks the latency down by pass; ``--also-default-heartbeat PATHS``
 runs those paths a second time at 30 s when their own heartbeat differs
-(``default_heartbeat_run``). The Vault double and moto_server run in processes
-of their own.
+(``default_heartbeat_run``). OpenBao (and its counting proxy) and moto_server run
+in processes of their own.
 
 Before each HTTP path the publish throughput is probed; a path whose full fleet
 would take more than ``--budget`` s (default 900) runs with fewer nodes, and the
@@ -278,7 +278,7 @@ def base_config(store: dict[str, Any], *, heartbeat: float) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def servers(path: str, *, workdir: Path, vault_double: str) -> AsyncIterator[Servers]:
+async def servers(path: str, *, workdir: Path) -> AsyncIterator[Servers]:
     """Start the path's server (none for local); credentials go into ``os.environ``, which the fleet inherits."""
     if path == "local":
         yield Servers(
@@ -316,42 +316,31 @@ async def servers(path: str, *, workdir: Path, vault_double: str) -> AsyncIterat
             await asyncio.to_thread(server.stop)
         return
     if path == "vault":
-        from tests.doubles.vault import VaultDouble, VaultProcess, VaultServer
+        from tests.doubles.faultproxy import ProxyProcess
+        from tests.fixtures.openbao import BaoServer
 
-        server_counts: Callable[[], dict[str, int]]
-        vs: VaultProcess | VaultServer
-        if vault_double == "process":
-            # Its own process, so the server does not share a GIL with the rotator.
-            vp = VaultProcess()
-            vs = vp
-            server_counts = vp.counts
-            server_pid: Callable[[], int | None] = vp.pid
-        else:
-            vt = VaultServer(VaultDouble())
-            vs = vt
-            double = vt.double
-            server_pid = no_pid
-
-            def server_counts() -> dict[str, int]:
-                with double._lock:
-                    return {f"{m} {k}": n for (m, k), n in sorted(double.counts.items())}
-
-        await asyncio.to_thread(vs.start)
-        os.environ["VAULT_TOKEN"] = vs.root_token
+        # A real OpenBao dev server in its own process; a counting proxy, in a process
+        # of its own too, in front of it (the server itself counts no requests by endpoint).
+        bao = BaoServer(log_path=workdir / "bao.log")
+        await asyncio.to_thread(bao.start)
+        proxy = ProxyProcess(bao.url)
         try:
+            await asyncio.to_thread(proxy.start)
+            os.environ["VAULT_TOKEN"] = bao.root_token
             yield Servers(
-                {"kind": "vault", "url": vs.url, "poll_interval": 5, "reports": "status_path"},
+                {"kind": "vault", "url": proxy.url, "poll_interval": 5, "reports": "status_path"},
                 [
                     "VaultStatusReporter: one KV entry per node; collect lists and reads every entry",
-                    "Vault double in "
-                    + ("its own process" if vault_double == "process" else "a thread of the rotator's process"),
+                    "OpenBao (bao server -dev, in-memory storage) in its own process, behind a counting proxy "
+                    "in another (one connection per request); cpu_busy.server is OpenBao's",
                 ],
-                server_counts,
-                server_pid,
+                proxy.counts,
+                bao.pid,
             )
         finally:
             os.environ.pop("VAULT_TOKEN", None)
-            await asyncio.to_thread(vs.stop)
+            await asyncio.to_thread(proxy.stop)
+            await asyncio.to_thread(bao.stop)
         return
     raise ValueError(path)
 
@@ -727,7 +716,6 @@ async def run_path(
     concurrency: int,
     budget: float,
     workdir: Path,
-    vault_double: str = "process",
     fleet_processes: int = 1,
     seed: int = 1,
 ) -> dict[str, Any]:
@@ -740,7 +728,7 @@ async def run_path(
         "fleet_processes": fleet_processes,
     }
     loop = asyncio.get_running_loop()
-    async with servers(path, workdir=workdir, vault_double=vault_double) as srv:
+    async with servers(path, workdir=workdir) as srv:
         out["notes"] = [
             *srv.notes,
             f"the simulated nodes run in {fleet_processes} process(es) of their own, each with its own store "
@@ -1119,10 +1107,10 @@ def latency_model(
         out["at_default_heartbeat"] = "measured: this run used the default heartbeat"
     elif heartbeat_load >= drain_rate:
         out["at_default_heartbeat"] = (
-            f"not measured, and not reachable on this double: at a {DEFAULT_HEARTBEAT:g} s heartbeat {nodes} nodes "
+            f"not measured, and not reachable on this server: at a {DEFAULT_HEARTBEAT:g} s heartbeat {nodes} nodes "
             f"write {heartbeat_load:.0f} heartbeats/s, more than the {drain_rate:.0f} publishes/s this run got "
             f"through while the rotator's passes ran ({rate:.0f}/s probed on an idle server); the fleet would fall "
-            f"behind, reports would go stale, and the latency would be set by the double, not by the rotator"
+            f"behind, reports would go stale, and the latency would be set by the server, not by the rotator"
         )
     else:
         out["at_default_heartbeat"] = (
@@ -1223,12 +1211,6 @@ def main() -> int:
         "local and vault run at 30 s already, and aws cannot keep up)",
     )
     ap.add_argument(
-        "--vault-double",
-        choices=("process", "thread"),
-        default="process",
-        help="run the Vault double in its own process (default) or in a thread of the bench",
-    )
-    ap.add_argument(
         "--fleet-processes",
         type=int,
         default=1,
@@ -1273,7 +1255,6 @@ def main() -> int:
                         concurrency=args.concurrency,
                         budget=args.budget,
                         workdir=Path(tempfile.mkdtemp(dir=tmp, prefix=prefix)),
-                        vault_double=args.vault_double,
                         fleet_processes=args.fleet_processes,
                         seed=args.seed,
                     )

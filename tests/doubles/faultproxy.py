@@ -21,8 +21,11 @@ kind)`` counts them as Vault endpoint kinds (``("GET", "metadata")``,
 ``("LIST", "metadata")``, ``("POST", "auth/approle/login")``), answered or not.
 ``ThreadedFaultProxy`` runs one on a loop of its own in a thread, so a test may
 block its own loop (hvac calls, ``kv put``) while the proxy keeps answering;
-its hooks are safe to call from any thread. It never logs a request or an
-answer: bodies carry secrets.
+its hooks are safe to call from any thread. ``ProxyProcess`` runs one in a
+process of its own (``python -m tests.doubles.faultproxy URL``), with no rules,
+only counting, read over HTTP (``GET /_proxy/counts``, not forwarded, not
+counted): how bench/fleet.py counts what its stores ask OpenBao. It never logs
+a request or an answer: bodies carry secrets.
 """
 
 from __future__ import annotations
@@ -31,10 +34,15 @@ import asyncio
 import collections
 import contextlib
 import json
+import signal
+import subprocess
+import sys
 import threading
+import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+COUNTS_PATH = "/_proxy/counts"
 _REASONS = {429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
@@ -83,8 +91,10 @@ class FaultProxy:
     port: int = 0
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    serve_counts: bool = False  # answer GET /_proxy/counts itself (ProxyProcess)
     _wake: asyncio.Event | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
 
     @property
     def url(self) -> str:
@@ -108,7 +118,7 @@ class FaultProxy:
 
     def counts(self) -> collections.Counter[tuple[str, str]]:
         with self._lock:
-            return collections.Counter(endpoint_kind(m, p) for m, p in self.seen)
+            return collections.Counter(self._counts)
 
     def count(self, method: str, kind: str) -> int:
         return self.counts()[(method, kind)]
@@ -144,11 +154,22 @@ class FaultProxy:
             if name.strip().lower() == b"content-length":
                 length = int(value.strip())
         body = await reader.readexactly(length) if length else b""
+        if self.serve_counts and method == "GET" and path == COUNTS_PATH:
+            counts = {f"{m} {k}": n for (m, k), n in sorted(self.counts().items())}
+            payload = json.dumps(counts).encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+            return
         with self._lock:
             rule = next((r for r in self.rules if r.matches(method, path)), None)
             if rule is not None and rule.times is not None:
                 rule.times -= 1
             self.seen.append((method, path))
+            self._counts[endpoint_kind(method, path)] += 1
         if rule is not None and rule.status is not None:
             writer.write(_answer(rule.status))
             await writer.drain()
@@ -229,3 +250,85 @@ class ThreadedFaultProxy:
 
     def count(self, method: str, kind: str) -> int:
         return self.proxy.count(method, kind)
+
+
+def serve(target_url: str) -> None:
+    """Forward to ``target_url`` until SIGTERM/SIGINT, counting; print ``{"url": ...}`` on stdout once listening."""
+
+    async def main() -> None:
+        parts = urlsplit(target_url)
+        assert parts.hostname is not None and parts.port is not None
+        proxy = await FaultProxy(parts.hostname, parts.port, serve_counts=True).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        sys.stdout.write(json.dumps({"url": proxy.url}) + "\n")
+        sys.stdout.flush()
+        try:
+            await stop.wait()
+        finally:
+            await proxy.stop()
+
+    asyncio.run(main())
+
+
+class ProxyProcess:
+    """A counting ``FaultProxy`` in a child process, so it gets a core (and a GIL) of its own."""
+
+    def __init__(self, target_url: str, *, python: str | None = None) -> None:
+        self.target_url = target_url
+        self.python = python or sys.executable
+        self.url = ""
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> ProxyProcess:
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        self._proc = subprocess.Popen(
+            [self.python, "-m", "tests.doubles.faultproxy", self.target_url],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            self._proc.wait(10)
+            self._proc.stdout.close()
+            raise RuntimeError(f"fault proxy process exited ({self._proc.returncode}) before listening")
+        self.url = json.loads(line)["url"]
+        return self
+
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def counts(self) -> dict[str, int]:
+        """Requests forwarded so far, as {"METHOD kind": n} (reading them is not counted)."""
+        with urllib.request.urlopen(self.url + COUNTS_PATH, timeout=10) as resp:
+            return {str(k): int(v) for k, v in json.loads(resp.read()).items()}
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._proc = None
+
+    def __enter__(self) -> ProxyProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
