@@ -19,7 +19,7 @@ import pytest
 
 from daemon.clients.vault import parse_time
 from daemon.config import VaultAuthConfig
-from daemon.errors import StoreAuthError
+from daemon.errors import StoreAuthError, StoreUnavailable
 from daemon.model import Secret
 from daemon.stores.vault import VaultStore
 from tests.fixtures.vault import MakeStore, VaultTarget
@@ -283,3 +283,32 @@ async def test_a_policy_denial_on_a_live_token_never_spends_a_login(
     vault_server.deny(None)
     assert (await store.read(key)).payload.reveal() == "v"
     assert vault_server.faults.count(*login(mount)) == 1
+
+
+async def test_a_failed_renewal_falls_back_to_a_fresh_login(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    store, key, mount = await approle_store_reading(
+        vault_server, make_vault_store, vault_prefix, tmp_path, token_ttl="2s"
+    )
+    vault_server.faults.fail_with(503, path="/v1/auth/token/renew-self", times=1)
+    assert store.client.renew_at is not None
+    await wait_until_monotonic(store.client.renew_at)
+    assert (await store.read(key)).payload.reveal() == "v"
+    assert vault_server.faults.count(*RENEW) == 1
+    assert vault_server.faults.count(*login(mount)) == 2
+
+
+async def test_an_unavailable_login_endpoint_is_store_unavailable_not_an_auth_error_and_the_next_call_logs_in(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+) -> None:
+    auth, mount = approle_auth(vault_server, tmp_path, secret_id_num_uses=1)
+    store = make_vault_store(auth=auth)
+    key = f"{vault_prefix}/db"
+    vault_server.write(key, {"value": "v"})
+    vault_server.faults.fail_with(503, path=f"/v1/auth/{mount}/login", times=1)
+    with pytest.raises(StoreUnavailable):
+        await store.read(key)
+    # The answer never came from the server, so the one-use secret_id is still good.
+    assert (await store.read(key)).payload.reveal() == "v"
+    assert vault_server.faults.count(*login(mount)) == 2
