@@ -294,9 +294,16 @@ class VaultClient:
                     raise StoreAuthError("vault auth token: VAULT_TOKEN is not set")
             else:
                 token = self._read_secret_file(a.token_file, "token_file")
-            data = self._run(
-                lambda c: c.auth.token.lookup_self(mount_point="token" if a.mount is None else mount), token
-            )
+            try:
+                data = self._run(
+                    lambda c: c.auth.token.lookup_self(mount_point="token" if a.mount is None else mount), token
+                )
+            except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+                # Vault's default policy is what lets a token look itself up (and renew itself).
+                raise StoreAuthError(
+                    f"vault auth {a.method}: the token was refused (expired, revoked, or created "
+                    "without Vault's default policy, which lets it look itself up and renew)"
+                ) from None
             info = data["data"]
             # "ttl" is whole seconds left (0 also for a token about to expire);
             # "expire_time" is null only for a token that never expires.

@@ -312,3 +312,18 @@ async def test_an_unavailable_login_endpoint_is_store_unavailable_not_an_auth_er
     # The answer never came from the server, so the one-use secret_id is still good.
     assert (await store.read(key)).payload.reveal() == "v"
     assert vault_server.faults.count(*login(mount)) == 2
+
+
+async def test_a_token_without_the_default_policy_is_refused_at_start_naming_it(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    # Baton's own policy alone: the KV paths are allowed, looking itself up is not (docs/install.md).
+    token = vault_server.token(no_default_policy=True)
+    store = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": token})
+    vault_server.write(f"{vault_prefix}/db", {"value": "v"})
+    with pytest.raises(StoreAuthError, match="default policy") as err:
+        await store.read(f"{vault_prefix}/db")
+    assert token not in str(err.value)
+    # The same policy with Vault's default one added works.
+    ok = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": vault_server.token()})
+    assert (await ok.read(f"{vault_prefix}/db")).payload.reveal() == "v"
