@@ -49,6 +49,8 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from daemon.config import RedisProviderConfig
 from daemon.errors import PayloadError, ProviderBlocked, ProviderError
@@ -105,7 +107,7 @@ def _connect_failure(e: BaseException, *, who: str) -> ProviderError:
         return ProviderError(f"{who}: cannot connect to the server (timed out)")
     if isinstance(e, rexc.ConnectionError | OSError):
         text = str(e).lower()
-        if "refused" in text:
+        if "refused" in text or "error 111 " in text or isinstance(e.__context__, ConnectionRefusedError):
             return ProviderError(f"{who}: cannot connect to the server (connection refused)")
         if "name or service" in text or "nodename" in text:
             return ProviderError(f"{who}: cannot connect to the server (host name not found)")
@@ -314,7 +316,7 @@ class RedisProvider(Provider):
             socket_connect_timeout=TIMEOUT,
             client_name="baton" if named else None,
             decode_responses=True,
-            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),  # one attempt per step: the rotator retries at the next interval
         )
 
     @asynccontextmanager
