@@ -327,3 +327,23 @@ async def test_a_token_without_the_default_policy_is_refused_at_start_naming_it(
     # The same policy with Vault's default one added works.
     ok = make_vault_store(auth=VaultAuthConfig(method="token"), env={"VAULT_TOKEN": vault_server.token()})
     assert (await ok.read(f"{vault_prefix}/db")).payload.reveal() == "v"
+
+
+async def test_the_policy_of_the_docs_reaches_its_own_mount_only(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    # Every store of these tests runs on this token (tests/fixtures/vault.py): enough for all of Baton.
+    # Here: nothing beyond the mount it names, and no change of policies.
+    elsewhere = vault_server.new_mount()
+    vault_server.write(f"{vault_prefix}/db", {"value": "v"})
+    vault_server.write(f"{vault_prefix}/db", {"value": "other"}, mount=elsewhere)
+    outside = make_vault_store(mount=elsewhere)
+    with pytest.raises(StoreAuthError, match="denied by policy"):
+        await outside.read(f"{vault_prefix}/db")
+    assert (await make_vault_store().read(f"{vault_prefix}/db")).payload.reveal() == "v"
+    c = hvac.Client(url=vault_server.direct_url, token=vault_server.baton_token())
+    try:
+        with pytest.raises(hvac.exceptions.Forbidden):
+            c.sys.create_or_update_policy(name="escalate", policy='path "*" { capabilities = ["sudo"] }')
+    finally:
+        c.adapter.close()
