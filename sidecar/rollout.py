@@ -1,9 +1,17 @@
-"""The ``rollout`` reload action: a rolling restart of a workload, as ``kubectl rollout restart`` does.
+"""Rolling restarts of a workload, once per change: the ``rollout`` reload action and the check it shares.
 
-One call patches the pod template annotation ``baton.io/restartedAt`` to now
-(RFC 3339), once, then polls the workload until the rollout is available or the
-timeout passes. It never deletes pods itself: the workload controller rolls
-them within its own surge/unavailability limits.
+A restart is a patch of the pod template, as ``kubectl rollout restart`` does
+(an Argo Rollout's is ``spec.restartAt``: a template change would be a new
+revision through its canary steps). Each restart records what it was for in
+``baton.io/rolled-for: <credential>@<version>[,...]`` (on the pod template; on
+an Argo Rollout, its own annotations), and the patch carries the
+resourceVersion it was judged on: of N replicas (sidecars, or rotators) asking
+for the same change, the first patches, the others get 409, read again and
+find the change already asked for. It never deletes pods itself: the
+workload's controller rolls them within its own surge/unavailability limits.
+
+The same check (``missing``) serves the rotator's Reloader-style rollouts
+(``sidecar/podholders.py``).
 """
 
 from __future__ import annotations
@@ -11,42 +19,226 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon.clients.kube import KubeClient, default_namespace, kube_call
+from daemon.clients.kube import MERGE_PATCH, ROLLED_FOR, KubeClient, Obj, default_namespace, kube_call
 from daemon.config import ConsumerConfig
-from daemon.errors import ReloadError, StoreError
-from daemon.reload.actions import ReloadAction
+from daemon.errors import ReloadError, StoreConflict, StoreError
+from daemon.reload.actions import ReloadAction, roll_versions
 
 log = logging.getLogger(__name__)
 
 RESTARTED_AT = "baton.io/restartedAt"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+_CONFLICT_RETRIES = 5
 
-# kind -> (method suffix of AppsV1Api, status fields: desired, updated, available)
-_KINDS = {
-    "Deployment": ("deployment", None, "updatedReplicas", "availableReplicas"),
-    "StatefulSet": ("stateful_set", None, "updatedReplicas", "availableReplicas"),
-    "DaemonSet": ("daemon_set", "desiredNumberScheduled", "updatedNumberScheduled", "numberAvailable"),
+
+@dataclass(frozen=True)
+class Kind:
+    """A workload kind: where its API is and how it is restarted and judged."""
+
+    name: str
+    plural: str
+    group: str  # "" for apps/v1 (AppsV1Api), else a custom resource's group
+    version: str
+    desired: str | None  # status field of the desired count (None: spec.replicas)
+    updated: str
+    available: str
+
+    @property
+    def in_template(self) -> bool:
+        """True when a restart is a pod template change (every kind but an Argo Rollout)."""
+        return not self.group
+
+
+KINDS: dict[str, Kind] = {
+    "Deployment": Kind("Deployment", "deployments", "", "v1", None, "updatedReplicas", "availableReplicas"),
+    "StatefulSet": Kind("StatefulSet", "statefulsets", "", "v1", None, "updatedReplicas", "availableReplicas"),
+    "DaemonSet": Kind(
+        "DaemonSet", "daemonsets", "", "v1", "desiredNumberScheduled", "updatedNumberScheduled", "numberAvailable"
+    ),
+    "Rollout": Kind("Rollout", "rollouts", "argoproj.io", "v1alpha1", None, "updatedReplicas", "availableReplicas"),
 }
+_SUFFIX = {"deployments": "deployment", "statefulsets": "stateful_set", "daemonsets": "daemon_set"}
 
 
-def rollout_done(obj: dict[str, Any], *, generation: int, kind: str = "Deployment") -> bool:
-    """True when the controller has seen ``generation`` and every replica is updated and available."""
-    _, desired_field, updated_field, available_field = _KINDS[kind]
-    status = obj.get("status") or {}
-    if int(status.get("observedGeneration") or 0) < generation:
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _time(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _annotations(obj: Obj, kind: Kind) -> dict[str, Any]:
+    if kind.in_template:
+        template = _dict(_dict(obj.get("spec")).get("template"))
+        return _dict(_dict(template.get("metadata")).get("annotations"))
+    return _dict(_dict(obj.get("metadata")).get("annotations"))
+
+
+def rolled_for(obj: Obj, kind: Kind) -> dict[str, str]:
+    """credential -> version of the workload's ``baton.io/rolled-for`` (unreadable entries are left out)."""
+    out: dict[str, str] = {}
+    for entry in str(_annotations(obj, kind).get(ROLLED_FOR, "")).split(","):
+        credential, at, version = entry.strip().rpartition("@")
+        if at and credential and version:
+            out[credential] = version
+    return out
+
+
+def missing(obj: Obj, kind: Kind, wanted: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``wanted`` (credential -> version) no restart of the workload was asked for yet."""
+    have = rolled_for(obj, kind)
+    return {c: v for c, v in wanted.items() if have.get(c) != v}
+
+
+def restart_patch(obj: Obj, kind: Kind, wanted: Mapping[str, str]) -> dict[str, Any]:
+    """The patch that restarts the workload for ``wanted``, conditional on the resourceVersion it was judged on."""
+    entries = {**rolled_for(obj, kind), **wanted}
+    value = ",".join(f"{c}@{v}" for c, v in sorted(entries.items()))
+    now = now_rfc3339()
+    meta: dict[str, Any] = {"resourceVersion": _dict(obj.get("metadata")).get("resourceVersion")}
+    if kind.in_template:
+        annotations = {ROLLED_FOR: value, RESTARTED_AT: now}
+        return {"metadata": meta, "spec": {"template": {"metadata": {"annotations": annotations}}}}
+    return {"metadata": {**meta, "annotations": {ROLLED_FOR: value}}, "spec": {"restartAt": now}}
+
+
+def rollout_done(obj: dict[str, Any], *, generation: int | None = None, kind: str = "Deployment") -> bool:
+    """True when the controller has seen ``generation`` (default: the object's own) and every
+    replica is updated and available; for an Argo Rollout, also its restart (``spec.restartAt``) done."""
+    k = KINDS[kind]
+    meta, spec, status = _dict(obj.get("metadata")), _dict(obj.get("spec")), _dict(obj.get("status"))
+    if generation is None:
+        generation = _int(meta.get("generation"))
+    if _int(status.get("observedGeneration")) < generation:
         return False
-    if desired_field is None:
-        desired = int((obj.get("spec") or {}).get("replicas", 1))
+    desired = _int(spec.get("replicas", 1)) if k.desired is None else _int(status.get(k.desired))
+    if _int(status.get(k.available)) < desired:
+        return False
+    if not k.in_template:
+        asked, done = _time(spec.get("restartAt")), _time(status.get("restartedAt"))
+        # Argo sets status.restartedAt once every pod older than spec.restartAt is replaced.
+        return asked is None or (done is not None and done >= asked)
+    return _int(status.get(k.updated)) >= desired
+
+
+async def read_workload(kube: KubeClient, kind: Kind, namespace: str, name: str, *, request_timeout: float) -> Obj:
+    what = f"{kind.name}/{namespace}/{name}"
+    if kind.group:
+        custom = await kube.custom()
+        call = custom.get_namespaced_custom_object(
+            kind.group,
+            kind.version,
+            namespace,
+            kind.plural,
+            name,
+            _preload_content=False,
+            _request_timeout=request_timeout,
+        )
     else:
-        desired = int(status.get(desired_field) or 0)
-    return int(status.get(updated_field) or 0) == desired and int(status.get(available_field) or 0) == desired
+        apps = await kube.apps()
+        call = getattr(apps, f"read_namespaced_{_SUFFIX[kind.plural]}")(
+            name, namespace, _preload_content=False, _request_timeout=request_timeout
+        )
+    return await kube_call(call, op="get", what=what)
+
+
+async def patch_workload(
+    kube: KubeClient, kind: Kind, namespace: str, name: str, body: Obj, *, request_timeout: float
+) -> Obj:
+    what = f"{kind.name}/{namespace}/{name}"
+    if kind.group:
+        # A custom resource takes no strategic merge patch.
+        custom = await kube.custom()
+        call = custom.patch_namespaced_custom_object(
+            kind.group,
+            kind.version,
+            namespace,
+            kind.plural,
+            name,
+            body,
+            _content_type=MERGE_PATCH,
+            _preload_content=False,
+            _request_timeout=request_timeout,
+        )
+    else:
+        apps = await kube.apps()
+        # A strategic merge patch, as kubectl sends it: the template's other fields stay.
+        call = getattr(apps, f"patch_namespaced_{_SUFFIX[kind.plural]}")(
+            name,
+            namespace,
+            body,
+            _content_type=STRATEGIC_MERGE_PATCH,
+            _preload_content=False,
+            _request_timeout=request_timeout,
+        )
+    return await kube_call(call, op="patch", what=what)
+
+
+def list_call(kube: KubeClient, kind: Kind, namespace: str) -> Any:
+    """The list/watch call of ``kind`` in ``namespace`` for ``sidecar.informer.Informer``."""
+
+    async def call(**kw: Any) -> Any:
+        if kind.group:
+            custom = await kube.custom()
+            return await custom.list_namespaced_custom_object(kind.group, kind.version, namespace, kind.plural, **kw)
+        apps = await kube.apps()
+        return await getattr(apps, f"list_namespaced_{_SUFFIX[kind.plural]}")(namespace, **kw)
+
+    return call
+
+
+async def restart_once(
+    kube: KubeClient, kind: Kind, namespace: str, name: str, wanted: Mapping[str, str], *, request_timeout: float
+) -> tuple[Obj, bool]:
+    """Restart the workload for ``wanted`` unless a restart for it was asked already: (object, patched).
+
+    A 409 means another writer changed it since it was read: read again and judge again.
+    """
+    for _ in range(_CONFLICT_RETRIES):
+        obj = await read_workload(kube, kind, namespace, name, request_timeout=request_timeout)
+        todo = missing(obj, kind, wanted) if wanted else {}
+        if wanted and not todo:
+            return obj, False
+        if wanted:
+            body = restart_patch(obj, kind, todo)
+        else:  # no versions known: a plain restart, as before (each call restarts)
+            body = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now_rfc3339()}}}}}
+            if not kind.in_template:
+                body = {"spec": {"restartAt": now_rfc3339()}}
+        try:
+            return await patch_workload(kube, kind, namespace, name, body, request_timeout=request_timeout), True
+        except StoreConflict:
+            continue
+    raise StoreConflict(f"kubernetes patch {kind.name}/{namespace}/{name}: changed by others {_CONFLICT_RETRIES} times")
 
 
 class RolloutRestart:
-    """Reload action ``rollout``: ``reload(pid)`` (pid ignored) restarts the workload and waits."""
+    """``reload(pid)`` (pid ignored) restarts the workload once per change and waits until it is available.
+
+    The change is the roll's credential versions (``daemon.reload.actions.roll_versions``);
+    a call with none known restarts unconditionally.
+    """
 
     def __init__(
         self,
@@ -68,43 +260,33 @@ class RolloutRestart:
         self.request_timeout = request_timeout
         self._kube = KubeClient(kubeconfig=kubeconfig)
 
-    async def _apps(self) -> Any:  # raw calls (dict bodies, _preload_content=False)
-        return await self._kube.apps()
+    async def _client(self) -> KubeClient:
+        return self._kube
 
     async def reload(self, pid: int, *, started: float | None = None) -> None:
         what = f"{self.kind}/{self.namespace}/{self.name}"
-        apps = await self._apps()
-        suffix = _KINDS[self.kind][0]
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
+        kind = KINDS[self.kind]
+        kube = await self._client()
+        wanted = {str(c): str(v) for c, v in roll_versions.get().items()}
         try:
-            # A dict body goes out as a strategic merge patch, as kubectl sends it.
-            patched = await kube_call(
-                getattr(apps, f"patch_namespaced_{suffix}")(
-                    self.name, self.namespace, patch, _preload_content=False, _request_timeout=self.request_timeout
-                ),
-                op="patch",
-                what=what,
+            obj, patched = await restart_once(
+                kube, kind, self.namespace, self.name, wanted, request_timeout=self.request_timeout
             )
         except StoreError as e:
             raise ReloadError(f"rollout restart of {what} failed: {e}") from e
-        generation = int((patched.get("metadata") or {}).get("generation") or 0)
-        log.info("rollout restart requested", extra={"workload": what, "generation": generation})
+        generation = _int(_dict(obj.get("metadata")).get("generation"))
+        if patched:
+            log.info("rollout restart requested", extra={"workload": what, "generation": generation})
+        else:
+            log.info("rollout restart already asked for this change", extra={"workload": what, "for": wanted})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        obj = patched
         while not rollout_done(obj, generation=generation, kind=self.kind):
             if loop.time() >= deadline:
                 raise ReloadError(f"rollout of {what} not available after {self.timeout:g}s")
             await asyncio.sleep(min(self.poll_interval, max(0.0, deadline - loop.time())))
             try:
-                obj = await kube_call(
-                    getattr(apps, f"read_namespaced_{suffix}")(
-                        self.name, self.namespace, _preload_content=False, _request_timeout=self.request_timeout
-                    ),
-                    op="get",
-                    what=what,
-                )
+                obj = await read_workload(kube, kind, self.namespace, self.name, request_timeout=self.request_timeout)
             except StoreError as e:
                 # A transient read error does not undo the restart: keep waiting until the deadline.
                 log.warning("rollout status read failed", extra={"workload": what, "error": str(e)})
@@ -135,11 +317,12 @@ class RolloutAction(RolloutRestart, ReloadAction):
             kubeconfig=rollout.kubeconfig,
         )
 
-    async def _apps(self) -> Any:
+    async def _client(self) -> KubeClient:
         # The client is made on first use, inside reload(): a config that cannot be
         # loaded (no in-cluster account, no kubeconfig) is this reload's failure, a
         # ReloadError like every other, not an unexpected StoreAuthError.
         try:
-            return await super()._apps()
+            await self._kube.apps()
         except StoreError as e:
             raise ReloadError(f"rollout restart of {self.kind}/{self.namespace}/{self.name}: {e}") from e
+        return self._kube

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Awaitable
 from pathlib import Path
@@ -37,6 +38,13 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 ANNOTATION_PREFIX = "baton.io/"
 GENERIC_PREFIX = "baton."
 MERGE_PATCH = "application/merge-patch+json"
+# A Secret's annotation: ``<version> <unix time>``, written by the store right after a promote
+# returned (so an upper bound of when the Secret began to hold that version).
+PROMOTED = "baton.io/promoted"
+# A workload's annotation (Reloader-style): ``<credential>[,<credential>...]`` to roll on each new version.
+RELOAD = "baton.io/reload"
+# The pod template's (an Argo Rollout's own) annotation: ``<credential>@<version>[,...]``, the versions it rolled for.
+ROLLED_FOR = "baton.io/rolled-for"
 
 _NAME_PART = 63  # the name part of an annotation key (after the '/') is at most 63 characters
 
@@ -49,6 +57,17 @@ class _DropResponseBodies(logging.Filter):
 
 
 logging.getLogger("kubernetes_asyncio.client.rest").addFilter(_DropResponseBodies())
+
+
+def promoted_at(obj: Obj | None, version: str) -> float | None:
+    """When the Secret ``obj`` was stamped (``PROMOTED``) as holding ``version``; None if it is not."""
+    annotations = ((obj or {}).get("metadata") or {}).get("annotations") or {}
+    said, _, at = str(annotations.get(PROMOTED, "")).partition(" ")
+    try:
+        when = float(at)
+    except ValueError:
+        return None
+    return when if said == version and math.isfinite(when) else None
 
 
 def default_namespace(configured: str | None = None) -> str:
@@ -181,6 +200,9 @@ class KubeClient:
 
     async def coordination(self) -> Any:
         return client.CoordinationV1Api(await self._client())
+
+    async def custom(self) -> Any:
+        return client.CustomObjectsApi(await self._client())
 
     async def aclose(self) -> None:
         if self._api is not None:

@@ -23,6 +23,9 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
 import psutil
@@ -30,6 +33,7 @@ import psutil
 from daemon.config import ConsumerConfig
 from daemon.errors import PluginError, ReloadError, ReloadGone
 from daemon.kit import plugins
+from daemon.model import CredentialName, VersionId
 from daemon.reload.processes import (
     open_pidfd,
     recycled,
@@ -45,6 +49,14 @@ log = logging.getLogger(__name__)
 
 # systemctl waits for the job; systemd's own default stop timeout is 90 s.
 SYSTEMCTL_TIMEOUT = 120.0
+
+
+# What the roll being run is for (credential -> version), set by the Reloader around each
+# ``reload`` call. An action on a workload that many nodes share (``rollout``) acts once per
+# change across them with it; the others need not look.
+roll_versions: ContextVar[Mapping[CredentialName, VersionId]] = ContextVar(
+    "roll_versions", default=MappingProxyType({})
+)
 
 
 @runtime_checkable

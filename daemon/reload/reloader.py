@@ -23,7 +23,7 @@ from daemon.errors import ReloadError, ReloadGone
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.model import CredentialName, VersionId
-from daemon.reload.actions import ReloadAction, make_action
+from daemon.reload.actions import ReloadAction, make_action, roll_versions
 from daemon.reload.health import check_consumer_health, check_health
 from daemon.reload.processes import (
     is_alive,
@@ -372,6 +372,7 @@ class Reloader:
         # this time: it must be when the reload went out, not when the health
         # check passed (a version swapped in during the check was never loaded).
         sent = self._wall()
+        roll_versions.set(roll.versions)  # this worker task's own context: what the roll is for
         try:
             new_pid, serving = await self._send(roll.st.consumer, action, pid, pids, started)
         except ReloadGone:

@@ -17,6 +17,7 @@ from daemon.errors import BatonError, StoreNotFound
 from daemon.model import NodeId, VersionId, VersionInfo
 from daemon.providers.base import Provider, Session
 from daemon.report.base import NodeReport, Reporter
+from daemon.report.holders import HolderSource
 from daemon.rotation.gate import Decision, decide
 from daemon.rotation.ledger import Own, ledger, retired_by_provider, superseded
 from daemon.stores.base import SecretStore
@@ -33,6 +34,7 @@ class GateReader:
         store: SecretStore,
         reporter: Reporter,
         provider: Provider | None,
+        holders: HolderSource | None = None,
     ) -> None:
         self.config = config
         self.cred = credential
@@ -40,6 +42,7 @@ class GateReader:
         self.store = store
         self.reporter = reporter
         self.provider = provider
+        self.holders = holders  # holders that run no agent (pods reading a Secret natively)
         rotation = credential.rotation or RotationConfig(every=86400)
         self.min_drain = rotation.min_drain
 
@@ -74,6 +77,10 @@ class GateReader:
         # A version is superseded when the next one was created (promote follows at once).
         ordered = sorted(versions, key=lambda x: x.created)
         successor: dict[VersionId, float] = {a.id: b.created for a, b in itertools.pairwise(ordered)}
+        if self.holders is not None:
+            # Judged like nodes, but never remembered as known ones: a pod that is gone is gone.
+            ids = [v.id for v in waiting]
+            reports = [*reports, *await self.holders.reports(self.key, self.cred.name, old=ids, new=new, now=now)]
         decisions = []
         for v in waiting:
             sessions: list[Session] = []

@@ -35,6 +35,7 @@ from daemon.kit.tasks import cancel_all, close_bounded
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
+from daemon.report.holders import open_holders
 from daemon.rotation.leadership import Leadership, holder_id
 from daemon.rotation.workflow import CredentialRotator, RotationResult
 from daemon.stores import open_store
@@ -72,6 +73,8 @@ class Rotator(Service):
         self._own_store = store is None
         self.store = store if store is not None else open_store(config)
         self.reporter = reporter if reporter is not None else open_reporter(config, self.store)
+        # Holders that run no agent (pods reading the Secrets natively); act: it rolls annotated workloads.
+        self.holders = open_holders(config, act=True)
         self.serve_api = serve_api
         self.rotators = self._rotators(config)
         self.holder = holder_id(config.node_id)  # this process's id on the credentials' leases
@@ -94,6 +97,7 @@ class Rotator(Service):
                 store=self.store,
                 reporter=self.reporter,
                 provider=open_provider(c.rotation),
+                holders=self.holders,
             )
             for c in config.credentials
             if c.rotation is not None
@@ -124,6 +128,8 @@ class Rotator(Service):
         for name, r in self.rotators.items():
             await close_bounded(r.provider.aclose(), f"provider of {name}", limit)
         await close_bounded(self.reporter.aclose(), "reporter", limit)
+        if self.holders is not None:
+            await close_bounded(self.holders.aclose(), "holders", limit)
         if self._own_store:
             await close_bounded(self.store.aclose(), "store", limit)
 

@@ -22,6 +22,7 @@ from daemon.model import NodeId
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
+from daemon.report.holders import HolderSource, open_holders
 from daemon.rotation.reader import GateReader
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
@@ -29,10 +30,11 @@ from daemon.stores.base import SecretStore
 log = logging.getLogger(__name__)
 
 
-def _gates(config: Config) -> tuple[SecretStore, Reporter, list[GateReader]]:
+def _gates(config: Config) -> tuple[SecretStore, Reporter, HolderSource | None, list[GateReader]]:
     """The read-only gate of every credential; a provider only where one rotates it (for its sessions)."""
     store = open_store(config)
     reporter = open_reporter(config, store)
+    holders = open_holders(config, act=False)  # looks only: never rolls a workload
     gates = [
         GateReader(
             config=config,
@@ -40,14 +42,15 @@ def _gates(config: Config) -> tuple[SecretStore, Reporter, list[GateReader]]:
             store=store,
             reporter=reporter,
             provider=open_provider(c.rotation) if c.rotation is not None else None,
+            holders=holders,
         )
         for c in config.credentials
     ]
-    return store, reporter, gates
+    return store, reporter, holders, gates
 
 
 async def pending(config: Config) -> dict[str, Any]:
-    store, reporter, gates = _gates(config)
+    store, reporter, holders, gates = _gates(config)
     try:
         out: dict[str, Any] = {}
         for g in gates:
@@ -59,6 +62,8 @@ async def pending(config: Config) -> dict[str, Any]:
             out[g.cred.name] = [d.as_dict() for d in decisions]
         return out
     finally:
+        if holders is not None:
+            await holders.aclose()
         await reporter.aclose()
         await store.aclose()
 
@@ -75,6 +80,9 @@ def _print_pending(data: dict[str, Any]) -> None:
                 print(f"  - {reason}")
             for node, holders in d["holders"].items():
                 for h in holders:
+                    if not h["pid"]:  # no process: a pod or workload (report/holders.py), its exe says what
+                        print(f"    {node} {h['exe']}")
+                        continue
                     who = h["consumer"] or "unmanaged"
                     print(f"    {node}: pid {h['pid']} {h['exe']} ({who}, via {h['how']})")
             for s in d["sessions"]:

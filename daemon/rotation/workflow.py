@@ -53,6 +53,7 @@ from daemon.kit.logs import event
 from daemon.model import PENDING, NodeId, Secret, VersionId, VersionInfo
 from daemon.providers.base import Provider
 from daemon.report.base import NodeReader, NodeReport, Reporter
+from daemon.report.holders import HolderSource
 from daemon.rotation.gate import Decision, decide
 from daemon.rotation.ledger import (
     APPLYING,
@@ -171,6 +172,7 @@ class CredentialRotator:
         store: SecretStore,
         reporter: Reporter,
         provider: Provider,
+        holders: HolderSource | None = None,
     ) -> None:
         assert credential.rotation is not None
         self.config = config
@@ -183,7 +185,12 @@ class CredentialRotator:
             self.store = cast(SecretStore, _Delayed(store, delay))
             self.provider = cast(Provider, _Delayed(provider, delay))
         self.gate = GateReader(
-            config=config, credential=credential, store=self.store, reporter=reporter, provider=self.provider
+            config=config,
+            credential=credential,
+            store=self.store,
+            reporter=reporter,
+            provider=self.provider,
+            holders=holders,
         )
         self.last_outcome: Outcome | None = None
         self.last_decisions: list[Decision] = []

@@ -40,6 +40,7 @@ import aiohttp
 
 from daemon.clients.kube import (
     MERGE_PATCH,
+    PROMOTED,
     KubeClient,
     Obj,
     annotation_key,
@@ -47,6 +48,7 @@ from daemon.clients.kube import (
     generic_key,
     kube_call,
     kube_open,
+    promoted_at,
     status_error,
 )
 from daemon.errors import (
@@ -428,9 +430,11 @@ class KubernetesStore(SecretStore):
         )
         current = _info(main, CURRENT) if main is not None else None
         if current is not None and current.id == version:
-            # Already done (a retried promote): only the pending companion may be left over.
+            # Already done (a retried promote): only the pending companion (and the stamp) may be left over.
             if pending is not None and (p := _info(pending, PENDING)) is not None and p.id == version:
                 await self._delete(key + PENDING_SUFFIX)
+            if not promoted_at(main, version):
+                await self._stamp_promoted(key, version)
             return
         source = next(
             (o for o in (pending, previous) if o is not None and (i := _info(o, None)) is not None and i.id == version),
@@ -458,8 +462,15 @@ class KubernetesStore(SecretStore):
             updated["metadata"] = {**main["metadata"], "annotations": annotations}
             updated["data"] = new_data
             await self._replace(updated)
+        await self._stamp_promoted(key, version)
         if source is pending:
             await self._delete(key + PENDING_SUFFIX)
+
+    async def _stamp_promoted(self, key: str, version: VersionId) -> None:
+        """``baton.io/promoted: <version> <time>``, stamped after the data write returned: an upper
+        bound of when the Secret began to hold ``version``. The rotator's pod holders
+        (``sidecar.podholders``) take a container started after it as one that read the new version."""
+        await self.merge_metadata(key, {"baton.promoted": f"{version} {time.time()!r}"})
 
     async def retire(self, key: str, version: VersionId) -> None:
         main = await self._get(key)
@@ -573,6 +584,6 @@ class KubernetesStore(SecretStore):
         out: dict[str, str] = {}
         for name, value in (obj["metadata"].get("annotations") or {}).items():
             generic = generic_key(name)
-            if generic is not None and name not in (CREATED,):
+            if generic is not None and name not in (CREATED, PROMOTED):
                 out[generic] = value
         return out

@@ -5,8 +5,10 @@ implements the documented semantics of the calls that ``daemon.stores.kubernetes
 and ``sidecar/`` make, and nothing else:
 
 - core/v1 Secrets: get, list, create, replace (PUT), patch, delete, watch.
-- core/v1 Pods: get, list (labelSelector), create (seeding), patch, delete.
-- apps/v1 Deployments: get, create (seeding), patch.
+- core/v1 Pods: get, list (labelSelector), watch, create (seeding), patch, delete.
+- apps/v1 Deployments, StatefulSets, DaemonSets and argoproj.io/v1alpha1 Rollouts:
+  get, list, watch, create (seeding), patch (a Rollout, a custom resource: merge
+  patch only, 415 for a strategic one); a cluster without Argo is ``served=...``.
 - coordination.k8s.io/v1 Leases: get, create, replace.
 
 Semantics kept (from the API conventions document):
@@ -35,10 +37,13 @@ Semantics kept (from the API conventions document):
   ``labelSelector`` filter it; ``allowWatchBookmarks`` enables ``BOOKMARK``
   events sent by the ``bookmark()`` hook.
 - A list with a ``resourceVersion`` older than the compaction point answers 410.
-- Deployments: a change of ``spec`` bumps ``metadata.generation``; a change of
-  the pod template sets ``status.updatedReplicas`` to 0. The status fields only
-  move when a test calls ``set_status``/``advance_rollout`` (there is no
-  controller), so a test decides when a rollout "becomes available".
+- Workloads: a change of ``spec`` bumps ``metadata.generation``; a change of
+  the pod template sets the updated count to 0. The status fields only
+  move when a test calls ``set_status``/``advance_rollout``/``roll_pods`` (there
+  is no controller), so a test decides when a rollout "becomes available".
+  ``run_pod`` seeds a pod as a kubelet runs it; a pod created through the API
+  starts ``Pending``. tests/integration/test_kube_double.py checks responses
+  against the Kubernetes OpenAPI schemas (kubernetes-validate).
 - Bearer token auth on every request: ``401`` without the right token.
 
 Test hooks (on ``KubeDouble``): ``fail(...)`` injects HTTP errors, ``delay``
@@ -72,8 +77,20 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "secrets": ("v1", "Secret"),
     "pods": ("v1", "Pod"),
     "deployments": ("apps/v1", "Deployment"),
+    "statefulsets": ("apps/v1", "StatefulSet"),
+    "daemonsets": ("apps/v1", "DaemonSet"),
     "leases": ("coordination.k8s.io/v1", "Lease"),
+    "rollouts": ("argoproj.io/v1alpha1", "Rollout"),
 }
+# The workloads, and the status fields their controllers keep: (desired, updated, available, ready).
+WORKLOADS: dict[str, tuple[str, str, str, str]] = {
+    "deployments": ("replicas", "updatedReplicas", "availableReplicas", "readyReplicas"),
+    "statefulsets": ("replicas", "updatedReplicas", "availableReplicas", "readyReplicas"),
+    "daemonsets": ("desiredNumberScheduled", "updatedNumberScheduled", "numberAvailable", "numberReady"),
+    "rollouts": ("replicas", "updatedReplicas", "availableReplicas", "readyReplicas"),
+}
+# Custom resources take no strategic merge patch (the apiserver answers 415).
+_CUSTOM = {"rollouts"}
 
 _ANNOTATION_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _MERGE_BY_NAME = {"containers", "initContainers", "volumes", "env"}
@@ -155,6 +172,36 @@ def parse_label_selector(selector: str) -> Callable[[dict[str, str]], bool]:
     return lambda labels: all(t(labels) for t in tests)
 
 
+def workload_pod(workload: Obj, name: str, template: Obj) -> Obj:
+    """A pod as the workload's controller makes it from ``template``: owned by it (through a
+    ReplicaSet <workload>-<hash> for a Deployment or a Rollout, as theirs are)."""
+    kind, wname = workload["kind"], workload["metadata"]["name"]
+    labels = dict((template.get("metadata") or {}).get("labels") or {})
+    owner_kind, owner_name, owner_api = kind, wname, workload["apiVersion"]
+    if kind in ("Deployment", "Rollout"):
+        h = uuid.uuid4().hex[:10]
+        labels["rollouts-pod-template-hash" if kind == "Rollout" else "pod-template-hash"] = h
+        owner_kind, owner_name, owner_api = "ReplicaSet", f"{wname}-{h}", "apps/v1"
+    return {
+        "metadata": {
+            "name": name,
+            "labels": labels,
+            "annotations": dict((template.get("metadata") or {}).get("annotations") or {}),
+            "ownerReferences": [
+                {
+                    "apiVersion": owner_api,
+                    "kind": owner_kind,
+                    "name": owner_name,
+                    "uid": str(uuid.uuid4()),
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": copy.deepcopy(template.get("spec") or {}),
+    }
+
+
 @dataclass
 class Fault:
     status: int
@@ -197,8 +244,10 @@ class Request:
 class KubeDouble:
     """The apiserver state, its HTTP app, and the test hooks."""
 
-    def __init__(self, *, token: str | None = None) -> None:
+    def __init__(self, *, token: str | None = None, served: set[str] | None = None) -> None:
         self.token = token or uuid.uuid4().hex
+        # The resources this apiserver serves (a cluster without Argo Rollouts: leave "rollouts" out, 404).
+        self.served = set(RESOURCES) if served is None else served
         self.rv = 1
         self.objects: dict[tuple[str, str, str], Obj] = {}
         self.history: list[tuple[int, str, str, Obj]] = []  # (rv, plural, event type, object)
@@ -215,10 +264,15 @@ class KubeDouble:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
-        for prefix, plurals in (("/api/v1", ("secrets", "pods")), ("/apis/apps/v1", ("deployments",))):
+        for prefix, plurals in (
+            ("/api/v1", ("secrets", "pods")),
+            ("/apis/apps/v1", ("deployments", "statefulsets", "daemonsets")),
+            ("/apis/coordination.k8s.io/v1", ("leases",)),
+            ("/apis/argoproj.io/v1alpha1", ("rollouts",)),
+        ):
             for plural in plurals:
-                self._routes(app, prefix, plural)
-        self._routes(app, "/apis/coordination.k8s.io/v1", "leases")
+                if plural in self.served:
+                    self._routes(app, prefix, plural)
         return app
 
     def _routes(self, app: web.Application, prefix: str, plural: str) -> None:
@@ -310,26 +364,90 @@ class KubeDouble:
         obj = self.objects.get((plural, namespace, name))
         return copy.deepcopy(obj) if obj is not None else None
 
-    def set_status(self, namespace: str, name: str, **status: Any) -> None:
-        obj = self.get("deployments", namespace, name)
-        assert obj is not None, f"no deployment {namespace}/{name}"
+    def set_status(self, namespace: str, name: str, *, plural: str = "deployments", **status: Any) -> None:
+        obj = self.get(plural, namespace, name)
+        assert obj is not None, f"no {plural} {namespace}/{name}"
         obj["status"] = {**obj.get("status", {}), **status}
-        self._store("deployments", ("deployments", namespace, name), obj, "MODIFIED")
+        self._store(plural, (plural, namespace, name), obj, "MODIFIED")
 
-    def advance_rollout(self, namespace: str, name: str) -> None:
-        """Finish the rollout: observed the latest generation, every replica updated and available."""
-        obj = self.get("deployments", namespace, name)
+    def advance_rollout(self, namespace: str, name: str, *, plural: str = "deployments") -> None:
+        """Finish the rollout: observed the latest generation, every replica updated and available
+        (an Argo Rollout's restart done: ``status.restartedAt`` = ``spec.restartAt``)."""
+        obj = self.get(plural, namespace, name)
         assert obj is not None
-        replicas = obj.get("spec", {}).get("replicas", 1)
-        self.set_status(
-            namespace,
-            name,
-            observedGeneration=obj["metadata"]["generation"],
-            replicas=replicas,
-            updatedReplicas=replicas,
-            availableReplicas=replicas,
-            readyReplicas=replicas,
-        )
+        desired, updated, available, ready = WORKLOADS[plural]
+        replicas = obj.get("spec", {}).get("replicas", 1) if desired == "replicas" else obj["status"].get(desired, 1)
+        status: dict[str, Any] = {
+            "observedGeneration": obj["metadata"]["generation"],
+            desired: replicas,
+            updated: replicas,
+            available: replicas,
+            ready: replicas,
+        }
+        if plural == "rollouts":
+            status["observedGeneration"] = str(obj["metadata"]["generation"])  # Argo keeps it as a string
+            if obj["spec"].get("restartAt"):
+                status["restartedAt"] = obj["spec"]["restartAt"]
+        self.set_status(namespace, name, plural=plural, **status)
+
+    def run_pod(self, pod: Obj, *, namespace: str = "default") -> Obj:
+        """Create a pod as the kubelet would have it running: Running, every container started now."""
+        pod = copy.deepcopy(pod)
+        meta = pod.setdefault("metadata", {})
+        meta.setdefault("namespace", namespace)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        spec = pod.get("spec", {})
+
+        def statuses(group: str) -> list[Obj]:
+            return [
+                {
+                    "name": c["name"],
+                    "image": c.get("image", ""),
+                    "imageID": "",
+                    "ready": group == "containers",
+                    "restartCount": 0,
+                    "started": group == "containers",
+                    "state": {"running": {"startedAt": now}}
+                    if group == "containers"
+                    else {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
+                }
+                for c in spec.get(group) or []
+            ]
+
+        pod["status"] = {
+            "phase": "Running",
+            "startTime": now,
+            "containerStatuses": statuses("containers"),
+            **({"initContainerStatuses": statuses("initContainers")} if spec.get("initContainers") else {}),
+        }
+        return self.put("pods", pod)
+
+    def roll_pods(self, plural: str, namespace: str, name: str, *, replicas: int | None = None) -> list[str]:
+        """Play the workload's controller for its current template: delete the pods it owns, run
+        ``replicas`` (default spec.replicas) new ones from the template, and finish the rollout.
+        Pods own by name prefix (``<workload>-``), as the controllers name them."""
+        obj = self.get(plural, namespace, name)
+        assert obj is not None, f"no {plural} {namespace}/{name}"
+        for key in [k for k in self.objects if k[0] == "pods" and k[1] == namespace and k[2].startswith(name + "-")]:
+            self.delete_object(*key)
+        template = obj["spec"].get("template") or {}
+        n = replicas if replicas is not None else obj["spec"].get("replicas", 1)
+        made = []
+        generation = obj["metadata"]["generation"]
+        for i in range(n):
+            pod_name = f"{name}-g{generation}-{uuid.uuid4().hex[:5]}-{i}"
+            self.run_pod(workload_pod(obj, pod_name, template), namespace=namespace)
+            made.append(pod_name)
+        self.advance_rollout(namespace, name, plural=plural)
+        return made
+
+    def delete_object(self, plural: str, namespace: str, name: str) -> None:
+        """Delete directly, with the watch event (a controller or a kubectl delete)."""
+        old = self.objects.pop((plural, namespace, name))
+        self.rv += 1
+        gone = copy.deepcopy(old)
+        gone["metadata"]["resourceVersion"] = str(self.rv)
+        self._emit(plural, "DELETED", gone)
 
     async def until(self, predicate: Callable[[], bool], *, timeout: float = 5.0) -> None:
         """Poll ``predicate`` until true (a deadline, not a sleep standing in for a sync point)."""
@@ -384,26 +502,31 @@ class KubeDouble:
                 data[k] = base64.b64encode(str(v).encode()).decode()
             obj["data"] = data
             obj.setdefault("type", "Opaque")
-        if plural == "deployments":
+        if plural in WORKLOADS:
+            desired, updated, available, ready = WORKLOADS[plural]
             spec = obj.setdefault("spec", {})
-            spec.setdefault("replicas", 1)
+            if plural != "daemonsets":
+                spec.setdefault("replicas", 1)
             if old is None:
                 meta["generation"] = 1
-                n = spec["replicas"]
+                n = spec.get("replicas", 1)
                 obj["status"] = {
-                    "observedGeneration": 1,
-                    "replicas": n,
-                    "updatedReplicas": n,
-                    "availableReplicas": n,
-                    "readyReplicas": n,
+                    "observedGeneration": "1" if plural == "rollouts" else 1,
+                    desired: n,
+                    updated: n,
+                    available: n,
+                    ready: n,
                     **obj.get("status", {}),
                 }
             else:
+                # The status subresource: a write of the object never changes it.
                 obj["status"] = copy.deepcopy(old.get("status", {}))
                 if spec != old.get("spec"):
                     meta["generation"] = old["metadata"].get("generation", 1) + 1
                 if spec.get("template") != old.get("spec", {}).get("template"):
-                    obj["status"]["updatedReplicas"] = 0
+                    obj["status"][updated] = 0
+        if plural == "pods" and old is None:
+            obj.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
         return obj
 
     def _invalid(self, obj: Obj) -> str | None:
@@ -599,6 +722,8 @@ class KubeDouble:
         old = self.objects.get((plural, ns, name))
         if old is None:
             return _error(404, "NotFound", f'{plural} "{name}" not found')
+        if plural in _CUSTOM and ctype == "application/strategic-merge-patch+json":
+            return _error(415, "UnsupportedMediaType", "strategic merge patch is not supported for custom resources")
         merge = merge_patch if ctype == "application/merge-patch+json" else strategic_merge_patch
         new = merge(copy.deepcopy(old), body)
         # The precondition is what the patch says, not what the merge left.
