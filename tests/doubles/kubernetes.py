@@ -89,6 +89,13 @@ WORKLOADS: dict[str, tuple[str, str, str, str]] = {
     "daemonsets": ("desiredNumberScheduled", "updatedNumberScheduled", "numberAvailable", "numberReady"),
     "rollouts": ("replicas", "updatedReplicas", "availableReplicas", "readyReplicas"),
 }
+
+
+def _daemonset_required(n: int) -> dict[str, int]:
+    """The fields DaemonSetStatus requires besides the counts above."""
+    return {"currentNumberScheduled": n, "numberMisscheduled": 0, "desiredNumberScheduled": n, "numberReady": n}
+
+
 # Custom resources take no strategic merge patch (the apiserver answers 415).
 _CUSTOM = {"rollouts"}
 
@@ -384,6 +391,8 @@ class KubeDouble:
             available: replicas,
             ready: replicas,
         }
+        if plural == "daemonsets":
+            status.update(_daemonset_required(replicas))
         if plural == "rollouts":
             status["observedGeneration"] = str(obj["metadata"]["generation"])  # Argo keeps it as a string
             if obj["spec"].get("restartAt"):
@@ -516,6 +525,7 @@ class KubeDouble:
                     updated: n,
                     available: n,
                     ready: n,
+                    **(_daemonset_required(n) if plural == "daemonsets" else {}),
                     **obj.get("status", {}),
                 }
             else:
