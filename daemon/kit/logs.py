@@ -2,18 +2,22 @@
 
 ``bound(credential=..., version=...)`` sets context for the current task (a
 contextvar), and every record logged from it carries those fields. Events
-(rotation, reload, drain, retirement) are records with an ``event`` field.
-Nothing here ever formats a secret: callers pass names and ids only.
+(rotation, reload, drain, retirement) are records with an ``event`` field;
+``listen(fn)`` also hands each one, whatever the log level, to ``fn(name,
+level, fields)`` (the notifications of ``daemon.notify`` and the fleet page's
+last events are taken from there). Nothing here ever formats a secret: callers
+pass names and ids only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,8 +36,30 @@ def bound(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+Listener = Callable[[str, int, dict[str, Any]], None]
+_listeners: list[Listener] = []
+
+
+def listen(fn: Listener) -> Callable[[], None]:
+    """Hand every event to ``fn(name, level, fields)`` (bound context included); returns the un-listen."""
+    _listeners.append(fn)
+
+    def unlisten() -> None:
+        with contextlib.suppress(ValueError):
+            _listeners.remove(fn)
+
+    return unlisten
+
+
 def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields: Any) -> None:
-    """Log a structured event (``{"event": name, ...}``)."""
+    """Log a structured event (``{"event": name, ...}``), and hand it to the listeners."""
+    if _listeners:
+        data = {**_context.get(), **fields}
+        for fn in tuple(_listeners):
+            try:
+                fn(name, level, data)
+            except Exception:  # a listener's trouble never costs the event its log line
+                logger.debug("event listener failed", exc_info=True)
     logger.log(level, name, extra={"event": name, **fields})
 
 
