@@ -36,6 +36,7 @@ from daemon.kit.logs import event
 from daemon.kit.service import Service
 from daemon.kit.tasks import close_bounded
 from daemon.model import CredentialName, VersionId
+from daemon.notify.hub import Notifier
 from daemon.reload.reloader import Reloader
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
@@ -80,6 +81,7 @@ class Agent(Service):
         self.reloader: Reloader | None = None
         self.tracker: Tracker | None = None
         self.api: ApiServer | None = None
+        self.notifier: Notifier | None = None
         # This generation's root tasks (replaced on a config reload).
         self._generation: list[asyncio.Task[None]] = []
 
@@ -87,6 +89,9 @@ class Agent(Service):
 
     async def startup(self) -> None:
         _not_dumpable()
+        # The node's own notable events (a lease or certificate about to expire) go to notify: sinks.
+        self.notifier = Notifier.from_config(self.config, role="agent")
+        self.notifier.start()
         self.api = ApiServer(
             self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
         )
@@ -113,6 +118,8 @@ class Agent(Service):
         await close_bounded(self.reporter.aclose(), "reporter", self.close_limit)
         if self.api is not None:
             await close_bounded(self.api.stop(), "api", self.close_limit)
+        if self.notifier is not None:
+            await close_bounded(self.notifier.aclose(), "notifier", self.close_limit)
         if self._own_store:
             await close_bounded(self.store.aclose(), "store", self.close_limit)
         await close_bounded(self.renderer.aclose(), "render worker", self.close_limit)
