@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from bench import under_load_http, under_load_kv  # noqa: E402  (aws-iam and command; mysql and redis rows)
 from daemon.agent.service import Agent  # noqa: E402
 from daemon.config import Config, parse_config  # noqa: E402
 from daemon.kit.logs import setup  # noqa: E402
@@ -68,7 +69,8 @@ from tests.fixtures.postgres import PG_BIN, PgCluster  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONSUMER = Path(__file__).resolve().parent / "pg_consumer.py"
-STRATEGIES = ("alternating-users", "role-per-version", "single-user")
+PG_STRATEGIES = ("alternating-users", "role-per-version", "single-user")
+STRATEGIES = (*PG_STRATEGIES, *under_load_http.PHASES, *under_load_kv.PHASES)
 KEY = "bench/db"
 CREDENTIAL = "db"
 # JSON rendered by the agent: the payload's fields, quoted by Jinja's tojson.
@@ -550,7 +552,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         lines, labels = ax.get_legend_handles_labels()
         bars, bar_labels = axf.get_legend_handles_labels()
         ax.legend(lines + bars, labels + bar_labels, loc="upper center", fontsize=8, ncols=5)
-    fig.suptitle("Baton: PostgreSQL rotation under load", fontsize=12)
+    fig.suptitle("Baton: credential rotation under load", fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -563,21 +565,41 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 async def bench(args: argparse.Namespace, *, progress: TextIO, workdir: Path, events: EventLog) -> dict[str, Any]:
     load = Load()
     results: dict[str, dict[str, Any]] = {}
-    with private_cluster() as cluster:
-        print(f"cluster ready on {cluster.host}:{cluster.port}", file=progress, flush=True)
-        for strategy in args.strategies:
-            root = workdir / strategy
-            root.mkdir()
-            results[strategy] = await run_phase(
-                cluster=cluster,
-                strategy=strategy,
-                rotations=args.rotations,
-                every=args.every,
-                load=load,
-                root=root,
-                events=events,
-                progress=progress,
-            )
+    pg = [s for s in args.strategies if s in PG_STRATEGIES]
+    if pg:
+        with private_cluster() as cluster:
+            print(f"cluster ready on {cluster.host}:{cluster.port}", file=progress, flush=True)
+            for strategy in pg:
+                root = workdir / strategy
+                root.mkdir()
+                results[strategy] = await run_phase(
+                    cluster=cluster,
+                    strategy=strategy,
+                    rotations=args.rotations,
+                    every=args.every,
+                    load=load,
+                    root=root,
+                    events=events,
+                    progress=progress,
+                )
+    results |= await under_load_http.run_phases(
+        [s for s in args.strategies if s in under_load_http.PHASES],
+        rotations=args.rotations,
+        every=args.every,
+        load=load,
+        workdir=workdir,
+        events=events,
+        progress=progress,
+    )
+    results |= await under_load_kv.run_phases(
+        [s for s in args.strategies if s in under_load_kv.PHASES],
+        rotations=args.rotations,
+        every=args.every,
+        load=load,
+        workdir=workdir,
+        events=events,
+        progress=progress,
+    )
     return {"load": vars(load) | {"total_rate": load.total_rate}, "strategies": results}
 
 
@@ -608,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
             data = asyncio.run(bench(args, progress=sys.stderr, workdir=workdir, events=events))
         finally:
             _kill_leftovers()
+            under_load_http.kill_leftovers()
+            under_load_kv.kill_leftovers()
             logging.getLogger().handlers.clear()
     strategies = data["strategies"]
     out: dict[str, Any] = {

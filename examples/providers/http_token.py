@@ -126,6 +126,8 @@ def retire(msg: dict[str, Any]) -> dict[str, Any]:
 
 def sessions(msg: dict[str, Any]) -> dict[str, Any]:
     tid = msg["old"]["id"]
+    if os.environ.get("TOKEN_STRATEGY") == "in-place":
+        return {"sessions": []}  # one token for old and new: its use cannot tell them apart
     idle_for = float(os.environ.get("TOKEN_IDLE_FOR", "60"))
     for t in listed(admin_token()):
         if t["id"] == tid and t.get("last_used") and time.time() - t["last_used"] < idle_for:
