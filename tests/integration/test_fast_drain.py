@@ -105,7 +105,9 @@ async def test_a_holders_exit_retires_the_old_version_without_waiting_for_a_scan
         try:
             assert holder.stdout is not None and holder.stdout.readline() == b"ready\n"
             await rotate_and_wait_for_gate(agent, rotator, r, holder.pid)
-            assert agent.tracker is not None and holder.pid in agent.tracker.exits.followed
+            tracker = agent.tracker
+            assert tracker is not None
+            await until(lambda: holder.pid in tracker.exits.followed)  # its pidfd, from the scan after the swap
             assert not retired(r)
             holder.kill()  # not reaped: a zombie, which has exited all the same
             await until(lambda: retired(r))
