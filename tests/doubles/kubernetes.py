@@ -266,6 +266,9 @@ class KubeDouble:
         self.requests: list[Request] = []
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self._controllers: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+        self._rolled: dict[tuple[str, str, str], tuple[Any, ...]] = {}  # workload -> (generation, restartAt) rolled
 
     # ------------------------------------------------------------ lifecycle
 
@@ -310,6 +313,11 @@ class KubeDouble:
         return self.url
 
     async def close(self) -> None:
+        if self._controllers is not None:
+            self._controllers.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._controllers
+            self._controllers = None
         self.end_watches()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -434,10 +442,10 @@ class KubeDouble:
     def roll_pods(self, plural: str, namespace: str, name: str, *, replicas: int | None = None) -> list[str]:
         """Play the workload's controller for its current template: delete the pods it owns, run
         ``replicas`` (default spec.replicas) new ones from the template, and finish the rollout.
-        Pods own by name prefix (``<workload>-``), as the controllers name them."""
+        Its pods are named ``<workload>-g<generation>-...``: those are the ones it owns."""
         obj = self.get(plural, namespace, name)
         assert obj is not None, f"no {plural} {namespace}/{name}"
-        for key in [k for k in self.objects if k[0] == "pods" and k[1] == namespace and k[2].startswith(name + "-")]:
+        for key in [k for k in self.objects if k[0] == "pods" and k[1] == namespace and k[2].startswith(name + "-g")]:
             self.delete_object(*key)
         template = obj["spec"].get("template") or {}
         n = replicas if replicas is not None else obj["spec"].get("replicas", 1)
@@ -449,6 +457,38 @@ class KubeDouble:
             made.append(pod_name)
         self.advance_rollout(namespace, name, plural=plural)
         return made
+
+    def start_controllers(self) -> None:
+        """Play the kubelet and the workload controllers from now on, as a real cluster does: a pod
+        created through the API starts running; a workload whose template changed (or is new, or
+        an Argo Rollout asked to restart) gets its pods replaced and its rollout finished. For tests
+        written the way they run against a real cluster (tests/integration/kube_cluster.py)."""
+        if self._controllers is None:
+            self._controllers = asyncio.create_task(self._control(), name="kube-double-controllers")
+
+    async def _control(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            self._reconcile()
+
+    def _reconcile(self) -> None:
+        for (plural, ns, name), obj in list(self.objects.items()):
+            if plural == "pods":
+                if (obj.get("status") or {}).get("phase") == "Pending":
+                    self.run_pod(obj, namespace=ns)
+                continue
+            if plural not in WORKLOADS:
+                continue
+            want = (obj["metadata"].get("generation"), obj.get("spec", {}).get("restartAt"))
+            if self._rolled.get((plural, ns, name)) != want:
+                self._rolled[(plural, ns, name)] = want
+                self.roll_pods(plural, ns, name)
+        # Garbage collection: the pods of a workload that is gone go with it.
+        gone = {(ns, name) for (p, ns, name) in self._rolled if (p, ns, name) not in self.objects}
+        for key in [k for k in self.objects if k[0] == "pods"]:
+            if any(key[1] == ns and key[2].startswith(name + "-g") for ns, name in gone):
+                self.delete_object(*key)
 
     def delete_object(self, plural: str, namespace: str, name: str) -> None:
         """Delete directly, with the watch event (a controller or a kubectl delete)."""
@@ -567,6 +607,7 @@ class KubeDouble:
         return copy.deepcopy(obj)
 
     def _emit(self, plural: str, kind: str, obj: Obj) -> None:
+        self._changed.set()
         rv = int(obj["metadata"]["resourceVersion"])
         self.history.append((rv, plural, kind, copy.deepcopy(obj)))
         for w in list(self.watchers):

@@ -1,11 +1,13 @@
 """Pods that use a Secret natively as holders, and Reloader-style rollouts once per change (issue 17).
 
-Against the apiserver double: the tests play the controllers (``roll_pods``,
-``advance_rollout``) and the kubelet (``run_pod``), so each decides when a
-rollout "becomes available". The rotator's side is the real one: the
-Kubernetes store, ``CredentialRotator`` with ``PodHolders`` (its watches), the
-gate, ``baton status --pending``. Every wait is a poll with a deadline on what
-the double or the rotator exposes.
+Written as they run against a real cluster (``KUBECONFIG`` set): objects made
+through the API (``tests/integration/kube_cluster.py``), the test waiting for
+what the controllers and kubelets do; against the apiserver double, its
+controllers play those parts. The bad-input tests need the double's faults
+(a refused patch or list, a pod spec no apiserver would accept) and are skipped
+against a real cluster. The rotator's side is the real one: the Kubernetes
+store, ``CredentialRotator`` with ``PodHolders`` (its watches), the gate,
+``baton status --pending``. Every wait is a poll with a deadline.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from sidecar.rollout import RolloutRestart
 from tests.doubles.kubernetes import KubeDouble
 from tests.fixtures.kube import KubeApi
 from tests.helpers import everything_logged
+from tests.integration.kube_cluster import BUSYBOX, PAUSE, Cluster
 
 pytestmark = pytest.mark.integration
 
-NS = "shop"
+NS = "shop"  # the double-only tests' namespace
 CANARY = "pod-holders-canary-8c2f"  # a literal env value in a pod spec: must never reach a log line
 DB = CredentialName("db")
 V1, V2 = VersionId("v1"), VersionId("v2")
@@ -49,16 +52,28 @@ V1, V2 = VersionId("v1"), VersionId("v2")
 # ---------------------------------------------------------------- helpers
 
 
-def config(kube_api: KubeApi, tmp_path: Path, **pods: Any) -> Config:
+@pytest.fixture
+async def cluster(kube_api: KubeApi) -> AsyncIterator[Cluster]:
+    c = Cluster(kube_api)
+    yield c
+    await c.aclose()
+
+
+def config(kube_api: KubeApi, tmp_path: Path, *, key: str = "db", namespace: str = NS, **pods: Any) -> Config:
     return parse_config(
         {
             "node_id": "rotator-1",
-            "store": {"kind": "kubernetes", "namespace": NS, "kubeconfig": str(kube_api.kubeconfig), "pods": pods},
+            "store": {
+                "kind": "kubernetes",
+                "namespace": namespace,
+                "kubeconfig": str(kube_api.kubeconfig),
+                "pods": pods,
+            },
             "report": {"heartbeat": 1.0},
             "credentials": [
                 {
                     "name": "db",
-                    "key": "db",
+                    "key": key,
                     "output": {"dir": str(tmp_path / "out")},
                     "rotation": {"every": "1h", "max_draining": 1},
                 }
@@ -67,19 +82,20 @@ def config(kube_api: KubeApi, tmp_path: Path, **pods: Any) -> Config:
     )
 
 
-def holders(kube_api: KubeApi, *, act: bool = True, **kw: Any) -> PodHolders:
+def holders(kube_api: KubeApi, namespace: str = NS, *, act: bool = True, **kw: Any) -> PodHolders:
     params: dict[str, Any] = {"start_margin": 0.01, "volume_sync_delay": 60.0, "sync_timeout": 5.0} | kw
-    return PodHolders(namespace=NS, credentials=["db"], kubeconfig=kube_api.kubeconfig, act=act, **params)
+    return PodHolders(namespace=namespace, credentials=["db"], kubeconfig=kube_api.kubeconfig, act=act, **params)
 
 
 def container(name: str = "app", **kw: Any) -> dict[str, Any]:
-    return {"name": name, "image": "registry.example/app:1", **kw}
+    return {"name": name, "image": PAUSE, **kw}
 
 
-ENV_DB = {
-    "name": "DB_PASSWORD",
-    "valueFrom": {"secretKeyRef": {"name": "db", "key": "value"}},
-}
+def env_from(key: str) -> dict[str, Any]:
+    return {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": key, "key": "value"}}}
+
+
+ENV_DB = env_from("db")
 LITERAL = {"name": "GREETING", "value": CANARY}
 
 
@@ -102,6 +118,7 @@ def workload(
 
 
 def stamp(double: KubeDouble, version: str, at: float, *, value: str = "pw-1") -> None:
+    """(The double-only tests' way of writing the Secret as the store leaves it.)"""
     double.put(
         "secrets",
         {
@@ -115,14 +132,9 @@ def by_node(reports: list[Any]) -> dict[str, Any]:
     return {r.node: r for r in reports}
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> float:
-    """Call ``check`` until it says yes (each call is a real pass: watch events land in between)."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
+def template_of(obj: dict[str, Any] | None) -> dict[str, Any]:
+    assert obj is not None
+    return dict(obj["spec"]["template"]["metadata"].get("annotations") or {})
 
 
 def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
@@ -131,7 +143,7 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecor
 
 @contextlib.asynccontextmanager
 async def rotator_on(kube_api: KubeApi, cfg: Config, source: PodHolders) -> AsyncIterator[CredentialRotator]:
-    store = KubernetesStore(namespace=NS, kubeconfig=kube_api.kubeconfig)
+    store = KubernetesStore(namespace=cfg.store.namespace or NS, kubeconfig=kube_api.kubeconfig)  # type: ignore[union-attr]
     reporter = MetadataReporter.from_config(cfg, store)
     cred = cfg.credential("db")
     assert cred.rotation is not None
@@ -152,127 +164,144 @@ async def rotator_on(kube_api: KubeApi, cfg: Config, source: PodHolders) -> Asyn
         await store.aclose()
 
 
+async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float, what: str) -> None:
+    """Call ``check`` until it says yes (the double-only tests: each call a real pass)."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _after(step: Awaitable[Any], cond: Callable[[], Awaitable[bool]]) -> bool:
+    await step
+    return await cond()
+
+
 # ---------------------------------------------------------------- 1. env holders and the rollout
 
 
 async def test_a_pod_with_the_password_in_its_env_blocks_retirement_until_its_deployment_rolled_then_not(
-    kube_api: KubeApi, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    kube_api: KubeApi,
+    cluster: Cluster,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     caplog.set_level(logging.INFO)
-    double = kube_api.hooks()
-    cfg = config(kube_api, tmp_path)
-    async with rotator_on(kube_api, cfg, holders(kube_api)) as rotator:
+    key, web, other = kube_api.name("db"), cluster.name("web"), cluster.name("other")
+    cfg = config(kube_api, tmp_path, key=key, namespace=cluster.ns)
+    async with rotator_on(kube_api, cfg, holders(kube_api, cluster.ns)) as rotator:
         assert (await rotator.rotate()).result == "rotated"  # v1: the first version
-        double.put("deployments", workload("Deployment", "web", {"containers": [container(env=[ENV_DB, LITERAL])]}))
-        old_pods = double.roll_pods("deployments", NS, "web")
-        # An unrelated workload and pod: never rolled, never holders.
-        double.put("deployments", workload("Deployment", "other", {"containers": [container()]}, reload=None))
-        double.roll_pods("deployments", NS, "other")
+        spec = {"containers": [container(env=[env_from(key), LITERAL])]}
+        await cluster.create("deployments", workload("Deployment", web, spec))
+        # An unrelated workload: never rolled, its pods never holders.
+        await cluster.create("deployments", workload("Deployment", other, {"containers": [container()]}, reload=None))
+
+        async def two_running() -> bool:
+            return len(await cluster.pods(web + "-")) == 2
+
+        await cluster.until(two_running, what="web's two pods")
+        old_pods = set(await cluster.pods(web + "-"))
         outcome = await rotator.rotate()
         assert outcome.result == "rotated"
         v2 = outcome.version
-        secret = double.get("secrets", NS, "db")
+        secret = await cluster.get("secrets", key)
         assert secret is not None and secret["metadata"]["annotations"][PROMOTED].startswith(f"{v2} ")
 
         # The pods took v1 into their environment at start: they block, and so does the
         # Deployment until a rollout for db@v2 was asked and is available.
         assert await rotator.retire_ready() == []
         [blocked] = rotator.last_decisions
-        assert set(blocked.holders) == {f"pod/{p}" for p in old_pods} | {"Deployment/web"}
-        held = blocked.holders[f"pod/{old_pods[0]}"]
-        assert [(h.exe, h.consumer, h.how) for h in held] == [("(Deployment/web) env DB_PASSWORD", "app", "env")]
+        assert set(blocked.holders) == {f"pod/{p}" for p in old_pods} | {f"Deployment/{web}"}
+        held = blocked.holders[f"pod/{sorted(old_pods)[0]}"]
+        assert [(h.exe, h.consumer, h.how) for h in held] == [(f"(Deployment/{web}) env DB_PASSWORD", "app", "env")]
 
         # baton status --pending says who, and how.
         assert await status.print_status(cfg, pending=True, as_json=False, url=None) == 0
         out = capsys.readouterr().out
         for p in old_pods:
-            assert f"    pod/{p} (Deployment/web) env DB_PASSWORD" in out, out
-        assert "Deployment/web (rollout for db@" in out
-        assert "pod/other-" not in out
+            assert f"    pod/{p} (Deployment/{web}) env DB_PASSWORD" in out, out
+        assert f"Deployment/{web} (rollout for db@" in out
+        assert f"pod/{other}-" not in out
 
-        # The leader's retirement pass asks for the rollout, once (after the Secret settled).
-        await eventually(
-            lambda: _after(rotator.retire_ready(), lambda: double.count("PATCH", "/deployments/web") == 1),
-            timeout=10,
-            what="the rollout of web",
-        )
-        dep = double.get("deployments", NS, "web")
-        assert dep is not None
-        assert dep["spec"]["template"]["metadata"]["annotations"][ROLLED_FOR] == f"db@{v2}"
-        assert dep["metadata"]["generation"] == 2
-        assert await rotator.retire_ready() == []  # asked, not available, old pods still there
-        assert double.count("PATCH", "/deployments/web") == 1
-        assert double.count("PATCH", "/deployments/other") == 0
+        # The leader's retirement pass asks for the rollout (after the Secret settled), once.
+        async def rolled_for() -> bool:
+            return template_of(await cluster.get("deployments", web)).get(ROLLED_FOR) == f"db@{v2}"
+
+        await cluster.until(lambda: _after(rotator.retire_ready(), rolled_for), what="the rollout of web")
 
         # The controller replaces the pods: the new ones read v2 at start, and v1 retires.
-        new_pods = double.roll_pods("deployments", NS, "web")
-        await eventually(lambda: _retired(rotator), timeout=10, what="v1 retired")
-        assert double.count("PATCH", "/deployments/web") == 1
-        assert set(new_pods).isdisjoint(old_pods)
+        async def retired() -> bool:
+            return bool(await rotator.retire_ready())
+
+        await cluster.until(retired, what="v1 retired")
+        assert set(await cluster.pods(web + "-")).isdisjoint(old_pods)
+        dep, untouched = await cluster.get("deployments", web), await cluster.get("deployments", other)
+        assert dep is not None and untouched is not None
+        assert dep["metadata"]["generation"] == 2  # one template change: one rollout
+        assert untouched["metadata"]["generation"] == 1 and ROLLED_FOR not in template_of(untouched)
+        if cluster.double is not None:
+            assert cluster.double.count("PATCH", f"/deployments/{web}") == 1
     logged = everything_logged(caplog)
-    assert [e.workload for e in events(caplog, "rollout_requested")] == ["Deployment/web"]  # type: ignore[attr-defined]
+    assert [e.workload for e in events(caplog, "rollout_requested")] == [f"Deployment/{web}"]  # type: ignore[attr-defined]
     assert CANARY not in logged and CANARY not in out
-
-
-async def _after(step: Awaitable[Any], cond: Callable[[], bool]) -> bool:
-    await step
-    return cond()
-
-
-async def _retired(rotator: CredentialRotator) -> bool:
-    return bool(await rotator.retire_ready())
 
 
 # ---------------------------------------------------------------- 2. once per change across replicas
 
 
-async def test_five_sidecar_replicas_asking_for_the_same_rollout_produce_exactly_one(kube_api: KubeApi) -> None:
-    double = kube_api.hooks()
-    double.put("deployments", workload("Deployment", "web", {"containers": [container()]}, reload=None))
+async def test_five_sidecar_replicas_asking_for_the_same_rollout_produce_exactly_one(
+    kube_api: KubeApi, cluster: Cluster
+) -> None:
+    web, key = cluster.name("web"), cluster.name("db")
+    await cluster.create("deployments", workload("Deployment", web, {"containers": [container()]}, reload=None))
     replicas = [
         RolloutRestart(
-            kind="Deployment", name="web", namespace=NS, timeout=10, kubeconfig=kube_api.kubeconfig, poll_interval=0.02
+            kind="Deployment",
+            name=web,
+            namespace=cluster.ns,
+            timeout=cluster.timeout,
+            kubeconfig=kube_api.kubeconfig,
+            poll_interval=0.05,
         )
         for _ in range(5)
     ]
 
-    async def ask(action: RolloutRestart) -> None:
-        roll_versions.set({DB: V2})  # what the Reloader sets around the call: this change
+    async def ask(action: RolloutRestart, versions: dict[CredentialName, VersionId]) -> None:
+        roll_versions.set(versions)  # what the Reloader sets around the call: this change
         await action.reload(0)
 
-    try:
-        tasks = [asyncio.create_task(ask(a)) for a in replicas]
-        await double.until(lambda: (double.get("deployments", NS, "web") or {})["metadata"]["generation"] == 2)
-        await double.until(lambda: double.count("GET", "/deployments/web") >= 10)  # all are waiting now
-        double.advance_rollout(NS, "web")
-        await asyncio.wait_for(asyncio.gather(*tasks), 10)
-        dep = double.get("deployments", NS, "web")
+    async def generation() -> int:
+        dep = await cluster.get("deployments", web)
         assert dep is not None
+        return int(dep["metadata"]["generation"])
+
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ask(a, {DB: V2}) for a in replicas)), cluster.timeout)
         # One template change: one rollout (a second patch would have bumped the generation again).
-        assert dep["metadata"]["generation"] == 2
-        assert dep["spec"]["template"]["metadata"]["annotations"][ROLLED_FOR] == "db@v2"
-        patches = double.count("PATCH", "/deployments/web")
+        assert await generation() == 2
+        # (Against the double all five usually patch: one lands, four get 409, read again and stop.)
+        assert template_of(await cluster.get("deployments", web))[ROLLED_FOR] == "db@v2"
         # A sidecar asking again, and a rotator judging the same change, change nothing.
-        await ask(replicas[0])
-        source = holders(kube_api)
+        await ask(replicas[0], {DB: V2})
+        await cluster.patch("deployments", web, {"metadata": {"annotations": {RELOAD: "db"}}})
+        await cluster.stamp(key, "v2", time.time() - 30)
+        source = holders(kube_api, cluster.ns)
         try:
-            stamp(double, "v2", time.time() - 30)
-            dep["metadata"]["annotations"] = {RELOAD: "db"}
-            double.put("deployments", dep)
-            reports = by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))
-            assert reports["Deployment/web"].current == "v2"
+
+            async def judged_rolled() -> bool:
+                got = by_node(await source.reports(key, DB, old=[V1], new=V2, now=time.time()))
+                return bool(got[f"Deployment/{web}"].current == "v2")
+
+            await cluster.until(judged_rolled, what="the rotator to see the rollout done")
         finally:
             await source.aclose()
-        assert double.count("PATCH", "/deployments/web") == patches
+        assert await generation() == 2
         # The next change rolls again, keeping the first credential's entry.
-        roll_versions.set({CredentialName("api"): VersionId("k7")})
-        task = asyncio.create_task(replicas[1].reload(0))
-        await double.until(lambda: (double.get("deployments", NS, "web") or {})["metadata"]["generation"] == 3)
-        double.advance_rollout(NS, "web")
-        await asyncio.wait_for(task, 10)
-        dep = double.get("deployments", NS, "web")
-        assert dep is not None
-        assert dep["spec"]["template"]["metadata"]["annotations"][ROLLED_FOR] == "api@k7,db@v2"
+        await asyncio.wait_for(ask(replicas[1], {CredentialName("api"): VersionId("k7")}), cluster.timeout)
+        assert await generation() == 3
+        assert template_of(await cluster.get("deployments", web))[ROLLED_FOR] == "api@k7,db@v2"
     finally:
         for a in replicas:
             await a.aclose()
@@ -282,123 +311,125 @@ async def test_five_sidecar_replicas_asking_for_the_same_rollout_produce_exactly
 
 
 async def test_a_volume_mount_stops_blocking_after_the_sync_delay_and_a_subpath_mount_does_not(
-    kube_api: KubeApi,
+    cluster: Cluster, kube_api: KubeApi
 ) -> None:
-    double = kube_api.hooks()
-    volume = {"name": "creds", "secret": {"secretName": "db"}}
-    projected = {"name": "all", "projected": {"sources": [{"secret": {"name": "db"}}, {"configMap": {"name": "x"}}]}}
-    double.run_pod(
-        {
-            "metadata": {"name": "vol", "namespace": NS},
-            "spec": {
-                "containers": [container(volumeMounts=[{"name": "creds", "mountPath": "/etc/creds"}])],
-                "volumes": [volume],
-            },
-        }
+    key = cluster.name("db")
+    vol, proj, sub, ended = (cluster.name(n) for n in ("vol", "proj", "sub", "ended"))
+    await cluster.stamp(key, "v1", time.time() - 600)  # the Secret the pods start with
+    volume = {"name": "creds", "secret": {"secretName": key}}
+    projected = {"name": "all", "projected": {"sources": [{"secret": {"name": key}}]}}
+    init = {
+        "name": "init",
+        "image": BUSYBOX,
+        "command": ["true"],
+        "envFrom": [{"secretRef": {"name": key}, "prefix": "DB_"}],
+    }
+    await cluster.run_pod(
+        vol,
+        {"containers": [container(volumeMounts=[{"name": "creds", "mountPath": "/etc/creds"}])], "volumes": [volume]},
     )
-    double.run_pod(
+    await cluster.run_pod(
+        proj,
         {
-            "metadata": {"name": "proj", "namespace": NS},
-            "spec": {
-                "initContainers": [container("init", envFrom=[{"secretRef": {"name": "db"}, "prefix": "DB_"}])],
-                "containers": [container(volumeMounts=[{"name": "all", "mountPath": "/etc/all"}])],
-                "volumes": [projected],
-            },
-        }
+            "initContainers": [init],
+            "containers": [container(volumeMounts=[{"name": "all", "mountPath": "/etc/all"}])],
+            "volumes": [projected],
+        },
     )
-    double.run_pod(
+    await cluster.run_pod(
+        sub,
         {
-            "metadata": {"name": "sub", "namespace": NS},
-            "spec": {
-                "containers": [container(volumeMounts=[{"name": "creds", "mountPath": "/etc/pw", "subPath": "value"}])],
-                "volumes": [volume],
-            },
-        }
+            "containers": [container(volumeMounts=[{"name": "creds", "mountPath": "/etc/pw", "subPath": "value"}])],
+            "volumes": [volume],
+        },
     )
+    await cluster.ended_pod(ended, {"containers": [container(env=[env_from(key)])]})
     promoted = time.time()  # the pods were set up before the Secret changed
-    stamp(double, "v2", promoted)
+    await cluster.stamp(key, "v2", promoted)
     delay = 1.5
-    source = holders(kube_api, act=False, volume_sync_delay=delay)
+    source = holders(kube_api, cluster.ns, act=False, volume_sync_delay=delay)
+
+    async def report() -> dict[str, Any]:
+        return by_node(await source.reports(key, DB, old=[V1], new=V2, now=time.time()))
+
     try:
-        first = by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))
-        assert {n: r.current for n, r in first.items()} == {"pod/vol": "v1", "pod/proj": "v1", "pod/sub": "v1"}
-        assert [(h.exe, h.how) for h in first["pod/sub"].holders] == [("(Pod) subPath /etc/pw", "subPath")]
-        assert {(h.consumer, h.how, h.exe) for h in first["pod/proj"].holders} == {
+        first = await report()
+        # The pod that ended holds nothing: it will never run again.
+        assert {n: r.current for n, r in first.items()} == {f"pod/{vol}": "v1", f"pod/{proj}": "v1", f"pod/{sub}": "v1"}
+        assert [(h.exe, h.how) for h in first[f"pod/{sub}"].holders] == [("(Pod) subPath /etc/pw", "subPath")]
+        assert {(h.consumer, h.how, h.exe) for h in first[f"pod/{proj}"].holders} == {
             ("init", "envFrom", "(Pod) envFrom DB_*"),
             ("app", "volume", "(Pod) volume /etc/all"),
         }
 
         async def volume_synced() -> bool:
-            return by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))["pod/vol"].current == "v2"
+            return bool((await report())[f"pod/{vol}"].current == "v2")
 
-        await eventually(volume_synced, timeout=10, what="the volume pod to stop blocking")
+        await cluster.until(volume_synced, what="the volume pod to stop blocking")
         assert time.time() >= promoted + delay  # not before the kubelet's sync delay
-        after = by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))
-        assert after["pod/vol"].current == "v2" and after["pod/vol"].in_use == {"v2": 1}
+        after = await report()
+        assert after[f"pod/{vol}"].current == "v2" and after[f"pod/{vol}"].in_use == {"v2": 1}
         # subPath and the init container's envFrom were read once, at start: they still hold v1.
-        assert after["pod/sub"].current == "v1"
-        assert [h.how for h in after["pod/proj"].holders] == ["envFrom"]
-        # A finished pod holds nothing; a deleted one is gone.
-        pod = double.get("pods", NS, "sub")
-        assert pod is not None
-        pod["status"]["phase"] = "Succeeded"
-        double.put("pods", pod)
-        double.delete_object("pods", NS, "proj")
-        await eventually(
-            lambda: _nodes(source, {"pod/vol"}), timeout=5, what="the finished and the deleted pod to be gone"
-        )
+        assert after[f"pod/{sub}"].current == "v1"
+        assert [h.how for h in after[f"pod/{proj}"].holders] == ["envFrom"]
+        # A deleted pod is gone.
+        await cluster.delete("pods", proj)
+
+        async def proj_gone() -> bool:
+            return f"pod/{proj}" not in await report()
+
+        await cluster.until(proj_gone, what="the deleted pod to be gone")
     finally:
         await source.aclose()
-
-
-async def _nodes(source: PodHolders, want: set[str]) -> bool:
-    return set(by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))) == want
 
 
 # ---------------------------------------------------------------- 4. Argo Rollouts
 
 
-async def test_an_annotated_argo_rollout_is_restarted_once_through_restart_at(kube_api: KubeApi) -> None:
-    double = kube_api.hooks()
-    double.put(
-        "rollouts",
-        workload("Rollout", "api", {"containers": [container(env=[ENV_DB])]}, plural_api="argoproj.io/v1alpha1"),
-    )
-    stamp(double, "v2", time.time() - 30)
-    leader, second = holders(kube_api), holders(kube_api)
+async def test_an_annotated_argo_rollout_is_restarted_once_through_restart_at(
+    cluster: Cluster, kube_api: KubeApi
+) -> None:
+    if not await cluster.served("rollouts"):
+        pytest.skip("this cluster does not serve argoproj.io/v1alpha1 rollouts (Argo Rollouts not installed)")
+    api, key = cluster.name("api"), cluster.name("db")
+    spec = {"containers": [container()]}
+    await cluster.create("rollouts", workload("Rollout", api, spec, plural_api="argoproj.io/v1alpha1"))
+    await cluster.stamp(key, "v2", time.time() - 30)
+    leader, second = holders(kube_api, cluster.ns), holders(kube_api, cluster.ns)
+
+    async def current(source: PodHolders) -> Any:
+        return by_node(await source.reports(key, DB, old=[V1], new=V2, now=time.time()))[f"Rollout/{api}"].current
+
     try:
-        first = by_node(await leader.reports("db", DB, old=[V1], new=V2, now=time.time()))
-        assert first["Rollout/api"].current == "v1"  # asked, not yet restarted
-        assert double.count("PATCH", "/rollouts/api") == 1
-        [patch] = [r for r in double.requests if r.method == "PATCH"]
-        assert patch.content_type.startswith("application/merge-patch+json")  # a custom resource
-        obj = double.get("rollouts", NS, "api")
+        await current(leader)  # asks for the restart
+        obj = await cluster.get("rollouts", api)
         assert obj is not None
         assert obj["metadata"]["annotations"][ROLLED_FOR] == "db@v2"
-        assert obj["spec"]["restartAt"]
+        asked = obj["spec"]["restartAt"]
         # The template is untouched (a template change would be a new revision through the canary steps).
-        assert ROLLED_FOR not in (obj["spec"]["template"]["metadata"].get("annotations") or {})
+        assert ROLLED_FOR not in template_of(obj)
         # Again, and from a second rotator: no second restart.
         for source in (leader, second, leader):
-            assert (
-                by_node(await source.reports("db", DB, old=[V1], new=V2, now=time.time()))["Rollout/api"].current
-                == "v1"
-            )
-        assert double.count("PATCH", "/rollouts/api") == 1
-        double.advance_rollout(NS, "api", plural="rollouts")
+            await current(source)
+        again = await cluster.get("rollouts", api)
+        assert again is not None and again["spec"]["restartAt"] == asked
 
         async def restarted() -> bool:
-            got = by_node(await leader.reports("db", DB, old=[V1], new=V2, now=time.time()))
-            return bool(got["Rollout/api"].current == "v2")
+            return bool(await current(leader) == "v2")
 
-        await eventually(restarted, timeout=5, what="the restart to be done")
-        assert double.count("PATCH", "/rollouts/api") == 1
+        await cluster.until(restarted, what="the restart to be done")
+        done = await cluster.get("rollouts", api)
+        assert done is not None and done["spec"]["restartAt"] == asked
+        if cluster.double is not None:
+            assert cluster.double.count("PATCH", f"/rollouts/{api}") == 1
+            [patch] = [r for r in cluster.double.requests if r.method == "PATCH"]
+            assert patch.content_type.startswith("application/merge-patch+json")  # a custom resource
     finally:
         await leader.aclose()
         await second.aclose()
 
 
-# ---------------------------------------------------------------- 5. bad input
+# ---------------------------------------------------------------- 5. bad input (the double's faults)
 
 
 async def test_bad_input_is_an_event_and_the_retirement_waits_never_a_crash(
@@ -494,20 +525,23 @@ async def test_a_pod_list_that_is_refused_blocks_and_a_cluster_without_argo_does
         await double.close()
 
 
-async def test_the_config_turns_either_part_off_and_status_pending_then_sees_no_pods(
-    kube_api: KubeApi, tmp_path: Path
+async def test_the_config_turns_either_part_off_and_then_nothing_is_watched_or_rolled(
+    kube_api: KubeApi, cluster: Cluster, tmp_path: Path
 ) -> None:
-    double = kube_api.hooks()
+    key, web = cluster.name("db"), cluster.name("web")
     off = config(kube_api, tmp_path, holders=False, rollouts=False)
     assert PodHolders.from_config(off, act=True) is None
-    only = PodHolders.from_config(config(kube_api, tmp_path, rollouts=False, volume_sync_delay="5s"), act=False)
+    only = PodHolders.from_config(
+        config(kube_api, tmp_path, key=key, namespace=cluster.ns, rollouts=False, volume_sync_delay="5s"), act=True
+    )
     assert only is not None
     try:
-        assert (only.workloads, only.volume_sync_delay, only.act) == ({}, 5.0, False)
-        stamp(double, "v2", time.time() - 30)
-        double.put("deployments", workload("Deployment", "web", {"containers": [container()]}))
-        assert await only.reports("db", DB, old=[V1], new=V2, now=time.time()) == []
-        assert double.count("PATCH", "/deployments/web") == 0
+        assert (only.workloads, only.volume_sync_delay, only.act) == ({}, 5.0, True)
+        await cluster.stamp(key, "v2", time.time() - 30)
+        await cluster.create("deployments", workload("Deployment", web, {"containers": [container()]}))
+        assert await only.reports(key, DB, old=[V1], new=V2, now=time.time()) == []
+        dep = await cluster.get("deployments", web)
+        assert dep is not None and ROLLED_FOR not in template_of(dep)
     finally:
         await only.aclose()
     assert json.loads(json.dumps(config(kube_api, tmp_path).store.pods.model_dump()))["volume_sync_delay"] == 120.0
