@@ -12,6 +12,7 @@ response body.
 from __future__ import annotations
 
 import datetime
+import uuid
 from typing import Any
 
 from daemon.clients.kube import KubeClient, kube_call
@@ -34,7 +35,8 @@ def event_body(notice: Notice, pod: PodIdentity) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"generateName": f"{pod.name[:200]}.baton-", "namespace": pod.namespace},
+        # A name of our own, as kubectl's events have (<object>.<unique>): no generateName round trip.
+        "metadata": {"name": f"{pod.name[:200]}.baton-{uuid.uuid4().hex[:12]}", "namespace": pod.namespace},
         "involvedObject": {
             "apiVersion": "v1",
             "kind": "Pod",

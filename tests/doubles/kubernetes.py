@@ -76,6 +76,7 @@ Obj = dict[str, Any]
 RESOURCES: dict[str, tuple[str, str]] = {
     "secrets": ("v1", "Secret"),
     "pods": ("v1", "Pod"),
+    "events": ("v1", "Event"),  # created by the kubernetes-events notification sink (sidecar/events.py)
     "deployments": ("apps/v1", "Deployment"),
     "statefulsets": ("apps/v1", "StatefulSet"),
     "daemonsets": ("apps/v1", "DaemonSet"),
@@ -275,7 +276,7 @@ class KubeDouble:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
         for prefix, plurals in (
-            ("/api/v1", ("secrets", "pods")),
+            ("/api/v1", ("secrets", "pods", "events")),
             ("/apis/apps/v1", ("deployments", "statefulsets", "daemonsets")),
             ("/apis/coordination.k8s.io/v1", ("leases",)),
             ("/apis/argoproj.io/v1alpha1", ("rollouts",)),
