@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -36,6 +37,7 @@ from pydantic import (
 
 from daemon.errors import ConfigError
 from daemon.model import CredentialName, NodeId
+from daemon.schedule import Blackout, Cron, Schedule, check_cron, zone
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*$", re.ASCII)
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -351,6 +353,12 @@ class MatchConfig(Model):
     cmdline: str | None = Field(None, description="Regex searched in the joined command line.")
     exe: AbsPath | None = Field(None, description="Path of the executable.")
     systemd_unit: NonEmpty | None = Field(None, description="systemd unit whose cgroup holds the processes.")
+    children: bool = Field(
+        False,
+        description="Also count the matched processes' descendants as holders (the workers of nginx, HAProxy, "
+        "Apache: started before a swap, they hold the old version until they exit); reloads still go to the "
+        "matched processes only.",
+    )
 
     @field_validator("cmdline")
     @classmethod
@@ -369,7 +377,9 @@ class MatchConfig(Model):
 
     @model_validator(mode="after")
     def _one(self) -> MatchConfig:
-        _exactly_one(self, "match")
+        chosen = [k for k, v in self if v is not None and k != "children"]
+        if len(chosen) != 1:
+            raise ValueError("match needs exactly one of: pidfile, cmdline, exe, systemd_unit")
         return self
 
 
@@ -625,8 +635,36 @@ AnyProviderConfig = Annotated[
 ]
 
 
+def _zone(value: str) -> str:
+    zone(value)
+    return value
+
+
+CronText = Annotated[str, AfterValidator(check_cron)]
+ZoneName = Annotated[str, AfterValidator(_zone)]
+EveryDuration = Annotated[float, BeforeValidator(parse_duration), Field(ge=1.0)]
+
+
+class NotDuringConfig(Model):
+    start: CronText = Field(description='When each window opens, a cron expression ("0 9 * * 1-5").')
+    duration: Duration = Field(description="How long each window lasts (8h).")
+
+
 class RotationConfig(Model):
-    every: Duration = Field(ge=1.0, description="Rotate this often (at least 1s).")
+    every: EveryDuration | None = Field(None, description="Rotate this often (at least 1s); or cron.")
+    cron: CronText | None = Field(
+        None, description='Rotate at these times: 5-field cron ("0 3 * * 1-5") or @daily; or every.'
+    )
+    timezone: ZoneName = Field("UTC", description="IANA time zone that cron and not_during are read in.")
+    window: Duration = Field(
+        3600.0, description="With cron: how long after a cron time a rotation may still start (then the next time)."
+    )
+    jitter: DurationOrZero = Field(
+        0.0, description="Start each rotation up to this much later (fixed per credential and time, spreads a fleet)."
+    )
+    not_during: list[NotDuringConfig] = Field(
+        default_factory=list, description="Windows in which no rotation starts (moved to the window's end)."
+    )
     generator: GeneratorConfig | None = Field(None, description="Mint a random value (no provider).")
     provider: AnyProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
@@ -649,7 +687,21 @@ class RotationConfig(Model):
     def _source(self) -> RotationConfig:
         if self.generator is not None and self.provider is not None:
             raise ValueError("rotation needs one of: generator, provider")
+        if (self.every is None) == (self.cron is None):
+            raise ValueError("rotation needs one of: every, cron")
         return self
+
+    def timing(self, name: str) -> Schedule:
+        """When the credential ``name`` rotates (``daemon.schedule``)."""
+        tz = zone(self.timezone)
+        return Schedule(
+            name=name,
+            every=self.every,
+            cron=Cron(self.cron, tz) if self.cron is not None else None,
+            window=self.window,
+            jitter=self.jitter,
+            not_during=tuple(Blackout(Cron(w.start, tz), w.duration) for w in self.not_during),
+        )
 
 
 # ---------------------------------------------------------------- certificates (daemon/issuers/certificate.py)
@@ -889,6 +941,10 @@ class CredentialConfig(Model):
 class ApiConfig(Model):
     listen: str = Field("127.0.0.1:8787", description='"host:port" or "unix:/path".')
     token_file: FilePath | None = Field(None, description="Token needed for state-changing calls.")
+    runtime_dir: AbsPath = Field(
+        Path("/run/baton"),
+        description="Without token_file: the rotator makes its token here (0600, rotator.token) for baton rotate.",
+    )
     max_connections: int = Field(256, ge=1, le=4096, description="Connections held at once; full: drop an idle one.")
 
     @field_validator("listen")
@@ -962,7 +1018,8 @@ class AgentConfig(Model):
     drain_rescan: Duration = Field(
         0.25,
         le=60,
-        description="While a version drains, look again at just its holders this often (exits: at once).",
+        description="While a version drains, look again at just its holders this often, less while none lets go "
+        "(exits: at once).",
     )
     fanotify: Literal["auto", "off"] = Field("auto", description="Use fanotify open events when allowed.")
     retry_min: Duration = Field(1.0, description="First retry delay after a store error.")
@@ -1115,6 +1172,8 @@ class Config(Model):
                     f"credentials.{i}.certificate.issuer.url: needed unless the store is vault (store.kind is "
                     f"{self.store.kind})"
                 )
+            if cred.rotation is not None and (never := cred.rotation.timing(cred.name).never_fires(time.time())):
+                problems.append(f"credentials.{i}.rotation.{never[0]}: {never[1]}")
             if self.store.kind == "kubernetes" and cred.rotation is not None and cred.rotation.max_draining > 1:
                 problems.append(
                     f"credentials.{i}.rotation.max_draining: the kubernetes store keeps one previous version; use 1"

@@ -9,9 +9,10 @@ versions' directories. It never decides a retirement: the rotator does.
 
 While a version drains, the holders are looked at again between full scans:
 at once when one exits (a pidfd each, ``agent.exits``) or opens or closes a
-credential file (fanotify, where allowed), and at least every
-``agent.drain_rescan``; such a quick rescan reads just those processes, and a
-changed report is published at once.
+credential file (fanotify, where allowed), and every ``agent.drain_rescan``
+(twice as long after each look that found no change, up to scan_interval);
+such a quick rescan reads just those processes, and a changed report is
+published at once.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from daemon.reload.reloader import Reloader
 from daemon.report.base import Holder, NodeReport, Reporter
 from daemon.stores.base import SecretStore
 from daemon.usage.attribute import Usage, attribute
-from daemon.usage.consumers import match_all, process_start
+from daemon.usage.consumers import START_SLACK, match_all, process_start
 from daemon.usage.environ import fingerprint
 from daemon.usage.scan import Sighting, VersionFiles, scan
 
@@ -162,6 +163,7 @@ class Tracker:
         draining = any(len(v) > 1 for v in self._on_disk.values())
         wait = interval if draining else max(interval, self.config.report.heartbeat)
         deadline = time.monotonic() + wait
+        rescan = self.config.agent.drain_rescan
         while not self._poke.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -170,14 +172,21 @@ class Tracker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._poke.wait(), left)
                 return
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._let_go.wait(), min(left, self.config.agent.drain_rescan))
+                await asyncio.wait_for(self._let_go.wait(), min(left, rescan))
+                woken = True
             if self._poke.is_set():
                 return
             self._let_go.clear()
             if await self.rescan_holders():
+                rescan = self.config.agent.drain_rescan
                 await self.observe_issued()
                 await self.publish_all()
+            elif not woken:
+                # Nobody let go since the last look: look half as often (up to scan_interval), so
+                # a long drain with many holders stays cheap; exits and file events still wake it.
+                rescan = min(rescan * 2, interval)
 
     def _file_event(self, pid: int) -> None:
         """fanotify's reader thread: a process opened or closed a credential file."""
@@ -226,7 +235,7 @@ class Tracker:
             return sightings, started
 
         sightings, started = await asyncio.to_thread(blocking)
-        reloaded = {p: at for p in started if reloader is not None and (at := reloader.reloaded_at(p)) is not None}
+        reloaded = _reload_times(started, reloader)
         exes = {h.pid: h.exe for u in self.usage.values() for hs in u.holders.values() for h in hs}
         quick = attribute(
             sightings=sightings,
@@ -344,13 +353,7 @@ class Tracker:
 
         sightings, pids, started, exes = await asyncio.to_thread(blocking)
         self._files, self._env_names, self._consumer_pids, self._started = files, env_names, pids, started
-        reloaded = {}
-        if reloader is not None:
-            for ps in pids.values():
-                for pid in ps:
-                    at = reloader.reloaded_at(pid)
-                    if at is not None:
-                        reloaded[pid] = at
+        reloaded = _reload_times(started, reloader)
         self.usage = attribute(
             sightings=sightings,
             consumers=self.consumers,
@@ -475,3 +478,25 @@ class Tracker:
         for name, cred in out["credentials"].items():
             if name in self.credentials:
                 cred["versions"] = self.version_states(name)
+
+
+def _reload_times(started: Mapping[int, float], reloader: Reloader | None) -> dict[int, float]:
+    """When each process was last reloaded by us. A child its parent forked after one of our
+    reloads (not among the children it had just before; started since) loaded what the parent
+    did then: nginx's workers, each generation holding its version until it exits."""
+    if reloader is None:
+        return {}
+    out = {p: at for p in started if (at := reloader.reloaded_at(p)) is not None}
+    for pid, born in started.items():
+        if pid in out:
+            continue
+        try:
+            parent = psutil.Process(pid).ppid()
+        except psutil.Error:
+            continue
+        for at, before in reversed(reloader.reloads_of(parent)):
+            if pid not in before:
+                if born >= at - START_SLACK:
+                    out[pid] = at
+                break
+    return out

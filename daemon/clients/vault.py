@@ -405,7 +405,7 @@ class VaultClient:
 
     # ------------------------------------------------------------ PKI
 
-    async def pki_write(self, path: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    async def pki_write(self, path: str, data: Mapping[str, Any], *, needs_data: bool = True) -> dict[str, Any]:
         """POST to a PKI endpoint (``pki/sign/web``, ``pki/issue/web``, ``pki/revoke``); the response's ``data``.
 
         The request may carry a CSR and the response a certificate (and in issue mode
@@ -416,6 +416,8 @@ class VaultClient:
         body = resp if isinstance(resp, dict) else {}
         out = body.get("data")
         if not isinstance(out, dict):
+            if not needs_data:  # a revoke of an expired certificate answers with a warning only
+                return {}
             raise StoreError(f"vault pki {path}: the response holds no data")
         return out
 

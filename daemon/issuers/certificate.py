@@ -117,7 +117,7 @@ class CertificateAuthority(Protocol):
     async def obtain(self, *, csr: str | None, spec: CertificateConfig) -> Issued: ...
 
     async def revoke(self, serial: str) -> bool:
-        """Revoke at the CA; False when this CA cannot revoke (a local CA keeps no CRL)."""
+        """Revoke at the CA; False when there was nothing to revoke (expired; a local CA keeps no CRL)."""
         ...
 
     def trust(self) -> list[str]:
@@ -181,8 +181,9 @@ class VaultCA:
         return Issued(certificate=cert, chain=tuple(chain), issuing_ca=str(issuing or ""), private_key=key)
 
     async def revoke(self, serial: str) -> bool:
-        await self.client.pki_write(f"{self.spec.mount}/revoke", {"serial_number": serial})
-        return True
+        data = await self.client.pki_write(f"{self.spec.mount}/revoke", {"serial_number": serial}, needs_data=False)
+        # No revocation_time: the certificate had expired, and an expired one is not put on the CRL.
+        return bool(data.get("revocation_time"))
 
     def trust(self) -> list[str]:
         return self._trust
@@ -561,7 +562,7 @@ class CertificateIssuer(Issuer):
                     log, "certificate_revoke_failed", logging.WARNING, credential=self.name, version=v.id, error=str(e)
                 )
             else:
-                metrics.certificate_revocations_total.labels(self.name, "ok" if revoked else "unsupported").inc()
+                metrics.certificate_revocations_total.labels(self.name, "ok" if revoked else "not_revoked").inc()
                 if revoked:
                     event(log, "certificate_revoked", credential=self.name, version=v.id, serial=v.serial)
         if not v.retired:

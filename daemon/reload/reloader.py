@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+import psutil
+
 from daemon.config import ConsumerConfig, CredentialConfig, MatchConfig
 from daemon.errors import ReloadError, ReloadGone
 from daemon.kit import metrics
@@ -163,6 +165,7 @@ class Reloader:
         # the tracker would date every process reloaded so far by its start time alone
         # and count it as holding a version it has dropped. Dead pids are left behind.
         self._reloaded_at: dict[int, float] = {p: t for p, t in (reloaded_at or {}).items() if is_alive(p)}
+        self._children_before: dict[int, list[tuple[float, frozenset[int]]]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -195,6 +198,10 @@ class Reloader:
     def reloaded_at(self, pid: int) -> float | None:
         """Wall time the last reload was sent to this pid (or to the process it replaced)."""
         return self._reloaded_at.get(pid)
+
+    def reloads_of(self, pid: int) -> list[tuple[float, frozenset[int]]]:
+        """``pid``'s last reloads by us (``match.children`` consumers): when, and the children it had just before."""
+        return list(self._children_before.get(pid, ()))
 
     @property
     def reloaded_pids(self) -> dict[int, float]:
@@ -280,6 +287,7 @@ class Reloader:
         if len(self._reloaded_at) > 4096:
             # Forget processes that are gone, so a long-lived agent does not grow without bound.
             self._reloaded_at = {p: t for p, t in self._reloaded_at.items() if is_alive(p)}
+            self._children_before = {p: c for p, c in self._children_before.items() if p in self._reloaded_at}
 
     def _snapshot(self, match: MatchConfig) -> tuple[list[int], dict[int, float | None]]:
         """The consumer's pids and their start times (to notice a recycled pid later). Blocking."""
@@ -371,6 +379,9 @@ class Reloader:
         # The tracker credits a process with the newest version swapped in before
         # this time: it must be when the reload went out, not when the health
         # check passed (a version swapped in during the check was never loaded).
+        # A server that reads at reload (nginx) forks new workers after it: the ones alive
+        # now are the old generation, which keeps the old version until it exits.
+        before = await asyncio.to_thread(_children, pid) if pid and roll.st.consumer.match.children else None
         sent = self._wall()
         roll_versions.set(roll.versions)  # this worker task's own context: what the roll is for
         try:
@@ -386,6 +397,10 @@ class Reloader:
             self._note(roll, PidReload(pid, self._wall(), FAILURE), error=error)
             return error
         self._remember(sent, pid, new_pid, serving)
+        if before is not None:
+            history = self._children_before.setdefault(pid, [])
+            history.append((sent, before))
+            del history[:-8]  # a worker outliving eight reloads is credited conservatively
         replacement = new_pid or (serving if serving != pid else None)
         self._note(roll, PidReload(pid, sent, OK, new_pid=replacement))
         return None
@@ -488,3 +503,11 @@ class Reloader:
             except Exception:
                 log.exception("on_done callback failed for %s", st.consumer.name)
         self._update_idle()
+
+
+def _children(pid: int) -> frozenset[int]:
+    """The pids of ``pid``'s descendants now (blocking: reads /proc)."""
+    try:
+        return frozenset(p.pid for p in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return frozenset()

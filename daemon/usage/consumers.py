@@ -73,12 +73,33 @@ def unit_from_cgroup(text: str) -> str | None:
 
 
 def find_processes(match: MatchConfig) -> list[int]:
-    """Pids of the processes that ``match`` selects (never Baton itself)."""
-    return match_all({"_": match})["_"]
+    """Pids of the processes that ``match`` selects (never Baton itself): the ones a reload goes to."""
+    return match_all({"_": match}, children=False)["_"]
 
 
-def match_all(matches: Mapping[str, MatchConfig]) -> dict[str, list[int]]:
-    """Pids per name for many matches, in one pass over the process table."""
+def match_all(matches: Mapping[str, MatchConfig], *, children: bool = True) -> dict[str, list[int]]:
+    """Pids per name for many matches, in one pass over the process table; with ``children``, the
+    descendants of a match that asks for them (``match.children``: the holders of a server's versions)."""
+    out = _match_all(matches)
+    if children:
+        for name, match in matches.items():
+            if match.children and out[name]:
+                out[name] = sorted(set(out[name]) | _descendants(out[name]))
+    return out
+
+
+def _descendants(pids: list[int]) -> set[int]:
+    found: set[int] = set()
+    for pid in pids:
+        try:
+            found.update(p.pid for p in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            continue
+    found.discard(_SELF)
+    return found
+
+
+def _match_all(matches: Mapping[str, MatchConfig]) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {name: [] for name in matches}
     scanning = {}
     for name, match in matches.items():
