@@ -7,7 +7,8 @@ the FIFO PAUSE_FIFO and waits until the test writes a line back into it);
 ``hang`` (starts a grandchild in its process group, writes its pid to
 GRANDCHILD_FILE, then sleeps); ``exit3`` (fails with an ``error`` quoting
 every secret it was given); ``nonjson`` (prints the secret it was given, raw);
-``flood`` (prints 1 MiB); ``stderr`` (prints the secret on stderr, then works).
+``flood`` (prints 1 MiB); ``stderr`` (prints the secret on stderr, then works). With
+FAIL_TEST_FROM=N, ``ok`` fails ``test`` of pw-N and later, quoting the secret.
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ def main() -> int:
     if mode == "flood":
         sys.stdout.write("x" * (1 << 20))
         return 0
+    fail_from = os.environ.get("FAIL_TEST_FROM")
+    if mode == "ok" and step == "test" and fail_from and int(msg["new"]["id"].split("-")[1]) >= int(fail_from):
+        print(json.dumps({"error": "test refused: " + " ".join(values(msg))}))
+        return 1
     if mode == "stderr":
         print("leaking " + " ".join(values(msg)), file=sys.stderr)
     print(json.dumps(ok(step, msg)))
