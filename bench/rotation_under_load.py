@@ -23,6 +23,10 @@ seconds while the consumers run at >= 200 requests/s in total. The two
 zero-downtime strategies must show 0 failed requests; ``single-user`` (ALTER
 ROLE in place) must show failures: that is what it costs.
 
+The mysql and redis rows (bench/under_load_kv.py: MariaDB and redis-server,
+zero-downtime strategies beside a naive in-place password change of each) run
+the same load shape with bench/kv_consumer.py.
+
 Prints ONE JSON object on stdout (progress on stderr), writes
 bench/results/rotation_under_load.json and a plot of requests/s and failures
 over time per strategy to bench/results/rotation_under_load.png. Every process
