@@ -377,7 +377,7 @@ class CertificateIssuer(Issuer):
         await asyncio.to_thread(self._load)
         backoff = Backoff(self.retry_min, self.retry_max)
         cur = self._current()
-        if cur is not None and cur.not_after > self.clock() and cur.not_before <= self.clock():
+        if cur is not None and await self._still_good(cur):
             event(log, "certificate_adopted", credential=self.name, version=cur.id, serial=cur.serial)
             yield self._info(cur)
         else:
@@ -425,6 +425,22 @@ class CertificateIssuer(Issuer):
             self.failures = 0
             cur = new
             yield self._info(new)
+
+    async def _still_good(self, v: CertVersion) -> bool:
+        """An adopted version passes the same checks as a new one (the state file may be stale or damaged)."""
+        try:
+            await asyncio.to_thread(
+                x509.check_issued,
+                certificate=v.certificate,
+                private_key=v.private_key,
+                chain=[v.ca_chain] if v.ca_chain else [],
+                issuing_ca=v.issuing_ca,
+                now=self.clock(),
+            )
+        except CertificateError as e:
+            event(log, "certificate_not_adopted", logging.WARNING, credential=self.name, version=v.id, reason=e.reason)
+            return False
+        return True
 
     async def _obtain(self) -> CertVersion:
         spec = self.spec

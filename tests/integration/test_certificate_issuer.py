@@ -331,3 +331,38 @@ async def test_the_local_ca_signs_a_csr_made_here(local_ca: LocalCa, tmp_path: P
         assert "PRIVATE" not in json.dumps(issuer.status())
     finally:
         await it.aclose()
+
+
+def _local_issuer(local_ca: LocalCa, tmp_path: Path, name: str = "local") -> CertificateIssuer:
+    spec = _spec(
+        {"kind": "local-ca", "cert_file": str(local_ca.cert_file), "key_file": str(local_ca.key_file)}, ttl="60s"
+    )
+    return CertificateIssuer(name=name, spec=spec, ca=open_ca(spec), state_file=tmp_path / "state" / f"{name}.json")
+
+
+async def test_a_damaged_or_tampered_state_file_is_not_adopted(local_ca: LocalCa, tmp_path: Path) -> None:
+    issuer = _local_issuer(local_ca, tmp_path)
+    it = issuer.watch("local")
+    first = await _next(it)
+    await it.aclose()
+    # The key of the adopted version swapped for another: refused at adoption, a new one issued.
+    state = json.loads(issuer.state_file.read_text())
+    state["versions"][0]["private_key"] = x509.key_pem(x509.new_key("ec"))
+    issuer.state_file.write_text(json.dumps(state))
+    again = _local_issuer(local_ca, tmp_path)
+    it = again.watch("local")
+    try:
+        second = await _next(it)
+        assert second.id != first.id
+        got = _fields((await again.read("local", second.id)).payload)
+        x509.check_issued(certificate=got["certificate"], private_key=got["private_key"], now=time.time())
+    finally:
+        await it.aclose()
+    # Not JSON at all: distrusted, started afresh.
+    issuer.state_file.write_text("{not json")
+    fresh = _local_issuer(local_ca, tmp_path)
+    it = fresh.watch("local")
+    try:
+        assert (await _next(it)).id == "1"
+    finally:
+        await it.aclose()
