@@ -64,6 +64,12 @@ system-deps:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd-container mmdebstrap >/dev/null; \
 		else echo "missing systemd-nspawn / mmdebstrap and cannot apt-get install them: tests/systemd will skip" >&2; fi; \
 	fi
+	@# tests/podman: the image built from the Dockerfile and run as a Pod (podman pod, runc).
+	@if ! command -v podman >/dev/null || ! command -v runc >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc >/dev/null; \
+		else echo "missing podman / runc and cannot apt-get install them: tests/podman will skip" >&2; fi; \
+	fi
 
 # The fuzz suite and the crash campaigns, long: the same tests make test runs
 # with bounded counts (tests/fuzz/conftest.py), here with BATON_FUZZ=1.
@@ -76,7 +82,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/baton demo
 
-BENCHES := scan propagation footprint rotation_under_load fleet
+BENCHES := scan propagation footprint rotation_under_load fleet drain
 
 bench: $(STAMP) system-deps
 	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(PY) bench/$$b.py; done
