@@ -279,7 +279,8 @@ class LeaseIssuer(Issuer):
         if released:
             await self._revoke_due()
             self._save()
-            self._wake.set()
+        # Holders may have come or gone: the loop re-plans (a warning before a max TTL).
+        self._wake.set()
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -319,7 +320,13 @@ class LeaseIssuer(Issuer):
         }
 
     async def aclose(self) -> None:
-        # Leases are kept, not revoked: the next start adopts them.
+        # Leases are kept, not revoked: the next start adopts them. Renewed first, so that a
+        # restart slower than what was left of a short lease still finds it (the agent's
+        # close_limit bounds this).
+        if self._started:
+            for lease in [x for x in self.leases if x.phase in (Phase.CURRENT, Phase.HELD)]:
+                if self._renew_due(lease) < math.inf:
+                    await self._renew(lease)
         self._save()
         if self._own_client:
             await self.client.aclose()
