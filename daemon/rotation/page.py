@@ -14,11 +14,14 @@ show; a version's digest is not shown either. Node reports come from nodes
 that may be hostile: every string is HTML-escaped (text and attributes) and
 cut short, and the page carries no script (the endpoint sends a CSP that
 allows none). ``api.ApiServer`` serves it to loopback peers (and a unix
-socket) or with the bearer token.
+socket) or with the bearer token. However many loads come in, what it shows is
+gathered at most once per ``MIN_AGE`` (2 s), one gather at a time: a flood of
+page loads cannot become a flood of store reads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import html
 import logging
@@ -37,6 +40,7 @@ from daemon.rotation.workflow import CredentialRotator
 log = logging.getLogger(__name__)
 
 REFRESH = 5  # seconds between the page's own reloads
+MIN_AGE = 2.0  # a page younger than this is served again, not gathered again
 MAX_EVENTS = 40
 MAX_TEXT = 160
 TIMELINE_VERSIONS = 8
@@ -132,10 +136,15 @@ class CredentialView:
 class FleetPage:
     """Gathers what the page shows and renders it; ``start``/``close`` follow the rotator's lifecycle."""
 
-    def __init__(self, source: FleetSource, *, refresh: int = REFRESH) -> None:
+    def __init__(self, source: FleetSource, *, refresh: int = REFRESH, min_age: float = MIN_AGE) -> None:
         self.source = source
         self.refresh = refresh
         self.ring = EventRing()
+        # One gather at a time, and none more often than min_age: any number of page loads
+        # costs the store (a Vault status path: one read per node) one collect per min_age.
+        self.min_age = min_age
+        self._lock = asyncio.Lock()
+        self._page: tuple[float, str] | None = None
 
     def start(self) -> None:
         self.ring.start()
@@ -144,6 +153,14 @@ class FleetPage:
         self.ring.close()
 
     async def html(self) -> str:
+        async with self._lock:
+            if self._page is not None and time.monotonic() - self._page[0] < self.min_age:
+                return self._page[1]
+            page = await self._render()
+            self._page = (time.monotonic(), page)
+            return page
+
+    async def _render(self) -> str:
         views = [await self._gather(name, r) for name, r in sorted(self.source.rotators.items())]
         return render(
             views,

@@ -238,3 +238,37 @@ async def test_a_peer_that_is_not_local_needs_the_token(tmp_path: Path) -> None:
     finally:
         rotator.should_exit.set()
         await task
+
+
+async def test_many_page_loads_at_once_read_the_store_once(tmp_path: Path) -> None:
+    from daemon.rotation.page import FleetPage
+
+    config = parse_config(
+        {
+            "node_id": "n1",
+            "store": {"kind": "local", "path": str(tmp_path / "store.db")},
+            "credentials": [
+                {"name": "db", "key": "k", "output": {"dir": str(tmp_path / "out")}, "rotation": {"every": "1d"}}
+            ],
+        }
+    )
+    rotator = Rotator(config, install_signals=False, serve_api=False)
+    task = asyncio.create_task(rotator.serve())
+    try:
+        r = await until(lambda: rotator.rotators["db"].last_outcome is not None and rotator.rotators["db"])
+        # The node reports: with nothing superseded, only the page reads them (the retire loop stops before).
+        reads = 0
+        real = r.reporter.collect
+
+        async def counted(key: str, credential: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await real(key, credential)
+
+        r.reporter.collect = counted
+        page = FleetPage(rotator)
+        pages = await asyncio.gather(*(page.html() for _ in range(20)))
+        assert reads == 1 and len(set(pages)) == 1 and 'data-version="1"' in pages[0]
+    finally:
+        rotator.should_exit.set()
+        await task
