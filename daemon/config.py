@@ -28,7 +28,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -462,6 +464,114 @@ class ConsumerConfig(Model):
     min_restart_interval: DurationOrZero = Field(30.0, description="At most one restart per this interval.")
 
 
+# ---------------------------------------------------------------- certificates (issuers/, providers/certificate.py)
+
+_PKI_PATH = re.compile(
+    r"(?P<mount>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*)/(?P<mode>sign|issue)/[A-Za-z0-9_.-]+", re.ASCII
+)
+_DNS_NAME = re.compile(
+    r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*",
+    re.ASCII,
+)
+
+
+def _dns_name(v: str) -> str:
+    if len(v) > 253 or not _DNS_NAME.fullmatch(v):
+        raise ValueError(f"{v[:60]!r} is not a DNS name")
+    return v.lower()
+
+
+def _ip(v: str) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError(f"{v[:60]!r} is not an IP address") from None
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+IpText = Annotated[str, AfterValidator(_ip)]
+
+
+class VaultIssuerConfig(Model):
+    kind: Literal["vault"] = Field(description="An OpenBao/Vault PKI secrets engine.")
+    path: str = Field(
+        description="pki/sign/<role> (a CSR made on this node: the key never leaves it) or pki/issue/<role> "
+        "(the CA makes the key, for CAs that require it); <mount>/revoke is derived from it."
+    )
+    url: HttpUrl | None = Field(None, description="Vault address; default: the store's (store.kind vault).")
+    auth: VaultAuthConfig | None = Field(None, description="Login method; default: the store's.")
+    namespace: NonEmpty | None = Field(None, description="Vault Enterprise namespace; default: the store's.")
+    verify: bool | FilePath = Field(True, description="TLS verification of the Vault address: true, false, a CA file.")
+    timeout: Duration = Field(10.0, description="Per-request timeout.")
+    ca_file: FilePath | None = Field(None, description="A trusted root the issued chain must end at (else any chain).")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if not _PKI_PATH.fullmatch(v) or any(p in (".", "..") for p in v.split("/")):
+            raise ValueError("expected <mount>/sign/<role> or <mount>/issue/<role>, e.g. pki/sign/web")
+        return v
+
+    @property
+    def mode(self) -> Literal["sign", "issue"]:
+        m = _PKI_PATH.fullmatch(self.path)
+        assert m is not None
+        return "sign" if m.group("mode") == "sign" else "issue"
+
+    @property
+    def mount(self) -> str:
+        m = _PKI_PATH.fullmatch(self.path)
+        assert m is not None
+        return m.group("mount")
+
+
+class LocalCaIssuerConfig(Model):
+    kind: Literal["local-ca"] = Field(description="A CA certificate and key on this node's disk.")
+    cert_file: AbsPath = Field(description="The CA certificate (PEM).")
+    key_file: AbsPath = Field(
+        description="The CA's private key (PEM, unencrypted); read at each signing, never logged."
+    )
+
+
+class CertificateKeyConfig(Model):
+    type: Literal["ec", "rsa", "ed25519"] = Field("ec", description="Key algorithm, generated on this node.")
+    curve: Literal["p256", "p384", "p521"] = Field("p256", description="EC curve (type ec).")
+    bits: Literal[2048, 3072, 4096] = Field(3072, description="RSA key size (type rsa).")
+
+
+class CertificateConfig(Model):
+    issuer: Annotated[VaultIssuerConfig | LocalCaIssuerConfig, Field(discriminator="kind")] = Field(
+        description="Who signs: {kind: vault, path: pki/sign/web} or {kind: local-ca, cert_file, key_file}."
+    )
+    common_name: DnsName = Field(description="The certificate's CN (also its first DNS SAN).")
+    alt_names: list[DnsName] = Field(default_factory=list, description="More DNS SANs.")
+    ip_sans: list[IpText] = Field(default_factory=list, description="IP SANs.")
+    ttl: Duration = Field(86400.0, ge=2.0, description="Lifetime asked for (the CA may cap it).")
+    key: CertificateKeyConfig = Field(default_factory=CertificateKeyConfig, description="The private key.")
+    renew_at: float = Field(0.67, gt=0, lt=1, description="Renew when this fraction of the lifetime has passed.")
+    jitter: float = Field(
+        0.05, ge=0, lt=0.5, description="Renew up to this fraction of the lifetime earlier, at random (fleets spread)."
+    )
+    revoke_retired: bool = Field(
+        False, description="Revoke a superseded certificate at the CA once no process holds it."
+    )
+
+    @model_validator(mode="after")
+    def _jitter(self) -> CertificateConfig:
+        if self.jitter >= self.renew_at:
+            raise ValueError(f"jitter ({self.jitter:g}) must be below renew_at ({self.renew_at:g})")
+        return self
+
+
+class CertificateGeneratorConfig(CertificateConfig):
+    """``rotation.generator: {kind: certificate, ...}``: one certificate shared through the store (a TLS Secret)."""
+
+    kind: Literal["certificate"] = Field(description="Generator kind: a certificate from a PKI or a local CA.")
+    cert_field: NonEmpty = Field("tls.crt", description="Payload field (Secret key) of the certificate and its chain.")
+    key_field: NonEmpty = Field("tls.key", description="Payload field (Secret key) of the private key.")
+    ca_field: NonEmpty = Field("ca.crt", description="Payload field (Secret key) of the issuing CA.")
+
+
 # ---------------------------------------------------------------- rotation
 
 
@@ -650,6 +760,17 @@ class NotDuringConfig(Model):
     duration: Duration = Field(description="How long each window lasts (8h).")
 
 
+def _generator_kind(value: Any) -> str:
+    kind = value.get("kind", "password") if isinstance(value, dict) else getattr(value, "kind", "password")
+    return kind if kind in ("password", "certificate") else "password"
+
+
+AnyGeneratorConfig = Annotated[
+    Annotated[GeneratorConfig, Tag("password")] | Annotated[CertificateGeneratorConfig, Tag("certificate")],
+    Discriminator(_generator_kind),
+]
+
+
 class RotationConfig(Model):
     every: EveryDuration | None = Field(None, description="Rotate this often (at least 1s); or cron.")
     cron: CronText | None = Field(
@@ -665,7 +786,9 @@ class RotationConfig(Model):
     not_during: list[NotDuringConfig] = Field(
         default_factory=list, description="Windows in which no rotation starts (moved to the window's end)."
     )
-    generator: GeneratorConfig | None = Field(None, description="Mint a random value (no provider).")
+    generator: AnyGeneratorConfig | None = Field(
+        None, description="Mint a value with no provider: a password (default) or a certificate (kind: certificate)."
+    )
     provider: AnyProviderConfig | None = Field(None, description="Mint/apply/test/retire through a provider.")
     max_draining: int = Field(1, ge=1, description="Postpone a rotation while this many versions drain.")
     max_drain: Duration = Field(86400.0, description="Alert when a version drains longer than this.")
@@ -681,6 +804,14 @@ class RotationConfig(Model):
     def _default_generator(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("generator") is None and data.get("provider") is None:
             return {**data, "generator": {}}
+        gen = data.get("generator") if isinstance(data, dict) else None
+        if isinstance(gen, dict) and gen.get("kind") == "certificate" and data.get("every") is data.get("cron") is None:
+            # A certificate is rotated from its own lifetime: at renew_at of its ttl.
+            try:
+                every = parse_duration(gen.get("ttl", 86400.0)) * float(gen.get("renew_at", 0.67))
+            except (ValueError, TypeError):
+                return data  # the generator's own fields name the problem
+            return {**data, "every": max(every, 1.0)}
         return data
 
     @model_validator(mode="after")
@@ -702,105 +833,6 @@ class RotationConfig(Model):
             jitter=self.jitter,
             not_during=tuple(Blackout(Cron(w.start, tz), w.duration) for w in self.not_during),
         )
-
-
-# ---------------------------------------------------------------- certificates (daemon/issuers/certificate.py)
-
-_PKI_PATH = re.compile(
-    r"(?P<mount>[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*)/(?P<mode>sign|issue)/[A-Za-z0-9_.-]+", re.ASCII
-)
-_DNS_NAME = re.compile(
-    r"(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?)*",
-    re.ASCII,
-)
-
-
-def _dns_name(v: str) -> str:
-    if len(v) > 253 or not _DNS_NAME.fullmatch(v):
-        raise ValueError(f"{v[:60]!r} is not a DNS name")
-    return v.lower()
-
-
-def _ip(v: str) -> str:
-    try:
-        return str(ipaddress.ip_address(v))
-    except ValueError:
-        raise ValueError(f"{v[:60]!r} is not an IP address") from None
-
-
-DnsName = Annotated[str, AfterValidator(_dns_name)]
-IpText = Annotated[str, AfterValidator(_ip)]
-
-
-class VaultIssuerConfig(Model):
-    kind: Literal["vault"] = Field(description="An OpenBao/Vault PKI secrets engine.")
-    path: str = Field(
-        description="pki/sign/<role> (a CSR made on this node: the key never leaves it) or pki/issue/<role> "
-        "(the CA makes the key, for CAs that require it); <mount>/revoke is derived from it."
-    )
-    url: HttpUrl | None = Field(None, description="Vault address; default: the store's (store.kind vault).")
-    auth: VaultAuthConfig | None = Field(None, description="Login method; default: the store's.")
-    namespace: NonEmpty | None = Field(None, description="Vault Enterprise namespace; default: the store's.")
-    verify: bool | FilePath = Field(True, description="TLS verification of the Vault address: true, false, a CA file.")
-    timeout: Duration = Field(10.0, description="Per-request timeout.")
-    ca_file: FilePath | None = Field(None, description="A trusted root the issued chain must end at (else any chain).")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not _PKI_PATH.fullmatch(v) or any(p in (".", "..") for p in v.split("/")):
-            raise ValueError("expected <mount>/sign/<role> or <mount>/issue/<role>, e.g. pki/sign/web")
-        return v
-
-    @property
-    def mode(self) -> Literal["sign", "issue"]:
-        m = _PKI_PATH.fullmatch(self.path)
-        assert m is not None
-        return "sign" if m.group("mode") == "sign" else "issue"
-
-    @property
-    def mount(self) -> str:
-        m = _PKI_PATH.fullmatch(self.path)
-        assert m is not None
-        return m.group("mount")
-
-
-class LocalCaIssuerConfig(Model):
-    kind: Literal["local-ca"] = Field(description="A CA certificate and key on this node's disk.")
-    cert_file: AbsPath = Field(description="The CA certificate (PEM).")
-    key_file: AbsPath = Field(
-        description="The CA's private key (PEM, unencrypted); read at each signing, never logged."
-    )
-
-
-class CertificateKeyConfig(Model):
-    type: Literal["ec", "rsa", "ed25519"] = Field("ec", description="Key algorithm, generated on this node.")
-    curve: Literal["p256", "p384", "p521"] = Field("p256", description="EC curve (type ec).")
-    bits: Literal[2048, 3072, 4096] = Field(3072, description="RSA key size (type rsa).")
-
-
-class CertificateConfig(Model):
-    issuer: Annotated[VaultIssuerConfig | LocalCaIssuerConfig, Field(discriminator="kind")] = Field(
-        description="Who signs: {kind: vault, path: pki/sign/web} or {kind: local-ca, cert_file, key_file}."
-    )
-    common_name: DnsName = Field(description="The certificate's CN (also its first DNS SAN).")
-    alt_names: list[DnsName] = Field(default_factory=list, description="More DNS SANs.")
-    ip_sans: list[IpText] = Field(default_factory=list, description="IP SANs.")
-    ttl: Duration = Field(86400.0, ge=2.0, description="Lifetime asked for (the CA may cap it).")
-    key: CertificateKeyConfig = Field(default_factory=CertificateKeyConfig, description="The private key.")
-    renew_at: float = Field(0.67, gt=0, lt=1, description="Renew when this fraction of the lifetime has passed.")
-    jitter: float = Field(
-        0.05, ge=0, lt=0.5, description="Renew up to this fraction of the lifetime earlier, at random (fleets spread)."
-    )
-    revoke_retired: bool = Field(
-        False, description="Revoke a superseded certificate at the CA once no process holds it."
-    )
-
-    @model_validator(mode="after")
-    def _jitter(self) -> CertificateConfig:
-        if self.jitter >= self.renew_at:
-            raise ValueError(f"jitter ({self.jitter:g}) must be below renew_at ({self.renew_at:g})")
-        return self
 
 
 # ---------------------------------------------------------------- credentials
@@ -1053,8 +1085,8 @@ NOTIFY_EVENTS = (
     "retired",
     "retirement_pending_too_long",
     "force_retired",
-    "lease_expiring",
-    "certificate_expiring",
+    "lease_expiring",  # issuers/lease.py: a lease still held close to its max TTL
+    "certificate_not_renewed",  # issuers/certificate.py: the renewal failed; it names expires_in
 )
 
 
@@ -1166,6 +1198,10 @@ class Config(Model):
                 above.setdefault(p, i)
             if cred.lease is not None and self.store.kind != "vault":
                 problems.append(f"credentials.{i}.lease: needs store kind vault (store.kind is {self.store.kind})")
+            gen = cred.rotation.generator if cred.rotation is not None else None
+            gen_issuer = gen.issuer if isinstance(gen, CertificateGeneratorConfig) else None
+            if isinstance(gen_issuer, VaultIssuerConfig) and gen_issuer.url is None:
+                problems.append(f"credentials.{i}.rotation.generator.issuer.url: the rotator's generator needs one")
             cert_issuer = cred.certificate.issuer if cred.certificate is not None else None
             if isinstance(cert_issuer, VaultIssuerConfig) and cert_issuer.url is None and self.store.kind != "vault":
                 problems.append(

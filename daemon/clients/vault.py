@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +34,7 @@ import requests
 
 from daemon.config import VaultAuthConfig
 from daemon.errors import (
+    CertificateError,
     LeaseError,
     PayloadError,
     StoreAuthError,
@@ -464,6 +465,46 @@ class VaultClient:
     async def revoke_lease(self, lease_id: str) -> None:
         """sys/leases/revoke: the secret engine removes the credential (a database user is dropped)."""
         await self._lease_call("revoke lease", "revoke", {"lease_id": lease_id})
+
+    async def pki_certificate(
+        self,
+        path: str,
+        *,
+        common_name: str,
+        alt_names: Sequence[str],
+        ip_sans: Sequence[str],
+        ttl: float,
+        csr: str | None,
+    ) -> dict[str, Any]:
+        """``<mount>/sign/<role>`` with ``csr``, or ``<mount>/issue/<role>`` without: the answer's
+        ``certificate``, ``ca_chain`` (a list), ``issuing_ca`` and ``private_key`` (issue mode, else
+        None), each checked to be text. ``CertificateError`` when the answer is out of shape."""
+        body: dict[str, Any] = {"common_name": common_name, "ttl": f"{max(1, int(ttl))}s", "format": "pem"}
+        alt = [a for a in alt_names if a != common_name]
+        if alt:
+            body["alt_names"] = ",".join(alt)
+        if ip_sans:
+            body["ip_sans"] = ",".join(ip_sans)
+        if csr is not None:
+            body["csr"] = csr
+        else:
+            body["private_key_format"] = "pkcs8"
+        data = await self.pki_write(path, body)
+        cert, chain, issuing, key = (data.get(k) for k in ("certificate", "ca_chain", "issuing_ca", "private_key"))
+        if not isinstance(cert, str):
+            raise CertificateError(f"vault {path}: the answer holds no certificate", reason="pem")
+        if chain is None:
+            chain = []
+        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
+            raise CertificateError(f"vault {path}: ca_chain is not a list of PEM texts", reason="pem")
+        if csr is None and not isinstance(key, str):
+            raise CertificateError(f"vault {path}: issue mode, but no private key came back", reason="pem")
+        return {
+            "certificate": cert,
+            "ca_chain": chain,
+            "issuing_ca": issuing if isinstance(issuing, str) else "",
+            "private_key": key if csr is None else None,
+        }
 
     async def aclose(self) -> None:
         """Close every idle session; one still busy in a thread is closed when it comes back."""

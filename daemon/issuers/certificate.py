@@ -153,32 +153,20 @@ class VaultCA:
                 raise CertificateError(f"vault issuer: cannot read ca_file {spec.ca_file}: {e}", reason="pem") from None
 
     async def obtain(self, *, csr: str | None, spec: CertificateConfig) -> Issued:
-        body: dict[str, Any] = {
-            "common_name": spec.common_name,
-            "ttl": f"{int(spec.ttl)}s",
-            "format": "pem",
-        }
-        alt = [a for a in spec.alt_names if a != spec.common_name]
-        if alt:
-            body["alt_names"] = ",".join(alt)
-        if spec.ip_sans:
-            body["ip_sans"] = ",".join(spec.ip_sans)
-        if csr is not None:
-            body["csr"] = csr
-        else:
-            body["private_key_format"] = "pkcs8"
-        data = await self.client.pki_write(self.spec.path, body)
-        cert = data.get("certificate")
-        if not isinstance(cert, str):
-            raise CertificateError(f"vault {self.spec.path}: the response holds no certificate", reason="pem")
-        chain = data.get("ca_chain") or []
-        if not isinstance(chain, list) or not all(isinstance(c, str) for c in chain):
-            raise CertificateError(f"vault {self.spec.path}: ca_chain is not a list of PEM texts", reason="pem")
-        issuing = data.get("issuing_ca") if isinstance(data.get("issuing_ca"), str) else ""
-        key = data.get("private_key") if csr is None else None
-        if csr is None and not isinstance(key, str):
-            raise CertificateError(f"vault {self.spec.path}: issue mode but no private key came back", reason="pem")
-        return Issued(certificate=cert, chain=tuple(chain), issuing_ca=str(issuing or ""), private_key=key)
+        got = await self.client.pki_certificate(
+            self.spec.path,
+            common_name=spec.common_name,
+            alt_names=spec.alt_names,
+            ip_sans=spec.ip_sans,
+            ttl=spec.ttl,
+            csr=csr,
+        )
+        return Issued(
+            certificate=got["certificate"],
+            chain=tuple(got["ca_chain"]),
+            issuing_ca=got["issuing_ca"],
+            private_key=got["private_key"],
+        )
 
     async def revoke(self, serial: str) -> bool:
         data = await self.client.pki_write(f"{self.spec.mount}/revoke", {"serial_number": serial}, needs_data=False)

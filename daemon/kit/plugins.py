@@ -29,6 +29,7 @@ STORES: dict[str, str] = {
 # provider/generator kind -> the class; built as ``Cls(spec)``.
 PROVIDERS: dict[str, str] = {
     "password": "daemon.providers.password:PasswordProvider",
+    "certificate": "daemon.providers.certificate:CertificateProvider",
     "postgres": "daemon.providers.postgres:PostgresProvider",
     "mysql": "daemon.providers.mysql:MysqlProvider",
     "redis": "daemon.providers.redis:RedisProvider",
