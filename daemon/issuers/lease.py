@@ -192,6 +192,9 @@ class LeaseIssuer(Issuer):
         self._next = 0
         self._started = False
         self._start_lock = asyncio.Lock()
+        # The watch loop (the Follower's task) and observe (the Tracker's) both change leases:
+        # one at a time, so a lease being revoked is never renewed, nor revoked twice.
+        self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._issue_backoff = Backoff(retry_min, retry_max)
         self._issue_at = 0.0
@@ -229,7 +232,8 @@ class LeaseIssuer(Issuer):
             current = self.current()
             if (current is None or self._rotate_due(current, now) <= now) and now >= self._issue_at:
                 try:
-                    await self._issue()
+                    async with self._lock:
+                        await self._issue()
                 except StoreError as e:
                     delay = self._issue_backoff.next()
                     self._issue_at = time.time() + delay
@@ -249,7 +253,8 @@ class LeaseIssuer(Issuer):
             if current is not None and current.version != yielded:
                 yielded = current.version
                 yield self._info(current)
-            await self._work()
+            async with self._lock:
+                await self._work()
             await self._nap()
 
     async def read(self, key: str, version: VersionId | None = None) -> SecretVersion:
@@ -262,11 +267,17 @@ class LeaseIssuer(Issuer):
         return [self._info(lease) for lease in self.leases]
 
     async def observe(self, current: VersionId | None, held: Mapping[VersionId, Sequence[Holder]]) -> None:
+        async with self._lock:
+            await self._observe(current, held)
+        # Holders may have come or gone: the loop re-plans (a warning before a max TTL).
+        self._wake.set()
+
+    async def _observe(self, current: VersionId | None, held: Mapping[VersionId, Sequence[Holder]]) -> None:
         now = time.time()
         released = False
         for lease in self.leases:
             holders = held.get(lease.version, ())
-            if lease.phase in (Phase.HELD, Phase.LOST):
+            if lease.phase is not Phase.REVOKED:
                 lease.holders = tuple(_holder_text(h) for h in holders)
             if lease.phase is not Phase.HELD or lease.version == current:
                 continue
@@ -279,8 +290,6 @@ class LeaseIssuer(Issuer):
         if released:
             await self._revoke_due()
             self._save()
-        # Holders may have come or gone: the loop re-plans (a warning before a max TTL).
-        self._wake.set()
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -323,11 +332,12 @@ class LeaseIssuer(Issuer):
         # Leases are kept, not revoked: the next start adopts them. Renewed first, so that a
         # restart slower than what was left of a short lease still finds it (the agent's
         # close_limit bounds this).
-        if self._started:
-            for lease in [x for x in self.leases if x.phase in (Phase.CURRENT, Phase.HELD)]:
-                if self._renew_due(lease) < math.inf:
-                    await self._renew(lease)
-        self._save()
+        async with self._lock:
+            if self._started:
+                for lease in [x for x in self.leases if x.phase in (Phase.CURRENT, Phase.HELD)]:
+                    if self._renew_due(lease) < math.inf:
+                        await self._renew(lease)
+            self._save()
         if self._own_client:
             await self.client.aclose()
 

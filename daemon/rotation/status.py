@@ -24,6 +24,7 @@ from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.report.holders import HolderSource, open_holders
 from daemon.rotation.reader import GateReader
+from daemon.schedule import span
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
@@ -129,9 +130,39 @@ async def print_status(config: Config, *, pending: bool, as_json: bool, url: str
         print(f"  {name}: current {c.get('current')} (changed {when}) on disk {c.get('on_disk')}")
         for v, info in c.get("versions", {}).items():
             print(f"    {v}: {info['state']}, {len(info['holders'])} holder(s)")
+        _print_issuer(c.get("issuer"))
         if c.get("last_error"):
             print(f"    last error: {c['last_error']}")
     return 0
+
+
+def _print_issuer(issuer: Any) -> None:
+    """An issued credential's own versions (leases: TTL and max TTL left, holders, revocations pending)."""
+    if not isinstance(issuer, dict):
+        return
+    print(f"    issued ({issuer.get('kind')}) from {issuer.get('path') or '-'}")
+    if issuer.get("issue_error"):
+        print(f"    cannot issue: {issuer['issue_error']}")
+    for v, lease in (issuer.get("leases") or {}).items():
+        if not isinstance(lease, dict):
+            continue
+        held = ", ".join(lease.get("holders") or []) or "no holders"
+        max_left = lease.get("max_ttl_left")
+        print(
+            f"    {v}: {lease.get('state')} lease {lease.get('lease')}, ttl {lease.get('ttl_left')}s, "
+            f"max ttl {'?' if max_left is None else f'{max_left}s'}, {held}"
+        )
+    for r in issuer.get("revoking") or []:
+        if isinstance(r, dict):
+            print(f"    {r.get('version')}: revocation pending ({r.get('attempts')} failed): {r.get('error') or '-'}")
+
+
+def _when(t: float | None) -> str:
+    """A rotation time with its date and how far off it is: ``2026-12-02 03:00:00 UTC (in 3h27m)``."""
+    if not isinstance(t, int | float) or not 0 < t < 1e11:
+        return "-"
+    left = t - time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)) + (f" (in {span(left)})" if left > 0 else " (due)")
 
 
 def _clock(t: float | None) -> str:
@@ -152,7 +183,9 @@ def _print_rotator(data: dict[str, Any]) -> None:
         else:
             held = "standing by: lease free"
         outcome = (c.get("last_outcome") or {}).get("result") or "-"
-        print(f"  {name}: {held}; next rotation {_clock(c.get('next_rotation'))}; last {outcome}")
+        print(f"  {name}: {held}; next rotation {_when(c.get('next_rotation'))}; last {outcome}")
+        if c.get("schedule"):
+            print(f"    schedule: {c['schedule']}")
 
 
 async def forget_node(config: Config, node: NodeId) -> int:

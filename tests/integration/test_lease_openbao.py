@@ -198,6 +198,9 @@ def test_leases_renew_roll_over_and_the_old_user_is_revoked_only_after_its_last_
         )
         old = agent.credential("db")["issuer"]["leases"][v1]
         assert old["state"] == "held" and old["holders"], old
+        shown = baton("status", "--config", str(path))
+        agent.bodies.append(shown.out + shown.err)  # searched for secrets below
+        assert shown.code == 0 and f"{v1}: held lease" in shown.out and f":{holder.pid}" in shown.out, shown
         assert _roles(pg_scratch) == {user1, user2}
         assert not [e for e in agent.events() if e.get("event") == "lease_revoked"]
         # The last holder lets go: revoked at the next scan, the database user gone.
@@ -309,6 +312,43 @@ def test_an_openbao_restart_is_survived_with_a_new_lease_and_a_clear_event(
         assert agent.proc.poll() is None
         agent.assert_never_said(_secrets(tmp_path, bao, pg_scratch))
     finally:
+        agent.kill()
+
+
+def test_openbao_down_longer_than_a_lease_keeps_the_files_names_the_holders_and_recovers(
+    tmp_path: Path, bao: BaoDev, pg_scratch: PgScratch
+) -> None:
+    setup = {"dbname": pg_scratch.dbname, "prefix": pg_scratch.prefix, "default_ttl": "3s", "max_ttl": "60s"}
+    bao.setup_database(pg_scratch.cluster, **setup)
+    path, port = _config(tmp_path, bao, lease={"path": "database/creds/app"})
+    agent = start_agent(path, cwd=tmp_path, port=port)
+    holder = None
+    try:
+        first = agent.wait_event("version_written", timeout=20)
+        v1 = first["version"]
+        holder, _ = _consumer(tmp_path, pg_scratch, "hold", "holder")
+        poll(
+            lambda: agent.credential("db")["issuer"]["leases"][v1]["holders"],
+            timeout=10,
+            what="the holder seen on the current lease",
+        )
+        bao.stop()
+        failed = agent.wait_event("lease_renew_failed", timeout=10)
+        assert failed["version"] == v1 and "connect" in failed["error"]
+        expired = agent.wait_event("lease_expired", timeout=10)
+        assert expired["version"] == v1 and any(h.endswith(f":{holder.pid}") for h in expired["holders"]), expired
+        # The last good files stay, the agent goes on.
+        assert _user(tmp_path) and agent.credential("db")["current"] == v1
+        assert agent.proc.poll() is None
+        bao.start()
+        bao.setup_database(pg_scratch.cluster, **setup)
+        written = agent.wait_event("version_written", timeout=20, after=agent.events().index(expired))
+        assert written["version"] != v1
+        agent.assert_never_said(_secrets(tmp_path, bao, pg_scratch))
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
         agent.kill()
 
 
