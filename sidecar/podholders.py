@@ -258,6 +258,7 @@ class PodHolders(HolderSource):
     ) -> list[NodeReport]:
         if not old:
             return []
+        self.start()  # every watch at once: a cluster that does not answer costs one sync_timeout, not five
         since = await self.since(key, new, now)
         out: list[NodeReport] = []
         if self.pods is not None:
