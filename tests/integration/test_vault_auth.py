@@ -11,6 +11,7 @@ Baton's policy of docs/install.md and nothing else.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -134,8 +135,14 @@ async def test_a_wrong_approle_secret_id_is_an_auth_error(
 
 @pytest.mark.parametrize("spent", ["uses", "ttl"])
 async def test_a_used_up_or_expired_secret_id_is_a_clear_auth_error_at_the_next_login(
-    spent: str, vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str, tmp_path: Path
+    spent: str,
+    vault_server: VaultTarget,
+    make_vault_store: MakeStore,
+    vault_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     # One use, or two seconds: enough for the first login only.
     role = {"secret_id_num_uses": 1} if spent == "uses" else {"secret_id_ttl": "2s"}
     store, key, mount = await approle_store_reading(vault_server, make_vault_store, vault_prefix, tmp_path, **role)
@@ -146,16 +153,23 @@ async def test_a_used_up_or_expired_secret_id_is_a_clear_auth_error_at_the_next_
         await store.read(key)
     assert "refused" in str(err.value)
     secret_id = (tmp_path / f"secret_id-{mount}").read_text().strip()
-    assert secret_id not in str(err.value)
+    assert secret_id not in str(err.value) and secret_id not in caplog.text
+    assert store.client._grant is not None and store.client._grant.token not in caplog.text
     assert vault_server.faults.count(*login(mount)) == 2
 
 
 async def test_kubernetes_login_uses_the_service_account_token(
-    make_vault_store: MakeStore, vault_server: VaultTarget, vault_prefix: str, tmp_path: Path
+    make_vault_store: MakeStore,
+    vault_server: VaultTarget,
+    vault_prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     mount = vault_server.kubernetes("baton")
     jwt = tmp_path / "token"
-    jwt.write_text(vault_server.jwt_for())
+    good_jwt = vault_server.jwt_for()
+    jwt.write_text(good_jwt)
     store = make_vault_store(auth=VaultAuthConfig(method="kubernetes", mount=mount, role="baton", jwt_file=jwt))
     vault_server.write(f"{vault_prefix}/db", {"value": "k"})
     assert (await store.read(f"{vault_prefix}/db")).payload.reveal() == "k"
@@ -168,9 +182,12 @@ async def test_kubernetes_login_uses_the_service_account_token(
     for bad_jwt in (vault_server.jwt_for(key=other_key), vault_server.jwt_for("system:serviceaccount:apps:other")):
         jwt.write_text(bad_jwt)
         bad = make_vault_store(auth=VaultAuthConfig(method="kubernetes", mount=mount, role="baton", jwt_file=jwt))
-        with pytest.raises(StoreAuthError) as err:
+        with pytest.raises(StoreAuthError, match="service account token refused") as err:
             await bad.read(f"{vault_prefix}/db")
         assert bad_jwt not in str(err.value)
+    assert store.client._grant is not None
+    for secret in (store.client._grant.token, good_jwt, bad_jwt):
+        assert secret not in caplog.text
 
 
 async def test_the_token_is_renewed_before_its_ttl_ends(
