@@ -140,3 +140,58 @@ def test_a_state_file_never_follows_a_symlink_on_write(tmp_path: Path) -> None:
     save_state(path, {"b": 1})
     assert json.loads((tmp_path / "elsewhere.json").read_text()) == {}
     assert not path.is_symlink() and load_state(path) == {"b": 1}
+
+
+# ---------------------------------------------------------------- the lease issuer's entries
+
+
+def _entry(**over: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "version": "1796160000",
+        "lease_id": "database/creds/app/abc",
+        "data": {"username": "u", "password": "p"},
+        "path": "database/creds/app",
+        "issued": 1.0,
+        "duration": 10.0,
+        "expires": 11.0,
+        "renewable": True,
+        "phase": "current",
+        "renewed": 1.0,
+        "max_expires": None,
+    }
+    entry.update(over)
+    return entry
+
+
+def test_a_lease_entry_round_trips() -> None:
+    from daemon.issuers.lease import Lease
+
+    lease = Lease.from_json(_entry())
+    assert Lease.from_json(lease.to_json()) == lease
+    assert "abc" not in repr(lease) and "'p'" not in repr(lease)  # neither the id nor the data in a repr
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        {"version": "../1"},
+        {"version": 7},
+        {"lease_id": ""},
+        {"lease_id": "a\nb"},
+        {"lease_id": None},
+        {"data": ["u"]},
+        {"data": {"1": 1, 2: 2}},
+        {"phase": "stolen"},
+        {"issued": "yesterday"},
+        {"expires": float("nan")},
+        {"duration": -1},
+        {"renewed": True},
+        {"max_expires": "soon"},
+        {"path": ""},
+    ],
+)
+def test_a_hostile_lease_entry_is_refused(over: dict[str, Any]) -> None:
+    from daemon.issuers.lease import Lease
+
+    with pytest.raises(StateFileError):
+        Lease.from_json(_entry(**over))
