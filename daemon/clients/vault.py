@@ -377,10 +377,23 @@ class VaultClient:
         )
 
     async def write(self, key: str, data: dict[str, Any], *, cas: int | None) -> Any:
-        return await self.call(
-            f"write {key}",
-            lambda c: c.secrets.kv.v2.create_or_update_secret(path=key, secret=data, cas=cas, mount_point=self.mount),
-        )
+        """A new version of ``key``; ``cas`` None: whatever the current version is."""
+
+        def fn(c: Any) -> Any:
+            try:
+                return c.secrets.kv.v2.create_or_update_secret(path=key, secret=data, cas=cas, mount_point=self.mount)
+            except hvac.exceptions.InvalidRequest as e:
+                if cas is not None or "check-and-set parameter required" not in _errors_of(e):
+                    raise
+            # The mount or the key has cas_required: an unconditional write is one at the
+            # current version (a writer in between makes it a StoreConflict, as any cas loss).
+            try:
+                current = int(c.adapter.get(self.kv_url("metadata", key))["data"]["current_version"])
+            except hvac.exceptions.InvalidPath:
+                current = 0
+            return c.secrets.kv.v2.create_or_update_secret(path=key, secret=data, cas=current, mount_point=self.mount)
+
+        return await self.call(f"write {key}", fn)
 
     async def read_version(self, key: str, number: int | None = None) -> Any:
         """One version of ``key`` (the newest when ``number`` is None)."""

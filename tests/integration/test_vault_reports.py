@@ -7,6 +7,7 @@ import json
 import time
 from dataclasses import replace
 
+import hvac
 import pytest
 
 from daemon.clients.vault import MAX_METADATA_KEYS
@@ -259,3 +260,28 @@ async def test_an_unreadable_status_entry_stands_as_a_stale_report_of_its_node_a
     # forget still finds the unreadable entry (by its recorded key) and removes it: then it is gone.
     await VaultStatusReporter(store, parse=NodeReport.from_json).forget("app/db", "n3")
     assert "n3" not in {r.node for r in await reporter.collect("app/db", "db")}
+
+
+async def test_rotation_and_status_path_reports_work_on_a_mount_that_requires_check_and_set(
+    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+) -> None:
+    # A hardened mount: every data write must carry cas (OpenBao answers 400 "check-and-set
+    # parameter required" otherwise). Node reports are written without one: the client reads
+    # the entry's current version and writes at it.
+    c = vault_server.client()
+    try:
+        c.adapter.post(f"/v1/{vault_server.mount}/config", json={"cas_required": True})
+        with pytest.raises(hvac.exceptions.InvalidRequest):  # the server really enforces it
+            c.secrets.kv.v2.create_or_update_secret(path="x", secret={"v": "1"}, mount_point=vault_server.mount)
+    finally:
+        c.adapter.close()
+    store = make_vault_store(status_prefix=f"{vault_prefix}/status")
+    key = await rotated_key(store, f"{vault_prefix}/db")
+    await store.promote(key, (await store.create(key, Secret("v2"))).id)
+    assert (await store.read(key)).payload.reveal() == "v2"
+    reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
+    for beat in (1.0, 2.0, 3.0):  # a new entry, then versions of it
+        await reporter.publish(key, report("n1", beat=beat))
+    await reporter.publish(key, report("n2"))
+    got = {r.node: r for r in await reporter.collect(key, "db")}
+    assert got == {"n1": report("n1", beat=3.0), "n2": report("n2")}
