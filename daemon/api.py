@@ -2,7 +2,8 @@
 
 Bound to loopback or a unix socket by default. It shows names, version ids,
 pids and times; it never has a secret value to show. Anything that changes
-state needs the token from ``api.token_file``.
+state (``POST /v1/actions/NAME``: the rotator's rotate and retire) needs the token
+from ``api.token_file``, or the one the rotator makes in ``api.runtime_dir``.
 
 Every peer is assumed hostile, so the endpoint must never cost the agent more
 than a fixed number of file descriptors: it accepts connections itself, holds
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 
-from daemon.errors import ListenError
+from daemon.errors import ActionRefused, ListenError
 from daemon.kit import metrics
 from daemon.kit.logs import event
 
@@ -373,7 +374,13 @@ class ApiServer:
             return web.json_response({"error": "the body took too long"}, status=408)
         except ValueError:
             return web.json_response({"error": "body is not JSON"}, status=400)
-        return web.json_response(await handler(body if isinstance(body, dict) else {}))
+        body = body if isinstance(body, dict) else {}
+        # Who asks, as the kernel says (a uid on a unix socket, an address over TCP); a peer in the body is replaced.
+        body["peer"] = _peer(request.transport) if request.transport is not None else "?"
+        try:
+            return web.json_response(await handler(body))
+        except ActionRefused as e:
+            return web.json_response({"error": str(e)}, status=e.status)
 
     def _authorized(self, request: web.Request) -> bool:
         if self.token_file is None:

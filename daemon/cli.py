@@ -1,4 +1,4 @@
-"""The ``baton`` command line: agent, rotator, demo, status, check-config, store, node, exec.
+"""The ``baton`` command line: agent, rotator, demo, status, check-config, store, node, rotate, retire, exec.
 
 Exit status: 0 ok, 1 failure at run time, 2 bad usage or bad config (one line
 per problem, naming the field path; never a traceback). Only
@@ -135,6 +135,39 @@ def cmd_node(args: argparse.Namespace) -> int:
     return asyncio.run(forget_node(config, NodeId(args.node)))
 
 
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from daemon.config import parse_duration
+    from daemon.rotation.control import rotate
+
+    try:
+        patience = parse_duration(args.timeout)
+    except ValueError as e:
+        print(f"baton: --timeout: {e}", file=sys.stderr)
+        return 2
+    config = _load(args.config)
+    return asyncio.run(
+        rotate(config, args.name, wait=args.wait, patience=patience, url=args.url, out=sys.stdout, err=sys.stderr)
+    )
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    from daemon.rotation.control import retire
+
+    config = _load(args.config)
+    return asyncio.run(
+        retire(
+            config,
+            args.name,
+            args.version,
+            force=args.force,
+            reason=args.reason or "",
+            url=args.url,
+            out=sys.stdout,
+            err=sys.stderr,
+        )
+    )
+
+
 def cmd_exec(args: argparse.Namespace) -> int:
     from daemon.exec.command import run_exec
 
@@ -206,6 +239,23 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("node")
     f.add_argument("--config", required=True)
     s.set_defaults(func=cmd_node)
+
+    s = sub.add_parser("rotate", help="ask the rotator to rotate a credential now")
+    s.add_argument("name", help="the credential")
+    s.add_argument("--config", required=True)
+    s.add_argument("--wait", action="store_true", help="follow it until the old version is retired")
+    s.add_argument("--timeout", default="10m", help="with --wait: give up after this long (default 10m)")
+    s.add_argument("--url", default=None, help="rotator endpoint (default: api.listen of the config)")
+    s.set_defaults(func=cmd_rotate)
+
+    s = sub.add_parser("retire", help="retire a version now although it is still held (a leaked credential)")
+    s.add_argument("name", help="the credential")
+    s.add_argument("version", help="the version id to retire (never the current one)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--force", action="store_true", help="required: retire even though holders remain")
+    s.add_argument("--reason", default=None, help="required: why (recorded in the store and an event)")
+    s.add_argument("--url", default=None, help="rotator endpoint (default: api.listen of the config)")
+    s.set_defaults(func=cmd_retire)
 
     s = sub.add_parser("exec", help="run a command with a credential; restart it on change")
     s.add_argument("--config", required=True)

@@ -27,7 +27,8 @@ never carries a secret value or a response body that might hold one.
     ├── SupervisorError          ``baton exec`` could not start its child
     ├── FanotifyUnavailable      open events cannot be used here (the scans carry on without them)
     ├── NotifyError              a notification was not delivered (retried with backoff, then counted and dropped)
-    └── RotationError            a rotation step failed (wraps the cause)
+    ├── RotationError            a rotation step failed (wraps the cause)
+    └── ActionRefused            an endpoint action is refused (unknown credential, current version): its HTTP status
 
     OSError
     └── RenderUnavailable        the render child could not be started: an I/O failure, not the
@@ -151,6 +152,15 @@ class ReloadError(BatonError):
 
 class RotationError(BatonError):
     """A rotation step failed; the current credential is untouched."""
+
+
+class ActionRefused(BatonError):
+    """An action asked of the endpoint (``POST /v1/actions/NAME``) is refused; ``status`` is the HTTP status
+    the endpoint answers with (400 a bad body, 404 an unknown credential or version, 409 not now)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class ReloadGone(ReloadError):

@@ -11,12 +11,13 @@ re-reads the config.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 from daemon import __version__
 from daemon.api import ApiServer
 from daemon.config import Config, KubernetesStoreConfig
-from daemon.errors import BatonError, ConfigError
+from daemon.errors import ActionRefused, BatonError, ConfigError
 from daemon.files.checks import reload_config
 from daemon.kit import plugins
 from daemon.kit.backoff import Backoff
@@ -36,8 +37,9 @@ from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.report.holders import open_holders
+from daemon.rotation.actions import RetireRequest, credential_of, make_token, remove_token
 from daemon.rotation.leadership import Leadership, holder_id
-from daemon.rotation.workflow import CredentialRotator, RotationResult
+from daemon.rotation.workflow import CredentialRotator, Outcome, RotationResult
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
 
@@ -81,6 +83,13 @@ class Rotator(Service):
         self.leases = self._leases()
         self.api: ApiServer | None = None
         self.rotate_now = asyncio.Event()
+        # Per credential, what `baton rotate --wait` follows: a rotation asked for, the attempts so far,
+        # whether its schedule runs here (this rotator leads it), the versions retired lately.
+        self.requested: dict[str, asyncio.Event] = {}
+        self.attempts: dict[str, int] = {}
+        self.scheduling: set[str] = set()
+        self.retired_recent: dict[str, collections.deque[str]] = {}
+        self._token: tuple[Path, int] | None = None  # the action token this rotator made, and its inode
         self.election: Election | None = None
         # What STATUS= and the status API say: where it stands; the wall time each
         # credential's next rotation is due; the store's last error.
@@ -110,6 +119,7 @@ class Rotator(Service):
             self.api = ApiServer(
                 self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
             )
+            self._serve_actions(self.api)
             await self.api.start(self.config.api.listen)
         self.election = self._election()
         if self.election is not None:
@@ -125,6 +135,8 @@ class Rotator(Service):
             await close_bounded(self.election.stop(), "leader election", limit)
         if self.api is not None:
             await close_bounded(self.api.stop(), "api", limit)
+        if self._token is not None:
+            remove_token(*self._token)
         for name, r in self.rotators.items():
             await close_bounded(r.provider.aclose(), f"provider of {name}", limit)
         await close_bounded(self.reporter.aclose(), "reporter", limit)
@@ -288,27 +300,47 @@ class Rotator(Service):
                 await asyncio.wait_for(self.should_exit.wait(), every)
 
     async def schedule(self, rotator: CredentialRotator) -> None:
-        every = rotator.rotation.every
-        while not self.should_exit.is_set():
-            try:
-                delay = max(0.0, await rotator.due_at() - time.time())
-            except BatonError as e:
-                log.warning("cannot read rotation schedule", extra={"credential": rotator.cred.name, "error": str(e)})
-                delay = every
-            self.next_rotation[rotator.cred.name] = time.time() + delay
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.rotate_now.wait(), delay)
-                self.rotate_now.clear()
-            outcome = await rotator.rotate()
-            if outcome.result == RotationResult.POSTPONED:
-                # Looked at again as soon as a retirement frees a slot, at the latest next
-                # interval; never sooner than one retirement pass (no spinning).
-                await asyncio.sleep(self._retire_interval())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed(rotator), every)
-            elif outcome.result == RotationResult.FAILED:
-                await asyncio.sleep(every)  # retried at the next interval
+        """Rotate when due (``rotation.every`` or ``cron``, see daemon/schedule.py) or when asked
+        (``baton rotate``); a failed rotation is retried at the next interval or cron time, sooner if asked."""
+        name = rotator.cred.name
+        requested = self.requested.setdefault(name, asyncio.Event())
+        self.scheduling.add(name)
+        try:
+            while not self.should_exit.is_set():
+                try:
+                    due = await rotator.due_at()
+                except BatonError as e:
+                    log.warning("cannot read rotation schedule", extra={"credential": name, "error": str(e)})
+                    due = rotator.timing.retry_at(time.time())
+                delay = max(0.0, due - time.time())
+                self.next_rotation[name] = time.time() + delay
+                if delay > 0:
+                    await _any_set([self.rotate_now, requested], delay)
+                    self.rotate_now.clear()
+                requested.clear()  # this attempt serves it
+                outcome = await self._attempt(rotator)
+                if outcome.result == RotationResult.POSTPONED:
+                    # Looked at again as soon as a retirement frees a slot, at the latest next
+                    # interval; never sooner than one retirement pass (no spinning).
+                    await asyncio.sleep(self._retire_interval())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed(rotator), self._retry_delay(rotator))
+                elif outcome.result == RotationResult.FAILED:
+                    self.next_rotation[name] = time.time() + self._retry_delay(rotator)
+                    await _any_set([requested], self._retry_delay(rotator))  # the next interval, or when asked
+        finally:
+            self.scheduling.discard(name)
+
+    async def _attempt(self, rotator: CredentialRotator) -> Outcome:
+        try:
+            return await rotator.rotate()
+        finally:
+            rotator.step = None
+            self.attempts[rotator.cred.name] = self.attempts.get(rotator.cred.name, 0) + 1
+
+    def _retry_delay(self, rotator: CredentialRotator) -> float:
+        now = time.time()
+        return min(max(0.0, rotator.timing.retry_at(now) - now), 366 * 86400.0)
 
     async def _slot_freed(self, rotator: CredentialRotator) -> None:
         while len(rotator.last_decisions) >= rotator.max_draining:
@@ -325,7 +357,9 @@ class Rotator(Service):
         while not self.should_exit.is_set():
             delay = self._retire_interval()
             try:
-                retired = await rotator.retire_ready()
+                async with rotator.retiring:
+                    retired = await rotator.retire_ready()
+                self._retired(rotator.cred.name, retired)
             except BatonError as e:
                 delay = max(delay, backoff.next())
                 log.warning(
@@ -339,6 +373,58 @@ class Rotator(Service):
                     backoff.reset()
             await asyncio.sleep(delay)
 
+    # ------------------------------------------------------------ actions (POST /v1/actions/NAME, daemon/api.py)
+
+    def _serve_actions(self, api: ApiServer) -> None:
+        """Rotate and retire on the endpoint, behind ``api.token_file`` or a token made in ``api.runtime_dir``."""
+        if self.config.api.token_file is None:
+            self._token = make_token(self.config.api.runtime_dir)
+            api.token_file = self._token[0]
+        api.actions.update(rotate=self.act_rotate, retire=self.act_retire)
+
+    def _led(self, name: str) -> None:
+        if name not in self.scheduling:
+            raise ActionRefused(409, f"this rotator does not lead {name} ({self.leadership}): its lease is elsewhere")
+
+    async def act_rotate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``baton rotate NAME``: rotate now. Answers the current version (to retire) and the attempt to wait for."""
+        name = credential_of(body, set(self.rotators))
+        self._led(name)
+        rotator = self.rotators[name]
+        try:
+            current = [v for v in await rotator.gate.versions() if v.is_current]
+        except BatonError as e:
+            raise ActionRefused(503, f"the store did not answer: {e}") from None
+        # A rotation under way was not asked for by this request: the one after it is.
+        after = self.attempts.get(name, 0) + (1 if rotator.step is not None else 0)
+        self.requested.setdefault(name, asyncio.Event()).set()
+        event(log, "rotation_requested", credential=name, user=str(body.get("user", "?"))[:120], peer=body.get("peer"))
+        return {"credential": name, "current": current[-1].id if current else None, "after_attempt": after}
+
+    async def act_retire(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``baton retire NAME VERSION --force``: retire now despite holders (``CredentialRotator.force_retire``)."""
+        req = RetireRequest.parse(body, set(self.rotators))
+        self._led(req.credential)
+        try:
+            decision = await self.rotators[req.credential].force_retire(
+                req.version, reason=req.reason, user=req.user, peer=req.peer
+            )
+        except ActionRefused:
+            raise
+        except BatonError as e:
+            raise ActionRefused(502, f"the retirement failed: {e}") from None
+        self._retired(req.credential, [req.version])
+        shown = decision.as_dict() if decision is not None else {"holders": {}, "reasons": []}
+        return {
+            "credential": req.credential,
+            "version": req.version,
+            "retired": True,
+            **{k: shown[k] for k in ("holders", "reasons")},
+        }
+
+    def _retired(self, name: str, versions: Sequence[str]) -> None:
+        self.retired_recent.setdefault(name, collections.deque(maxlen=32)).extend(versions)
+
     def status(self) -> dict[str, Any]:
         return {
             "role": "rotator",
@@ -350,11 +436,27 @@ class Rotator(Service):
                     "last_outcome": vars(r.last_outcome) if r.last_outcome else None,
                     "pending": [d.as_dict() for d in r.last_decisions],
                     "retired_total": r.retired_total,
+                    "schedule": r.timing.describe(),
+                    "requested": name in self.requested and self.requested[name].is_set(),
+                    "step": r.step,
+                    "attempts": self.attempts.get(name, 0),
+                    "nodes": dict(r.nodes_current),
+                    "retired_recent": list(self.retired_recent.get(name, ())),
                     "lease": self.leases.status().get(name),
                 }
                 for name, r in self.rotators.items()
             },
         }
+
+
+async def _any_set(events: list[asyncio.Event], within: float) -> None:
+    """Return when one of ``events`` is set, or after ``within`` seconds."""
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _duration(seconds: float) -> str:

@@ -47,7 +47,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 from daemon.config import Config, CredentialConfig
-from daemon.errors import BatonError, PayloadError, ProviderBlocked, StoreNotFound
+from daemon.errors import ActionRefused, BatonError, PayloadError, ProviderBlocked, StoreNotFound
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.model import PENDING, NodeId, Secret, VersionId, VersionInfo
@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "baton.rotation"
 LAST_KEY = "baton.rotation.last"
+FORCED_PREFIX = "baton.forced."  # + version: a retirement forced through `baton retire --force`
 DELAY_ENV = "BATON_TEST_DELAY"
 # The quick check (``_blockers_remain``) re-reads blocking nodes this many per
 # round, for at most QUICK_ROUNDS rounds that find none still blocking: past
@@ -197,6 +198,10 @@ class CredentialRotator:
         self.retired_total = 0
         self.retire_failures = 0  # retirements that failed in the last retire_ready pass
         self.retired_event = asyncio.Event()  # set whenever a version is retired
+        self.retiring = asyncio.Lock()  # one retirement at a time: the gate's (retire_ready) or a forced one
+        self.timing = credential.rotation.timing(credential.name)  # when it rotates (daemon.schedule)
+        self.step: RotationStep | None = None  # the step a running rotation is at
+        self.nodes_current: dict[NodeId, VersionId | None] = {}  # each node's current version, last evaluated
         # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
         # changes the credential: it raises once another rotator holds the lease.
         self.fence: Callable[[], Awaitable[None]] | None = None
@@ -235,11 +240,11 @@ class CredentialRotator:
             if not current:
                 return time.time()
             last = current[-1].created
-        return last + self.rotation.every
+        return self.timing.due(last=last, now=time.time())
 
     async def rotate(self) -> Outcome:
         """Run one rotation (or resume one). Never raises for a failed step: returns the outcome."""
-        step = RotationStep.CREATE
+        self.step = step = RotationStep.CREATE
         try:
             versions = await self._versions()
             meta = await self._metadata()
@@ -278,7 +283,7 @@ class CredentialRotator:
                     )
                 new = await self.provider.create(current=current)
                 principal = self._principal(new)
-                step = RotationStep.WRITE
+                self.step = step = RotationStep.WRITE
                 await self._fenced()
                 # Said before the data write, so a write that lands unrecorded is found again.
                 # A key that does not exist yet has no metadata to say it in (Vault, AWS);
@@ -287,18 +292,18 @@ class CredentialRotator:
                     await self._record(None, "creating", digest=_fingerprint(new), principal=principal)
                 info = await self.store.create(self.key, new)
                 await self._record(info.id, "created", digest=_fingerprint(new), principal=principal, fresh=not meta)
-            step = RotationStep.APPLY
+            self.step = step = RotationStep.APPLY
             await self._fenced()
             await self.provider.apply(new, current=current)
             await self._record(
                 info.id, "applied", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
             )
-            step = RotationStep.TEST
+            self.step = step = RotationStep.TEST
             await self.provider.test(new)
             await self._record(
                 info.id, "tested", digest=_fingerprint(new), principal=self._principal(new), fresh=not meta
             )
-            step = RotationStep.PROMOTE
+            self.step = step = RotationStep.PROMOTE
             await self._fenced()
             await self.store.promote(self.key, info.id)
             await self.store.merge_metadata(
@@ -535,6 +540,7 @@ class CredentialRotator:
         decisions = await self.gate.decisions(versions=versions, owned=owned, reports=reports, known=known, now=now)
         self.last_decisions = decisions
         self._blocking = {d.version: set(d.blocking) for d in decisions}
+        self.nodes_current = {r.node: r.current for r in reports}
         created: dict[VersionId, float] = {v.id: v.created for v in versions}
         metrics.pending_retirements.labels(self.cred.name).set(sum(not d.retire for d in decisions))
         oldest = min((created.get(d.version, now) for d in decisions if not d.retire), default=now)
@@ -686,3 +692,62 @@ class CredentialRotator:
             if principal := self._principal(payload):
                 names.add(principal)
         return frozenset(names)
+
+    # ------------------------------------------------------------ forced retirement
+
+    async def force_retire(self, version: VersionId, *, reason: str, user: str, peer: str) -> Decision | None:
+        """Retire ``version`` now although nodes may still hold it (a leaked credential); returns the
+        gate's last view of it (its holders and reasons), or None when nothing held it back.
+
+        The request is recorded in the key's metadata first (``baton.forced.<version>``: who says
+        they asked, who the endpoint saw asking, why, when, how many holders) and said in a
+        ``force_retired`` event. A version Baton promoted is retired through the provider, as
+        the gate's retirement would. The current or a pending version is refused, and so is one
+        that is retired already (``ActionRefused``)."""
+        async with self.retiring:
+            listed = await self.store.versions(self.key)
+            info = next((v for v in listed if v.id == version), None)
+            if info is None:
+                raise ActionRefused(404, f"{self.cred.name} has no version {version}")
+            if info.is_current or PENDING in info.stages:
+                stage = "current" if info.is_current else "pending"
+                raise ActionRefused(409, f"version {version} of {self.cred.name} is {stage}: rotate it away first")
+            owned = ledger(await self._metadata())
+            own = owned.get(version)
+            if info.retired and not draining(own):
+                raise ActionRefused(409, f"version {version} of {self.cred.name} is retired already")
+            decision = next(
+                (d for d in await self.evaluate(versions=listed, owned=owned) if d.version == version), None
+            )
+            holders = [
+                f"{node}: pid {h.pid} {h.exe}"
+                for node, hs in (decision.holders if decision else {}).items()
+                for h in hs
+            ]
+            await self._fenced()
+            record = {"user": user, "peer": peer, "reason": reason, "at": time.time(), "holders": len(holders)}
+            await self.store.merge_metadata(self.key, {FORCED_PREFIX + version: json.dumps(record)})
+            if retired_by_provider(own):
+                assert own is not None
+                await self._retire_ours(version, own, listed, owned)
+            else:
+                await self.store.retire(self.key, version)
+                if own is not None:
+                    await self.store.merge_metadata(self.key, {own_key(version): None})
+            event(
+                log,
+                "force_retired",
+                logging.WARNING,
+                credential=self.cred.name,
+                version=version,
+                user=user,
+                peer=peer,
+                reason=reason,
+                holders=holders,
+                reasons=list(decision.reasons) if decision else [],
+            )
+            self.retired_total += 1
+            self.retired_event.set()
+            self.last_decisions = [d for d in self.last_decisions if d.version != version]
+            metrics.pending_retirements.labels(self.cred.name).set(len(self.last_decisions))
+            return decision
