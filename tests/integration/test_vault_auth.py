@@ -11,8 +11,10 @@ Baton's policy of docs/install.md and nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import uuid
 from pathlib import Path
 
 import hvac
@@ -23,7 +25,7 @@ from daemon.config import VaultAuthConfig
 from daemon.errors import StoreAuthError, StoreUnavailable
 from daemon.model import Secret
 from daemon.stores.vault import VaultStore
-from tests.fixtures.vault import MakeStore, VaultTarget
+from tests.fixtures.vault import MakeStore, VaultTarget, baton_policy_text
 
 pytestmark = pytest.mark.integration
 
@@ -380,3 +382,39 @@ async def test_the_policy_of_the_docs_reaches_its_own_mount_only(
             c.sys.create_or_update_policy(name="escalate", policy='path "*" { capabilities = ["sudo"] }')
     finally:
         c.adapter.close()
+
+
+async def test_a_store_in_a_namespace_logs_in_and_keeps_its_keys_there(
+    vault_server: VaultTarget, make_vault_store: MakeStore, tmp_path: Path
+) -> None:
+    # OpenBao has namespaces (the double had none): the KV mount, the AppRole and the policy all
+    # live in the namespace, and every request, the login too, must carry X-Vault-Namespace.
+    ns = f"baton-{uuid.uuid4().hex[:8]}"
+    root = vault_server.client()
+    inner = hvac.Client(url=vault_server.direct_url, token=vault_server.root_token, namespace=ns, timeout=10)
+    try:
+        root.adapter.post(f"/v1/sys/namespaces/{ns}", json={})
+        inner.sys.enable_secrets_engine("kv", path="kv", options={"version": "2"})
+        inner.sys.create_or_update_policy(name="baton", policy=baton_policy_text("kv"))
+        inner.sys.enable_auth_method("approle")
+        inner.auth.approle.create_or_update_approle("baton", token_policies=["baton"], token_ttl="1h")
+        role_id = inner.auth.approle.read_role_id("baton")["data"]["role_id"]
+        sid = tmp_path / "secret_id"
+        sid.write_text(inner.auth.approle.generate_secret_id("baton")["data"]["secret_id"])
+        store = make_vault_store(
+            mount="kv", namespace=ns, auth=VaultAuthConfig(method="approle", role_id=role_id, secret_id_file=sid)
+        )
+        await store.promote("app/db", (await store.create("app/db", Secret("in-ns"))).id)
+        assert (await store.read("app/db")).payload.reveal() == "in-ns"
+        got = inner.secrets.kv.v2.read_secret_version(path="app/db", mount_point="kv", raise_on_deleted_version=True)
+        assert got["data"]["data"] == {"value": "in-ns"}
+        with pytest.raises(hvac.exceptions.InvalidPath):  # nothing outside the namespace
+            root.secrets.kv.v2.read_secret_version(path="app/db", mount_point="kv", raise_on_deleted_version=True)
+        assert vault_server.faults.count("POST", "auth/approle/login") == 1
+    finally:
+        with contextlib.suppress(hvac.exceptions.VaultError):
+            inner.sys.disable_auth_method("approle")
+            inner.sys.disable_secrets_engine("kv")
+            root.adapter.delete(f"/v1/sys/namespaces/{ns}")
+        inner.adapter.close()
+        root.adapter.close()
