@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # pip on this machine warns about every missing local index dir; keep real output.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: install lint test test-fast fuzz demo bench clean tools system-deps
+.PHONY: install lint test test-fast test-podman fuzz demo bench clean tools system-deps
 
 # The editable install also builds daemon/usage/_fdscan.c in place (optional:
 # without a C compiler the pure Python fd walk is used).
@@ -76,13 +76,17 @@ system-deps:
 fuzz: $(STAMP) system-deps
 	BATON_FUZZ=1 $(VENV)/bin/pytest -q -p no:cacheprovider --timeout 7200 -m fuzz tests
 
+# tests/podman: the Dockerfile's image built with podman (minutes the first time) and run as a Pod.
+test-podman: $(STAMP) system-deps
+	BATON_PODMAN=1 $(VENV)/bin/pytest -q -p no:cacheprovider -m podman tests/podman
+
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x -m "not slow and not integration"
 
 demo: $(STAMP)
 	$(VENV)/bin/baton demo
 
-BENCHES := scan propagation footprint rotation_under_load fleet drain
+BENCHES := scan propagation footprint rotation_under_load fleet drain leases certificates
 
 bench: $(STAMP) system-deps
 	@for b in $(BENCHES); do echo "== bench/$$b.py" >&2; $(PY) bench/$$b.py; done

@@ -589,6 +589,8 @@ class CertificateIssuer(Issuer):
         return {
             "kind": "certificate",
             "issuer": self.spec.issuer.kind,
+            "path": self.spec.issuer.path if isinstance(self.spec.issuer, VaultIssuerConfig) else "local CA",
+            "issue_error": self.last_error,
             "key_made_here": not self.ca.makes_key,
             "renew_at": cur.renew_at if cur is not None else None,
             "next_attempt": self.next_attempt,

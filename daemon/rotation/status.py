@@ -152,6 +152,16 @@ def _print_issuer(issuer: Any) -> None:
             f"    {v}: {lease.get('state')} lease {lease.get('lease')}, ttl {lease.get('ttl_left')}s, "
             f"max ttl {'?' if max_left is None else f'{max_left}s'}, {held}"
         )
+    if issuer.get("kind") == "certificate":
+        for v, cert in (issuer.get("versions") or {}).items():
+            if isinstance(cert, dict):
+                revoked = ", revoked" if cert.get("revoked") else ""
+                print(
+                    f"    {v}: {cert.get('state')} certificate {cert.get('subject')} serial {cert.get('serial')}, "
+                    f"not after {cert.get('not_after')}{revoked}"
+                )
+        if issuer.get("renew_at"):
+            print(f"    renewal due {_clock(issuer['renew_at'])}")
     for r in issuer.get("revoking") or []:
         if isinstance(r, dict):
             print(f"    {r.get('version')}: revocation pending ({r.get('attempts')} failed): {r.get('error') or '-'}")
