@@ -366,3 +366,22 @@ async def test_a_damaged_or_tampered_state_file_is_not_adopted(local_ca: LocalCa
         assert (await _next(it)).id == "1"
     finally:
         await it.aclose()
+
+
+async def test_baton_status_prints_subject_serial_and_not_after_never_key_material(
+    local_ca: LocalCa, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from daemon.rotation.status import _print_issuer
+
+    issuer = _local_issuer(local_ca, tmp_path)
+    it = issuer.watch("local")
+    try:
+        v = await _next(it)
+        got = _fields((await issuer.read("local", v.id)).payload)
+        _print_issuer(json.loads(json.dumps(issuer.status())))
+    finally:
+        await it.aclose()
+    out = capsys.readouterr().out
+    assert f"{v.id}: current certificate CN=web.example.test serial {got['serial_number']}" in out
+    assert f"not after {got['not_after']}" in out and "renewal due" in out
+    assert "PRIVATE" not in out and got["private_key"].splitlines()[1] not in out
