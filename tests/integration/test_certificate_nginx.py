@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from cryptography import x509 as cx509
 
 from daemon.agent.service import Agent
 from daemon.config import parse_config
@@ -60,8 +61,6 @@ class ClientLoop(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from cryptography import x509 as cx509
-
         while not self.stop.is_set():
             try:
                 der = handshake(self.ctx, self.port)
@@ -256,3 +255,42 @@ async def test_nginx_serves_every_renewal_with_no_failed_handshake_and_old_versi
         nginx.stop()
     text = caplog.text
     assert "PRIVATE KEY" not in text and openbao_pki.target.root_token not in text
+
+
+async def test_a_ca_refusing_renewals_keeps_the_current_certificate_served_and_says_why(
+    openbao_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    need_nginx()
+    token_file = tmp_path / "token"
+    token_file.write_text(openbao_pki.target.root_token)
+    token_file.chmod(0o600)
+    out = tmp_path / "out"
+    nginx = Nginx(dir=tmp_path / "nginx", cert=out / "tls.crt", key=out / "tls.key")
+    data = _config(tmp_path, openbao_pki, nginx, token_file)
+    data["credentials"][0]["certificate"]["revoke_retired"] = False
+    agent = Agent(parse_config(data), install_signals=False)
+    task = asyncio.create_task(agent.serve())
+    caplog.set_level(logging.INFO)
+    try:
+        await asyncio.wait_for(agent.ready.wait(), 30)
+        nginx.start()
+        state, issuer = agent.credentials["web-tls"], agent.issuers["web-tls"]
+        assert isinstance(issuer, CertificateIssuer)
+        held = state.version
+        openbao_pki.role_config(allowed_domains="other.test", allow_localhost=False)
+        await until(lambda: issuer.failures >= 3, 20, "three refused renewals")
+        # The current certificate is still the one on disk and served; the status says why.
+        assert state.version == held
+        ctx = client_context(openbao_pki.root_pem)
+        served = await asyncio.to_thread(handshake, ctx, nginx.port)
+        assert x509.serial_text(cx509.load_der_x509_certificate(served)) == issuer.status()["versions"][held]["serial"]
+        status = agent.status()["credentials"]["web-tls"]
+        assert "request rejected" in status["issuer"]["issue_error"]
+        assert "request rejected" in status["last_error"]  # the follower shows the issuer's trouble
+        openbao_pki.role_config()
+        await until(lambda: state.version != held, 20, "a renewal once the role allows it again")
+    finally:
+        agent.should_exit.set()
+        await asyncio.wait_for(task, 30)
+        nginx.stop()
+    assert "PRIVATE KEY" not in caplog.text and openbao_pki.target.root_token not in caplog.text
