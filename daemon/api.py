@@ -21,6 +21,7 @@ import collections
 import contextlib
 import errno
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -245,6 +246,7 @@ class ApiServer:
         *,
         token_file: Path | None = None,
         actions: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] | None = None,
+        page: Callable[[], Awaitable[str]] | None = None,
         max_connections: int = MAX_CONNECTIONS,
         header_timeout: float = HEADER_TIMEOUT,
         body_timeout: float = BODY_TIMEOUT,
@@ -253,6 +255,7 @@ class ApiServer:
         self.source = source
         self.token_file = token_file
         self.actions = actions or {}
+        self.page = page  # the rotator's fleet page at / (rotation/page.py)
         self.body_timeout = body_timeout
         self.guard = _Guard(max_connections=max_connections, header_timeout=header_timeout, idle_timeout=idle_timeout)
         self.runner: web.AppRunner | None = None
@@ -269,6 +272,8 @@ class ApiServer:
         app.router.add_get("/v1/status", self.v1_status)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/actions/{name}", self.action)
+        if self.page is not None:
+            app.router.add_get("/", self.fleet_page)
         return app
 
     async def start(self, listen: str) -> None:
@@ -361,6 +366,13 @@ class ApiServer:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def fleet_page(self, request: web.Request) -> web.Response:
+        """The read-only fleet page: for loopback peers and the unix socket, or with the token."""
+        if not (_local_peer(request) or self._authorized(request)):
+            return web.Response(status=401, text="the fleet page is served to loopback, or with the bearer token\n")
+        assert self.page is not None
+        return web.Response(text=await self.page(), content_type="text/html", headers=PAGE_HEADERS)
+
     async def action(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return web.json_response({"error": "a valid bearer token is required"}, status=401)
@@ -391,6 +403,34 @@ class ApiServer:
             return False
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+# No script at all, no outside resource, not framed: a hostile string that got past the escaping still runs nothing.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def _local_peer(request: web.Request) -> bool:
+    """A loopback TCP peer, or a unix socket peer (the socket's mode decides who may connect)."""
+    transport = request.transport
+    if transport is None:
+        return False
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple):
+        sock = transport.get_extra_info("socket")
+        return sock is not None and sock.family == socket.AF_UNIX
+    try:
+        address = ipaddress.ip_address(str(peer[0]).split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address.is_loopback
 
 
 def _log_death(task: asyncio.Task[None]) -> None:

@@ -1,8 +1,12 @@
 """The rotator process: one schedule per rotated credential, and the retirement loop.
 
-Rotations run at ``rotation.every`` (a failed or postponed one is retried at
-the next interval); the retirement gate is evaluated every half heartbeat, so a
-version is retired within one heartbeat of its last holder letting go. Its
+Rotations run at ``rotation.every`` or ``rotation.cron`` (daemon/schedule.py; ``baton
+rotate`` asks for one at once through ``act_rotate``, ``baton retire --force`` is
+``act_retire``; a failed or postponed one is retried at
+the next interval); the retirement gate is evaluated every half heartbeat (at
+most 5 s), at once after a promotion, and every ``report.drain_poll`` while a
+version drains, so a version is retired within about that of its last holder
+letting go (the agent publishes a changed report at once). Its
 lifecycle is ``daemon.kit.service.Service``'s, shared with the agent: READY=1 once
 the store answered and it leads or stands by, STATUS= says which, SIGHUP
 re-reads the config.
@@ -33,12 +37,15 @@ from daemon.kit.election import Election
 from daemon.kit.logs import event
 from daemon.kit.service import Service
 from daemon.kit.tasks import cancel_all, close_bounded
+from daemon.notify.hub import Notifier
 from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.report.holders import open_holders
 from daemon.rotation.actions import RetireRequest, credential_of, make_token, remove_token
+from daemon.rotation.alarms import PendingAlarm
 from daemon.rotation.leadership import Leadership, holder_id
+from daemon.rotation.page import FleetPage
 from daemon.rotation.workflow import CredentialRotator, Outcome, RotationResult
 from daemon.stores import open_store
 from daemon.stores.base import SecretStore
@@ -82,6 +89,8 @@ class Rotator(Service):
         self.holder = holder_id(config.node_id)  # this process's id on the credentials' leases
         self.leases = self._leases()
         self.api: ApiServer | None = None
+        self.notifier: Notifier | None = None
+        self.page: FleetPage | None = None  # served at / (rotation/page.py)
         self.rotate_now = asyncio.Event()
         # Per credential, what `baton rotate --wait` follows: a rotation asked for, the attempts so far,
         # whether its schedule runs here (this rotator leads it), the versions retired lately.
@@ -115,9 +124,16 @@ class Rotator(Service):
     # ------------------------------------------------------------ lifecycle (see daemon.kit.service)
 
     async def startup(self) -> None:
+        self.notifier = Notifier.from_config(self.config, role="rotator")
+        self.notifier.start()
         if self.serve_api:
+            self.page = FleetPage(self)
+            self.page.start()
             self.api = ApiServer(
-                self, token_file=self.config.api.token_file, max_connections=self.config.api.max_connections
+                self,
+                token_file=self.config.api.token_file,
+                max_connections=self.config.api.max_connections,
+                page=self.page.html,
             )
             self._serve_actions(self.api)
             await self.api.start(self.config.api.listen)
@@ -137,6 +153,10 @@ class Rotator(Service):
             await close_bounded(self.api.stop(), "api", limit)
         if self._token is not None:
             remove_token(*self._token)
+        if self.page is not None:
+            self.page.close()
+        if self.notifier is not None:
+            await close_bounded(self.notifier.aclose(), "notifier", limit)
         for name, r in self.rotators.items():
             await close_bounded(r.provider.aclose(), f"provider of {name}", limit)
         await close_bounded(self.reporter.aclose(), "reporter", limit)
@@ -312,7 +332,8 @@ class Rotator(Service):
                 except BatonError as e:
                     log.warning("cannot read rotation schedule", extra={"credential": name, "error": str(e)})
                     due = rotator.timing.retry_at(time.time())
-                delay = max(0.0, due - time.time())
+                # Capped: a schedule whose times all passed (due never) looks again in a year, not at infinity.
+                delay = min(max(0.0, due - time.time()), 366 * 86400.0)
                 self.next_rotation[name] = time.time() + delay
                 if delay > 0:
                     await _any_set([self.rotate_now, requested], delay)
@@ -354,8 +375,10 @@ class Rotator(Service):
         # A pass that fails (a revoked token, a store down) or whose every retirement failed is
         # retried with backoff, not every half heartbeat: one warning per retry, never a flood.
         backoff = Backoff(self.config.agent.retry_min, self.config.agent.retry_max)
+        alarm = PendingAlarm(rotator.cred.name, rotator.rotation.max_drain)
         while not self.should_exit.is_set():
             delay = self._retire_interval()
+            rotator.promoted_event.clear()
             try:
                 async with rotator.retiring:
                     retired = await rotator.retire_ready()
@@ -371,7 +394,13 @@ class Rotator(Service):
                     delay = max(delay, backoff.next())
                 else:
                     backoff.reset()
-            await asyncio.sleep(delay)
+                alarm.check(rotator.last_decisions)
+                if rotator.last_decisions and not backoff.failures:
+                    # A version drains: its last holder's letting go is seen within drain_poll.
+                    delay = min(delay, self.config.report.drain_poll)
+            # A promotion supersedes a version: looked at at once, not half a heartbeat later.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rotator.promoted_event.wait(), delay)
 
     # ------------------------------------------------------------ actions (POST /v1/actions/NAME, daemon/api.py)
 

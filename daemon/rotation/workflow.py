@@ -202,6 +202,7 @@ class CredentialRotator:
         self.timing = credential.rotation.timing(credential.name)  # when it rotates (daemon.schedule)
         self.step: RotationStep | None = None  # the step a running rotation is at
         self.nodes_current: dict[NodeId, VersionId | None] = {}  # each node's current version, last evaluated
+        self.promoted_event = asyncio.Event()  # set whenever a rotation promoted one (the retire loop looks at once)
         # The rotator's lease check (daemon.rotation.leadership), awaited before each step that
         # changes the credential: it raises once another rotator holds the lease.
         self.fence: Callable[[], Awaitable[None]] | None = None
@@ -334,6 +335,7 @@ class CredentialRotator:
         metrics.rotation_blocked.labels(self.cred.name).set(0)
         metrics.rotations_total.labels(self.cred.name, RotationResult.ROTATED.metric).inc()
         event(log, "rotated", credential=self.cred.name, version=info.id)
+        self.promoted_event.set()
         self.last_outcome = Outcome(RotationResult.ROTATED, version=info.id)
         return self.last_outcome
 
