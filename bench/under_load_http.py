@@ -369,7 +369,8 @@ async def run_phase(
             if done_at is not None and time.monotonic() - done_at > RETIRE_DEADLINE:
                 timed_out = True
                 break
-            if time.time() - t0 > rotations * (every + 5) + 60:
+            # A naive step runs a Python process with boto3 (seconds on a loaded machine): room for it.
+            if time.time() - t0 > rotations * (every + 15) + 60:
                 timed_out = True
                 break
             await asyncio.sleep(0.25)
