@@ -278,16 +278,19 @@ def test_rotate_and_retire_exit_2_without_a_rotator_or_for_an_unknown_credential
 
 
 @pytest.mark.parametrize(
-    ("rotation", "field"),
-    [({"cron": "0 0 31 2 *"}, "credentials.0.rotation.cron:"), ({"cron": "every day"}, "credentials.0.rotation.cron:")],
+    ("rotation", "command", "problem"),
+    [
+        ({"cron": "0 0 31 2 *"}, "check-config", "credentials.0.rotation.cron: the schedule never fires"),
+        ({"cron": "every day"}, "rotator", "credentials.0.rotation.cron: a cron expression has 5 fields"),
+    ],
 )
 def test_a_schedule_that_never_fires_or_does_not_parse_exits_2_naming_the_field(
-    tmp_path: Path, rotation: dict[str, object], field: str
+    tmp_path: Path, rotation: dict[str, object], command: str, problem: str
 ) -> None:
     config = _role_config(tmp_path, node="r", port=free_port())
     config["credentials"][0]["rotation"] = rotation  # type: ignore[index]
     path = write_config(tmp_path / "rotator.yaml", config)
-    for command in (["check-config", str(path)], ["rotator", "--config", str(path)]):
-        r = baton(*command, cwd=tmp_path, timeout=20)
-        assert r.code == 2, r.err
-        assert r.err.startswith(field), r.err
+    args = [command, str(path)] if command == "check-config" else [command, "--config", str(path)]
+    r = baton(*args, cwd=tmp_path, timeout=20)
+    assert r.code == 2, r.err
+    assert r.err.startswith(problem), r.err
