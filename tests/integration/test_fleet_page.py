@@ -59,7 +59,7 @@ class Dom(HTMLParser):
         return [a for t, a in self.tags if t == tag and all(a.get(k.replace("_", "-")) == v for k, v in attrs.items())]
 
 
-async def until(cond: Any, timeout: float = 30.0) -> Any:
+async def until(cond: Any, timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := cond()):
         if time.monotonic() > deadline:
@@ -108,7 +108,7 @@ async def test_the_fleet_page_shows_a_rotation_in_progress_in_chromium(tmp_path:
     atask = asyncio.create_task(agent.serve())
     holder = None
     try:
-        await asyncio.wait_for(agent.ready.wait(), 30)
+        await asyncio.wait_for(agent.ready.wait(), 60)
         r = rotator.rotators["db"]
         holder = subprocess.Popen(
             [sys.executable, "-c", HOLDER, str(tmp_path / "out" / "value")],
