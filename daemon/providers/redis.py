@@ -17,8 +17,15 @@ The payload is JSON: ``{"username", "password"}`` plus ``host``, ``port`` and
   changed.
 - ``dual-password``: one user ``<username>`` that holds several passwords (Redis
   keeps any number): ``apply`` adds the new one, ``retire`` removes the old one
-  (``!<sha256>``). CLIENT LIST cannot tell which password a client used, so
-  ``sessions`` reports none (the agents' node reports still gate retirement).
+  (``!<sha256>``). CLIENT LIST does not say which password a client used, but a
+  client that connected before any newer password was applied can only have
+  used an older one: ``sessions`` reports those (from each client's ``age``).
+  The apply times are this provider's memory; after a restart it counts every
+  client that connected before it started (conservative: such a client holds
+  retirement back until it reconnects). A client that logs in with the old
+  password after the new one was applied (a consumer still reading the old
+  file) is the agents' node reports to see. Removing a password does not end
+  the connections made with it: they keep working.
 
 Users created by Baton carry a selector that allows nothing,
 ``(%R~__baton_managed__ -@all)``: ACL users have no comment, and only an ACL
@@ -138,6 +145,9 @@ class RedisProvider(Provider):
         self._base = config.username
         self._url_checked = 0.0
         self._warned_no_aclfile = False
+        # dual-password: wall time each password hash was applied by this provider (see sessions()).
+        self._applied: dict[str, float] = {}
+        self._started = time.time()
 
     # ------------------------------------------------------------ Provider protocol
 
@@ -172,6 +182,8 @@ class RedisProvider(Provider):
             else:
                 spec = ["reset", "on", f"#{cred.hashed}"]
             await self._setuser(r, name, [*spec, *rules, MARK_SELECTOR], what=f"setting the password of user {name}")
+            # Later than the change itself (safe: more clients count as old ones in sessions()).
+            self._applied[cred.hashed] = time.time()
             await self._save(r)
         log.info("set a new password on user %s", name, extra={"user": name})
 
@@ -220,16 +232,30 @@ class RedisProvider(Provider):
 
     async def sessions(self, old: Secret) -> list[Session]:
         cred = self._parse(old)
-        if self.config.strategy == "dual-password":
-            return []  # one user for old and new: its clients cannot be told apart
         async with self._admin() as r:
             clients = await self._clients(r, cred.username)
+            info = await self._user(r, cred.username) if self.config.strategy == "dual-password" else None
+        if info is not None:
+            clients = self._older_than_newer_passwords(clients, info, cred)
         counts: dict[str, int] = {}
         for c in clients:
             addr = str(c.get("addr", "")).rpartition(":")[0] or "local"
             client = f"{c.get('name') or '-'}@{addr}"
             counts[client] = counts.get(client, 0) + 1
         return [Session(principal=cred.username, client=c, count=n) for c, n in sorted(counts.items())]
+
+    def _older_than_newer_passwords(
+        self, clients: list[dict[str, Any]], info: _User, cred: _Credential
+    ) -> list[dict[str, Any]]:
+        """dual-password: the clients that connected before any password other than ``cred``'s was
+        applied (so with ``cred``'s or an even older one); every client when ``cred``'s is the only one."""
+        others = [h for h in info.hashes if h != cred.hashed]
+        if not others:
+            return clients
+        cutoff = min(self._applied.get(h, self._started) for h in others)
+        now = time.time()
+        # ``age`` is whole seconds: a client may have connected up to a second before now - age.
+        return [c for c in clients if now - _age(c) - 1.0 < cutoff]
 
     async def live(self) -> list[str]:
         """Baton's users of this credential that are on or have clients (alternating-users)."""
@@ -418,6 +444,14 @@ class RedisProvider(Provider):
 async def _call(r: Client, *args: str) -> Any:
     """One raw command (redis-py types its helpers, not ``execute_command``)."""
     return await r.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _age(client: dict[str, Any]) -> float:
+    """CLIENT LIST's ``age`` (seconds connected); unreadable counts as connected for ever."""
+    try:
+        return float(int(client.get("age", "")))
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def _pairs(raw: Any) -> dict[str, Any]:

@@ -149,6 +149,29 @@ async def test_dual_password_keeps_the_old_password_beside_the_new_until_retire_
     assert await p.sessions(v1) == [] and await p.live() == []
 
 
+async def test_dual_password_sessions_are_the_clients_that_connected_before_the_newer_password(
+    redis_scratch: RedisScratch,
+) -> None:
+    s = redis_scratch
+    p = provider(s, strategy="dual-password")
+    v1 = await rotate(p, None)
+    d1 = data(v1)
+    old_client = s.server.client(user=d1["username"], password=d1["password"])
+    try:
+        old_client.client_setname("old-pool")
+        # Only v1's password so far: every client of the user uses it.
+        assert [x.client for x in await p.sessions(v1)] == ["old-pool@127.0.0.1"]
+        v2 = await rotate(p, v1)
+        [session] = await p.sessions(v1)  # connected before v2's password existed: v1's (or older)
+        assert (session.principal, session.client, session.count) == (d1["username"], "old-pool@127.0.0.1", 1)
+        await p.retire(v1)
+        assert old_client.ping()  # removing a password leaves the connections made with it
+        assert login(s, v1) is not None and login(s, v2) is None
+    finally:
+        old_client.close()
+    assert await p.sessions(v1) == []
+
+
 # ---------------------------------------------------------------- users that are not ours
 
 
