@@ -381,7 +381,14 @@ class CertificateIssuer(Issuer):
             self.renew_now.clear()
             try:
                 new = await self._obtain()
-            except StoreError as e:
+            except Exception as raised:
+                # A library's surprise at a hostile answer or a damaged CA file is this
+                # certificate's trouble, never the agent's; its message may quote input.
+                e = (
+                    raised
+                    if isinstance(raised, StoreError)
+                    else CertificateError(f"unexpected {type(raised).__name__}", reason="error")
+                )
                 reason = _reason_of(e)
                 self.failures += 1
                 self.last_error = str(e)

@@ -170,8 +170,38 @@ def check_issued(
 
     ``chain`` (issuer first) must link the leaf up: each certificate signed by the
     next, the leaf by the first (or by ``issuing_ca`` when there is no chain). The
-    top of the chain must be signed by, or be, one of ``trust`` when given.
+    top of the chain must be signed by, or be, one of ``trust`` when given. The
+    library parses lazily, so a damaged field can fail anywhere: any such failure
+    is a ``CertificateError`` too (reason ``pem``), naming only its kind.
     """
+    try:
+        return _check_issued(
+            certificate=certificate,
+            private_key=private_key,
+            chain=chain,
+            issuing_ca=issuing_ca,
+            trust=trust,
+            names=names,
+            ips=ips,
+            now=now,
+        )
+    except CertificateError:
+        raise
+    except Exception as e:
+        raise CertificateError(f"a certificate or key is unreadable ({type(e).__name__})", reason="pem") from None
+
+
+def _check_issued(
+    *,
+    certificate: str,
+    private_key: str,
+    chain: Sequence[str] = (),
+    issuing_ca: str = "",
+    trust: Sequence[str] = (),
+    names: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    now: float,
+) -> Checked:
     leaves = load_certs(certificate, "the certificate")
     if len(leaves) != 1:
         raise CertificateError(f"the certificate field holds {len(leaves)} certificates, expected 1", reason="pem")

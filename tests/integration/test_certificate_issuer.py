@@ -385,3 +385,32 @@ async def test_baton_status_prints_subject_serial_and_not_after_never_key_materi
     assert f"{v.id}: current certificate CN=web.example.test serial {got['serial_number']}" in out
     assert f"not after {got['not_after']}" in out and "renewal due" in out
     assert "PRIVATE" not in out and got["private_key"].splitlines()[1] not in out
+
+
+async def test_a_damaged_local_ca_file_is_retried_not_a_crash(local_ca: LocalCa, tmp_path: Path) -> None:
+    good = local_ca.cert_file.read_text()
+    lines = good.splitlines()
+    local_ca.cert_file.write_text("\n".join([lines[0], lines[1][::-1], *lines[2:]]) + "\n")  # a damaged body
+    spec = _spec({"kind": "local-ca", "cert_file": str(local_ca.cert_file), "key_file": str(local_ca.key_file)})
+    issuer = CertificateIssuer(
+        name="damaged-ca",
+        spec=spec,
+        ca=open_ca(spec),
+        state_file=tmp_path / "s" / "d.json",
+        retry_min=0.05,
+        retry_max=0.1,
+    )
+    it = issuer.watch("damaged-ca")
+    pending = asyncio.ensure_future(_next(it, timeout=30))
+    try:
+        while issuer.failures < 2:
+            assert not pending.done()
+            await asyncio.sleep(0.02)
+        assert issuer.last_error and "BEGIN" not in issuer.last_error
+        local_ca.cert_file.write_text(good)
+        assert (await pending).id == "1"
+    finally:
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        await it.aclose()
