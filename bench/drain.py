@@ -19,7 +19,10 @@ debounce 2 s, fanotify auto); only the listen address and log level are set:
   credential with one consumer (nothing draining): the agent's CPU over
   ``--idle-seconds``. Target < 1 % of one core.
 
-Prints ONE JSON object; writes bench/results/drain.json; progress on stderr.
+Prints ONE JSON object; writes bench/results/drain.json and a plot of every
+sample against the targets, beside bench/results/drain-before.json (the same
+bench before fast drains) when it is there: bench/results/drain.png; progress
+on stderr.
 Never prints a secret value (generated throwaway values, digests only).
 """
 
@@ -29,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import secrets
 import signal
@@ -43,7 +47,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._util import emit, machine, percentile, progress, sample, start_agent, stop
+from bench._util import RESULTS, emit, machine, percentile, progress, sample, start_agent, stop
 from daemon.config import Config, parse_config
 from daemon.rotation.service import Rotator
 from daemon.rotation.workflow import CredentialRotator
@@ -310,6 +314,7 @@ def summary(times: list[float], target: float, unit: str) -> dict[str, Any]:
         "target_p99_seconds": target,
         "ok": p99 < target,
         "unit": unit,
+        "samples": [round(t, 4) for t in times],
     }
 
 
@@ -333,6 +338,43 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def plot(after: dict[str, Any], before: dict[str, Any] | None, path: Path) -> None:
+    """Each sample of both latency phases, before and after fast drains, against its target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = [("local", "local store: last holder exits -> retired"), ("postgres", "PostgreSQL: rotate -> retired")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, (phase, title) in zip(axes, phases, strict=True):
+        runs = [("before", before), ("after", after)] if before else [("after", after)]
+        data = [(label, run[phase]) for label, run in runs if run and "samples" in run.get(phase, {})]
+        for i, (label, res) in enumerate(data):
+            ys = res["samples"]
+            xs = [i + (j % 7 - 3) * 0.04 for j in range(len(ys))]  # a little spread, no randomness
+            ax.scatter(xs, ys, s=14, alpha=0.7, color="#b45309" if label == "before" else "#0a7d32")
+            ax.text(i, max(ys) * 1.08 + 0.05, f"p99 {res['p99']:.2f} s", ha="center")
+        target = after[phase]["target_p99_seconds"]
+        ax.axhline(target, color="red", linestyle="--", linewidth=1, label=f"target p99 < {target:g} s")
+        ax.set_xticks(range(len(data)), [label for label, _ in data])
+        ax.set_xlim(-0.6, len(data) - 0.4)
+        ax.set_ylim(0, max(max(r["samples"]) for _, r in data) * 1.25 + 0.2)
+        ax.set_ylabel("seconds")
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
+    idle = after.get("idle", {})
+    if idle:
+        fig.suptitle(
+            f"bench/drain.py, default tuning; agent idle CPU {idle['cpu_percent_of_core']:.2f} % of a core "
+            f"with {idle['other_processes']} other processes",
+            fontsize=10,
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=30)
@@ -340,10 +382,18 @@ def main() -> int:
     p.add_argument("--others", type=int, default=2000, help="sleep processes on the node in the idle phase")
     p.add_argument("--phases", nargs="+", default=["local", "postgres", "idle"], choices=["local", "postgres", "idle"])
     p.add_argument("--out", default=NAME, help="result name under bench/results/")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from bench/results/ and exit")
     args = p.parse_args()
+    before_path, png = RESULTS / f"{NAME}-before.json", RESULTS / f"{NAME}.png"
+    before = json.loads(before_path.read_text()) if before_path.exists() else None
+    if args.plot_only:
+        plot(json.loads((RESULTS / f"{NAME}.json").read_text()), before, png)
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     result = asyncio.run(run(args))
     emit(args.out, result)
+    if args.out == NAME and {"local", "postgres"} <= set(result):
+        plot(result, before, png)
     return 0 if result["ok"] else 1
 
 
