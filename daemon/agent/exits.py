@@ -9,7 +9,9 @@ sandbox has no pidfd_open nothing is watched and the tracker's quick rescan of
 the holders (``agent.drain_rescan``) finds the exit instead.
 
 Never signals anything, never blocks the loop; every fd it opens it closes
-(``follow`` of a smaller set, ``close``).
+(``follow`` of a smaller set, ``close``), and it holds at most ``MAX_FOLLOWED``
+at once (500 nginx workers draining must not use up the agent's descriptors):
+holders beyond that are found by the quick rescan.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections.abc import Callable, Collection
 
 from daemon.errors import ReloadError
 from daemon.reload.processes import open_pidfd
+
+MAX_FOLLOWED = 256
 
 
 class ExitWatch:
@@ -44,6 +48,8 @@ class ExitWatch:
             self._drop(pid)
         self.exited &= wanted
         for pid in sorted(wanted - set(self._fds) - self.exited):
+            if len(self._fds) >= MAX_FOLLOWED:
+                break
             try:
                 fd = open_pidfd(pid)
             except ProcessLookupError:
