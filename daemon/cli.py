@@ -278,6 +278,10 @@ def main(argv: Sequence[str] | None = None) -> Any:
     except ListenError as e:  # api.listen is taken or not a socket: a config problem
         print(f"baton: {e}", file=sys.stderr)
         code = 2
+    except ConfigError as e:  # found at start, not at load (the rotator's api.runtime_dir)
+        for line in e.problems:
+            print(line, file=sys.stderr)
+        code = 2
     except BatonError as e:
         print(f"baton: {e}", file=sys.stderr)
         code = 1

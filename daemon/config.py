@@ -974,7 +974,7 @@ class ApiConfig(Model):
     listen: str = Field("127.0.0.1:8787", description='"host:port" or "unix:/path".')
     token_file: FilePath | None = Field(None, description="Token needed for state-changing calls.")
     runtime_dir: AbsPath = Field(
-        Path("/run/baton"),
+        Path("/run/baton-rotator"),  # the rotator unit's RuntimeDirectory= (systemd/baton-rotator.service)
         description="Without token_file: the rotator makes its token here (0600, rotator.token) for baton rotate.",
     )
     max_connections: int = Field(256, ge=1, le=4096, description="Connections held at once; full: drop an idle one.")

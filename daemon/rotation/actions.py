@@ -49,14 +49,19 @@ def make_token(runtime_dir: Path) -> tuple[Path, int]:
         raise ConfigError([f"api.runtime_dir: {runtime_dir} must be the rotator's own, not writable by others"])
     path = runtime_dir / TOKEN_NAME
     tmp = runtime_dir / f".{TOKEN_NAME}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
-        os.fsync(fd)
-        inode = os.fstat(fd).st_ino
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+            os.fsync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:  # read-only (a unit's ProtectSystem= without this dir), full
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise ConfigError([f"api.runtime_dir: cannot write the token in {runtime_dir}: {e.strerror}"]) from None
     return path, inode
 
 

@@ -274,6 +274,12 @@ def test_rotate_and_retire_exit_2_without_a_rotator_or_for_an_unknown_credential
     assert code == 2 and "--reason is required" in err
     code, err = run("rotate", "db", "--timeout", "soon")
     assert code == 2 and "--timeout" in err
+    # A runtime dir the token cannot safely go in stops the rotator at start, naming the field.
+    (tmp_path / "run" / "rotator.token").unlink()
+    (tmp_path / "run").rmdir()
+    (tmp_path / "run").write_text("not a dir")
+    code, err = run("rotator")
+    assert code == 2 and err.startswith("api.runtime_dir: "), err
     assert not any("stale-token" in o for o in outputs)
 
 
