@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,6 +26,10 @@ from daemon import __version__
 from daemon.config import WebhookNotifyConfig
 from daemon.errors import ConfigError, NotifyError
 from daemon.notify.base import Notice
+
+# httpx logs every request at INFO with its full URL: a Slack hook's secret path in our logs. Quiet it.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 SIGNATURE_HEADER = "X-Baton-Signature"
 EVENT_HEADER = "X-Baton-Event"

@@ -99,8 +99,9 @@ def counted(sink: str, result: str) -> float:
 
 
 async def test_an_event_is_posted_as_json_signed_with_the_key_and_other_events_are_not(
-    hook: Hook, tmp_path: Path
+    hook: Hook, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG)
     s = spec(hook, tmp_path)
     notifier = Notifier([(WebhookSink(s), s)], node="n1", role="rotator")
     notifier.start()
@@ -119,6 +120,10 @@ async def test_an_event_is_posted_as_json_signed_with_the_key_and_other_events_a
     assert data["event"] == "rotated" and data["credential"] == "db" and data["node"] == "n1"
     assert data["fields"] == {"version": "7"}  # a field named like a secret is dropped
     assert b"must-not-pass" not in body and KEY not in body
+    # The hook's path (a Slack hook's secret) is in no log line of the sender, httpx's own included
+    # (the test server's access log, aiohttp.access, is the receiver's).
+    sent = [r.getMessage() for r in caplog.records if not r.name.startswith("aiohttp")]
+    assert sent and not [m for m in sent if "secret-path" in m or "HTTP Request" in m]
 
 
 async def test_a_hook_answering_500_is_retried_with_backoff_and_counted(
