@@ -19,10 +19,11 @@ The payload is JSON: ``{"username", "password"}`` plus ``host``, ``port`` and
   keeps any number): ``apply`` adds the new one, ``retire`` removes the old one
   (``!<sha256>``). CLIENT LIST does not say which password a client used, but a
   client that connected before any newer password was applied can only have
-  used an older one: ``sessions`` reports those (from each client's ``age``).
-  The apply times are this provider's memory; after a restart it counts every
-  client that connected before it started (conservative: such a client holds
-  retirement back until it reconnects). A client that logs in with the old
+  used an older one: ``sessions`` reports those (client ids grow with each
+  connection: the admin connection's id right after an apply is the line).
+  The lines are this provider's memory; after a restart it counts every client
+  that connected before its first admin connection (conservative: such a client
+  holds retirement back until it reconnects). A client that logs in with the old
   password after the new one was applied (a consumer still reading the old
   file) is the agents' node reports to see. Removing a password does not end
   the connections made with it: they keep working.
@@ -145,9 +146,10 @@ class RedisProvider(Provider):
         self._base = config.username
         self._url_checked = 0.0
         self._warned_no_aclfile = False
-        # dual-password: wall time each password hash was applied by this provider (see sessions()).
-        self._applied: dict[str, float] = {}
-        self._started = time.time()
+        # dual-password: the server's client id just after each password hash was applied, and
+        # of this provider's first admin connection (see sessions()).
+        self._applied: dict[str, int] = {}
+        self._first_id: int | None = None
 
     # ------------------------------------------------------------ Provider protocol
 
@@ -182,8 +184,8 @@ class RedisProvider(Provider):
             else:
                 spec = ["reset", "on", f"#{cred.hashed}"]
             await self._setuser(r, name, [*spec, *rules, MARK_SELECTOR], what=f"setting the password of user {name}")
-            # Later than the change itself (safe: more clients count as old ones in sessions()).
-            self._applied[cred.hashed] = time.time()
+            # An id taken after the change (safe: more clients count as old ones in sessions()).
+            self._applied[cred.hashed] = await self._client_id(r)
             await self._save(r)
         log.info("set a new password on user %s", name, extra={"user": name})
 
@@ -252,10 +254,8 @@ class RedisProvider(Provider):
         others = [h for h in info.hashes if h != cred.hashed]
         if not others:
             return clients
-        cutoff = min(self._applied.get(h, self._started) for h in others)
-        now = time.time()
-        # ``age`` is whole seconds: a client may have connected up to a second before now - age.
-        return [c for c in clients if now - _age(c) - 1.0 < cutoff]
+        line = min(self._applied.get(h, self._first_id or 0) for h in others)
+        return [c for c in clients if _client_number(c) < line]
 
     async def live(self) -> list[str]:
         """Baton's users of this credential that are on or have clients (alternating-users)."""
@@ -354,6 +354,8 @@ class RedisProvider(Provider):
                 await r.ping()
             except rexc.RedisError as e:
                 raise _connect_failure(e, who="admin") from None
+            if self._first_id is None and self.config.strategy == "dual-password":
+                self._first_id = await self._client_id(r)
             yield r
         finally:
             await r.aclose()
@@ -374,6 +376,12 @@ class RedisProvider(Provider):
             on="on" in (info.get("flags") or []),
             hashes=frozenset(str(h) for h in info.get("passwords") or []),
         )
+
+    async def _client_id(self, r: Client) -> int:
+        try:
+            return int(await _call(r, "CLIENT", "ID"))
+        except (rexc.RedisError, TypeError, ValueError) as e:
+            raise _refused(e, what="asking the server for a client id") from None
 
     async def _setuser(self, r: Client, name: str, rules: list[str], *, what: str) -> None:
         try:
@@ -446,12 +454,12 @@ async def _call(r: Client, *args: str) -> Any:
     return await r.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def _age(client: dict[str, Any]) -> float:
-    """CLIENT LIST's ``age`` (seconds connected); unreadable counts as connected for ever."""
+def _client_number(client: dict[str, Any]) -> int:
+    """CLIENT LIST's ``id``; an unreadable one counts as the oldest client."""
     try:
-        return float(int(client.get("age", "")))
+        return int(client.get("id", ""))
     except (TypeError, ValueError):
-        return float("inf")
+        return -1
 
 
 def _pairs(raw: Any) -> dict[str, Any]:
