@@ -1015,7 +1015,8 @@ class ReportConfig(Model):
     drain_poll: Duration = Field(
         0.25,
         le=60,
-        description="While a version drains, the rotator re-reads node reports and sessions this often.",
+        description="While a version drains, the rotator re-reads node reports and sessions this often "
+        "(pausing at least as long as a pass took).",
     )
 
     @field_validator("ttl")
