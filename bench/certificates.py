@@ -23,7 +23,8 @@ time from its appearance in the file nginx reads (polled every 5 ms) to the firs
 handshake that served it; renewals; and whether a private key crossed the
 network (a private key in OpenBao's answers, as the forwarder saw them).
 
-Prints ONE JSON object (progress on stderr) and writes bench/results/certificates.json.
+Prints ONE JSON object (progress on stderr) and writes bench/results/certificates.json and
+certificates.png (the lifetime left on each served certificate over time).
 Never prints a key or a token. Every process it starts is stopped on exit.
 """
 
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 from cryptography import x509 as cx509  # noqa: E402
 
-from bench._util import BATON, emit, machine, progress  # noqa: E402
+from bench._util import BATON, RESULTS, emit, machine, progress  # noqa: E402
 from daemon.kit import x509  # noqa: E402
 from tests.fixtures.bao_database import BAO, BaoDev  # noqa: E402
 from tests.fixtures.nginx import NGINX, Nginx, client_context, handshake  # noqa: E402
@@ -87,6 +88,7 @@ class Clients(threading.Thread):
         super().__init__(daemon=True)
         self.ctx, self.port = ctx, port
         self.served: list[tuple[float, str]] = []
+        self.left: list[tuple[float, float]] = []  # (when, seconds the served certificate had left)
         self.failures: list[str] = []
         self.stop = threading.Event()
 
@@ -97,7 +99,9 @@ class Clients(threading.Thread):
             except (OSError, ssl.SSLError, ConnectionError) as e:
                 self.failures.append(type(e).__name__)
                 continue
-            self.served.append((time.time(), x509.serial_text(cx509.load_der_x509_certificate(der))))
+            cert, now = cx509.load_der_x509_certificate(der), time.time()
+            self.served.append((now, x509.serial_text(cert)))
+            self.left.append((now, cert.not_valid_after_utc.timestamp() - now))
 
 
 class FileWatch(threading.Thread):
@@ -317,7 +321,10 @@ def run_tool(
     appeared = sorted(watch.seen.items(), key=lambda kv: kv[1])
     delays = [first_served[s] - t for s, t in appeared[1:] if s in first_served]
     never = [s for s, _ in appeared[1:] if s not in first_served]
+    t0 = clients.left[0][0] if clients.left else 0.0
+    step = max(1, len(clients.left) // 600)
     return {
+        "_left": [(round(t - t0, 3), round(left, 3)) for t, left in clients.left[::step]],
         "handshakes": len(clients.served),
         "failed_handshakes": len(clients.failures),
         "failure_kinds": sorted(set(clients.failures)),
@@ -336,6 +343,38 @@ def run_tool(
         "private_keys_seen_on_the_wire": sniffer.counts["keys_from_server"],
         "csrs_seen_on_the_wire": sniffer.counts["csrs_to_server"],
     }
+
+
+def plot(results: dict[str, dict[str, Any]], args: argparse.Namespace, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    colors = {"baton": "tab:blue", "bao agent": "tab:orange"}
+    for name, res in results.items():
+        xs, ys = [t for t, _ in res["_left"]], [v for _, v in res["_left"]]
+        label = (
+            f"{name}: {res['failed_handshakes']} failed of {res['handshakes']}, "
+            f"renewal->served max {res['renewal_to_served_s']['max']} s, "
+            f"key over the network: {'yes' if res['private_key_crossed_network'] else 'no'}"
+        )
+        ax.plot(xs, ys, ".", markersize=2, color=colors.get(name), label=label)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("seconds since the client loop started")
+    ax.set_ylabel("lifetime left on the served certificate (s)")
+    ax.set_title(
+        f"nginx under a TLS client loop, {args.ttl:g} s certificates: Baton (renew_at {args.renew_at:g}) vs bao agent",
+        fontsize=10,
+    )
+    ax.set_ylim(bottom=-1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -362,6 +401,9 @@ def main() -> int:
         finally:
             sniffer.close()
             bao.stop()
+    plot(results, args, RESULTS / f"{NAME}.png")
+    for res in results.values():
+        res.pop("_left")
     out = {
         "bench": NAME,
         "machine": machine(),
