@@ -281,3 +281,45 @@ async def test_the_http_token_example_fails_clearly_when_the_api_is_down(tmp_pat
     (tmp_path / "none").write_text("x")
     with pytest.raises(ProviderError, match=r"command step create: failed temporarily \(exit 75\): .*unreachable"):
         await CommandProvider(http_token(api)).create(current=None)
+
+
+# ---------------------------------------------------------------- the users-file example
+
+
+async def test_the_users_file_example_alternates_two_users_and_retire_leaves_a_re_passworded_slot(
+    tmp_path: Path,
+) -> None:
+    users = tmp_path / "users"
+    config = CommandProviderConfig.model_validate(
+        {
+            "kind": "command",
+            "command": [sys.executable, str(EXAMPLES / "users_file.py")],
+            "principal_field": "username",
+            "slots": 2,
+            "env": {"USERS_FILE": str(users), "USERS_BASE": "app"},
+        }
+    )
+    p = CommandProvider(config)
+
+    async def rotate(current: Secret | None) -> Secret:
+        new = await p.create(current=current)
+        await p.apply(new, current=current)
+        await p.apply(new, current=current)  # again, as after a crash: the same state
+        await p.test(new)
+        return new
+
+    def names() -> list[str]:
+        return sorted(line.split(":", 1)[0] for line in users.read_text().splitlines())
+
+    v1 = await rotate(None)
+    v2 = await rotate(v1)
+    assert [p.principal(v) for v in (v1, v2)] == ["app_a", "app_b"] and names() == ["app_a", "app_b"]
+    await p.retire(v1, keep={"app_b"})
+    assert names() == ["app_b"]
+    v3 = await rotate(v2)  # app_a again, with a new password
+    await p.retire(v1, keep=set())  # a stale retire of v1: app_a's password has changed since
+    assert names() == ["app_a", "app_b"]
+    await p.test(v3)
+    with pytest.raises(ProviderError, match="command step test: failed \\(exit 1\\): user app_a does not have"):
+        await p.test(v1)
+    assert json.loads(v1.reveal())["password"] not in users.read_text()
