@@ -424,6 +424,14 @@ class Rotator(Service):
             current = [v for v in await rotator.gate.versions() if v.is_current]
         except BatonError as e:
             raise ActionRefused(503, f"the store did not answer: {e}") from None
+        if rotator.step is None and len(rotator.last_decisions) >= rotator.max_draining:
+            # It would be postponed: say why now rather than leave the caller waiting for a slot.
+            draining = ", ".join(d.version for d in rotator.last_decisions)
+            raise ActionRefused(
+                409,
+                f"{name} cannot rotate now: version(s) {draining} still draining (max_draining "
+                f"{rotator.max_draining}); see baton status --pending, or retire by force",
+            )
         # A rotation under way was not asked for by this request: the one after it is.
         after = self.attempts.get(name, 0) + (1 if rotator.step is not None else 0)
         self.requested.setdefault(name, asyncio.Event()).set()

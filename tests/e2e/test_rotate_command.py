@@ -201,6 +201,10 @@ def test_rotate_wait_follows_the_drain_and_retire_force_ends_it_despite_a_holder
         rf"db: version 2 on 1/1 node\(s\); version 1: 1 holder\(s\): node-e2e pid {first.pid} ", timed_out.stderr
     )
     assert scene.versions()["1"][0] is False  # still there: it is held
+    # Another rotation now would only be postponed (max_draining 1): refused at once, saying why.
+    busy = scene.cli("rotate", "db", "--wait")
+    assert busy.returncode == 2
+    assert "db cannot rotate now: version(s) 1 still draining (max_draining 1)" in busy.stderr
 
     # The current version cannot be retired by force.
     refused = scene.cli("retire", "db", "2", "--force", "--reason", "leaked")
