@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,3 +89,12 @@ def test_children_is_a_match_option_not_a_match_kind() -> None:
     assert cfg.credentials[0].consumers[0].match.children
     bad = {"name": "nginx", "match": {"children": True}}
     assert any("match needs exactly one" in p for p in _problems(_cfg({}, consumers=[bad])))
+
+
+def test_the_example_config_loads() -> None:
+    import yaml
+
+    data = yaml.safe_load(Path("examples/certificate-nginx.yaml").read_text(encoding="utf-8"))
+    cfg = parse_config(data)
+    cred = cfg.credentials[0]
+    assert cred.issued_kind() == "certificate" and cred.consumers[0].match.children
