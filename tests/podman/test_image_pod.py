@@ -7,7 +7,8 @@ downward-API identity environment, non-root (10001), read-only root file
 system, no capabilities; and the app, started only once the sidecar's
 ``/readyz`` answers (the native-sidecar order). The sidecar must see the app's
 open fd across the containers, report the holder on its own Pod's annotation,
-and reload the app by signal on a rotation. The image's entrypoint, user and
+and reload the apps on a rotation: one by signal, the other by a restart of
+its container (``container_restart``; podman's restart policy starts it again). The image's entrypoint, user and
 healthcheck must be what the manifests expect.
 
 Slow: the first build takes minutes (the base rootfs, then pip installs every
@@ -49,7 +50,7 @@ NS = "baton-demo"
 V1_VALUE = "podman-pod-canary-v1-51c9"  # secret values: never in a container's output
 V2_VALUE = "podman-pod-canary-v2-a7e3"
 APP = """
-# baton-test-app: holds its credential file open; SIGHUP reopens it
+# MARKER: holds its credential file open; SIGHUP reopens it
 import hashlib, signal, sys, time
 PATH = "/run/baton/db/password"
 held = [open(PATH)]
@@ -185,10 +186,16 @@ async def test_a_pod_of_the_sidecar_and_the_app_sees_the_apps_fd_and_reloads_it_
                 "consumers": [
                     {
                         "name": "app",
-                        "match": {"cmdline": "baton-test-app"},
+                        "match": {"cmdline": "baton-signal-app"},
                         "loads": "on-reload",
                         "reload": {"signal": "SIGHUP"},
-                    }
+                    },
+                    {
+                        "name": "restarted",
+                        "match": {"cmdline": "baton-restart-app"},
+                        "loads": "at-start",
+                        "reload": {"container_restart": {"timeout": 10}},
+                    },
                 ],
             }
         ],
@@ -219,7 +226,14 @@ async def test_a_pod_of_the_sidecar_and_the_app_sees_the_apps_fd_and_reloads_it_
         # Only now the app (the native sidecar's order): its credential is in place.
         podman(
             "run", "-d", "--name", f"{name}-app", *common, "-v", f"{out}:/run/baton:ro",
-            "--entrypoint", "python", image, "-c", APP,
+            "--entrypoint", "python", image, "-c", APP.replace("MARKER", "baton-signal-app"),
+        )  # fmt: skip
+        # A second app that reads its credential only at start: reloaded by a restart of its
+        # container (the action stops the container's main process; podman starts it again).
+        podman(
+            "run", "-d", "--name", f"{name}-restarted", *common, "--restart", "always",
+            "-v", f"{out}:/run/baton:ro", "--entrypoint", "python", image, "-c",
+            APP.replace("MARKER", "baton-restart-app"),
         )  # fmt: skip
         v1, v2 = version_of(V1_VALUE), version_of(V2_VALUE)
 
@@ -228,13 +242,16 @@ async def test_a_pod_of_the_sidecar_and_the_app_sees_the_apps_fd_and_reloads_it_
             text = ((pod or {}).get("metadata", {}).get("annotations") or {}).get(report_annotation("db"))
             return NodeReport.from_json(text) if text else None
 
-        async def holds(version: str) -> bool:
+        async def holds(version: str, consumer: str = "app") -> bool:
             r = report()
             return r is not None and any(
-                h.version == version and h.consumer == "app" and h.how == "fd" for h in r.holders
+                h.version == version and h.consumer == consumer and h.how == "fd" for h in r.holders
             )
 
-        await _until(lambda: holds(v1), timeout=60, what="the sidecar to report the app's fd of v1")
+        async def both_hold_v1() -> bool:
+            return await holds(v1) and await holds(v1, "restarted")
+
+        await _until(both_hold_v1, timeout=60, what="the sidecar to report both apps' fds of v1")
 
         # A rotation, as the rotator makes it: the sidecar writes v2 and SIGHUPs the app.
         store = KubernetesStore(namespace=NS, kubeconfig=cfg / "kubeconfig")
@@ -247,17 +264,21 @@ async def test_a_pod_of_the_sidecar_and_the_app_sees_the_apps_fd_and_reloads_it_
 
         async def reloaded() -> bool:
             r = report()
-            return await holds(v2) and r is not None and not any(h.version == v1 for h in r.holders)
+            both = await holds(v2) and await holds(v2, "restarted")
+            return both and r is not None and not any(h.version == v1 for h in r.holders)
 
-        await _until(reloaded, timeout=60, what="the app to hold v2 only")
+        await _until(reloaded, timeout=90, what="both apps to hold v2 only")
         logs = podman("logs", f"{name}-app").stdout
-        assert "started" in logs and "reloaded" in logs
-        everything = logs + podman("logs", f"{name}-baton").stdout + podman("logs", f"{name}-baton").stderr
+        assert logs.count("started") == 1 and "reloaded" in logs  # signalled, not restarted
+        restarted = podman("logs", f"{name}-restarted").stdout
+        assert restarted.count("started") == 2 and "reloaded" not in restarted  # restarted, not signalled
+        sidecar = podman("logs", f"{name}-baton")
+        everything = logs + restarted + sidecar.stdout + sidecar.stderr
         assert V1_VALUE not in everything and V2_VALUE not in everything
     finally:
         with contextlib.suppress(OSError):
             print("--- readyz:", urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=3).read()[:2000])
-        for c in ("baton", "app"):  # shown when the test fails: what each container said
+        for c in ("baton", "app", "restarted"):  # shown when the test fails: what each container said
             logs = podman("logs", f"{name}-{c}", check=False)
             print(f"--- {c}:\n{logs.stdout[-3000:]}{logs.stderr[-3000:]}")
         podman("pod", "rm", "-f", name, check=False, timeout=120)
