@@ -193,7 +193,8 @@ async def test_an_aws_outage_shows_in_the_status_and_the_store_error_counter(
 
 
 @pytest.fixture
-def vault_env(vault_server: VaultTarget, monkeypatch: pytest.MonkeyPatch) -> VaultTarget:
+def vault_env(vault_server: VaultTarget, vault_faults: object, monkeypatch: pytest.MonkeyPatch) -> VaultTarget:
+    # vault_faults: the agent's and the rotator's stores go through the fault proxy.
     monkeypatch.setenv("VAULT_TOKEN", vault_server.baton_token())
     return vault_server
 

@@ -27,7 +27,7 @@ from daemon.model import Secret
 from daemon.stores.vault import VaultStore
 from tests.fixtures.vault import MakeStore, VaultTarget, baton_policy_text
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("vault_faults")]
 
 RENEW = ("POST", "auth/token/renew-self")
 LOOKUP = ("GET", "auth/token/lookup-self")

@@ -21,7 +21,7 @@ from daemon.stores.vault import VaultStore
 from tests.doubles.faultproxy import Rule
 from tests.fixtures.vault import MakeStore, VaultTarget
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("vault_faults")]
 
 CANARY = "canary-S3cr3t-7f1e9a"
 

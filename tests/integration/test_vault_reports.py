@@ -20,6 +20,7 @@ from daemon.report.metadata import MetadataReporter
 from daemon.report.vault_status import VaultStatusReporter
 from daemon.rotation.gate import decide
 from daemon.stores.vault import VaultStore
+from tests.doubles.faultproxy import ThreadedFaultProxy
 from tests.fixtures.vault import MakeStore, VaultTarget
 
 pytestmark = pytest.mark.integration
@@ -165,29 +166,29 @@ async def test_status_path_entries_keep_at_most_two_versions(
 
 
 async def test_collect_lists_once_and_reads_each_entry_once(
-    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, vault_faults: ThreadedFaultProxy, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
     nodes = [f"node-{i:03d}" for i in range(40)]
     await asyncio.gather(*(reporter.publish("app/db", report(n)) for n in nodes))
-    before = vault_server.faults.counts()
+    before = vault_faults.counts()
     assert sorted(r.node for r in await reporter.collect("app/db", "db")) == nodes
-    spent = {k: n - before.get(k, 0) for k, n in vault_server.faults.counts().items() if n != before.get(k, 0)}
+    spent = {k: n - before.get(k, 0) for k, n in vault_faults.counts().items() if n != before.get(k, 0)}
     assert spent == {("LIST", "metadata"): 1, ("GET", "data"): 40}
 
 
 async def test_collect_nodes_reads_just_those_entries_and_leaves_out_missing_ones(
-    vault_server: VaultTarget, make_vault_store: MakeStore, vault_prefix: str
+    vault_server: VaultTarget, vault_faults: ThreadedFaultProxy, make_vault_store: MakeStore, vault_prefix: str
 ) -> None:
     store = make_vault_store(status_prefix=f"{vault_prefix}/status")
     reporter = VaultStatusReporter(store, parse=NodeReport.from_json)
     await asyncio.gather(*(reporter.publish("app/db", report(f"node-{i:03d}")) for i in range(40)))
     await reporter.publish("app/db", report("node-007", current="2", beat=2.0))
-    before = vault_server.faults.counts()
+    before = vault_faults.counts()
     got = await reporter.collect_nodes("app/db", "db", ["node-007", "node-031", "never-reported"])
     assert sorted(got, key=lambda r: r.node) == [report("node-007", current="2", beat=2.0), report("node-031")]
-    spent = {k: n - before.get(k, 0) for k, n in vault_server.faults.counts().items() if n != before.get(k, 0)}
+    spent = {k: n - before.get(k, 0) for k, n in vault_faults.counts().items() if n != before.get(k, 0)}
     assert spent == {("GET", "data"): 3}  # no LIST, one read per node asked for
     with pytest.raises(StoreError, match="bad node name"):
         await reporter.collect_nodes("app/db", "db", ["../escape"])
