@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import select
 import subprocess
 import sys
 import urllib.error
@@ -169,11 +170,17 @@ async def test_a_bad_command_fails_the_rotation_naming_the_step_and_the_current_
 
 
 def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited, waited for on a pidfd (SIGKILL is delivered asynchronously)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
         return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie waits only for its reaper
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(30_000))  # readable once the process has exited
+    finally:
+        os.close(fd)
 
 
 async def test_what_a_command_prints_on_stderr_is_never_shown(
