@@ -136,7 +136,8 @@ async def test_nginx_serves_every_renewal_with_no_failed_handshake_and_old_versi
 ) -> None:
     need_nginx()
     token_file = tmp_path / "token"
-    token_file.write_text(openbao_pki.target.root_token)
+    token = openbao_pki.token()  # only the PKI policy of docs/install.md
+    token_file.write_text(token)
     token_file.chmod(0o600)
     out = tmp_path / "out"
     nginx = Nginx(dir=tmp_path / "nginx", cert=out / "tls.crt", key=out / "tls.key")
@@ -254,7 +255,7 @@ async def test_nginx_serves_every_renewal_with_no_failed_handshake_and_old_versi
         await asyncio.wait_for(task, 30)
         nginx.stop()
     text = caplog.text
-    assert "PRIVATE KEY" not in text and openbao_pki.target.root_token not in text
+    assert "PRIVATE KEY" not in text and token not in text
 
 
 async def test_a_ca_refusing_renewals_keeps_the_current_certificate_served_and_says_why(
@@ -262,7 +263,8 @@ async def test_a_ca_refusing_renewals_keeps_the_current_certificate_served_and_s
 ) -> None:
     need_nginx()
     token_file = tmp_path / "token"
-    token_file.write_text(openbao_pki.target.root_token)
+    token = openbao_pki.token()  # only the PKI policy of docs/install.md
+    token_file.write_text(token)
     token_file.chmod(0o600)
     out = tmp_path / "out"
     nginx = Nginx(dir=tmp_path / "nginx", cert=out / "tls.crt", key=out / "tls.key")
@@ -293,4 +295,4 @@ async def test_a_ca_refusing_renewals_keeps_the_current_certificate_served_and_s
         agent.should_exit.set()
         await asyncio.wait_for(task, 30)
         nginx.stop()
-    assert "PRIVATE KEY" not in caplog.text and openbao_pki.target.root_token not in caplog.text
+    assert "PRIVATE KEY" not in caplog.text and token not in caplog.text
