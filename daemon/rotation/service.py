@@ -379,6 +379,7 @@ class Rotator(Service):
         while not self.should_exit.is_set():
             delay = self._retire_interval()
             rotator.promoted_event.clear()
+            began = time.monotonic()
             try:
                 async with rotator.retiring:
                     retired = await rotator.retire_ready()
@@ -396,8 +397,11 @@ class Rotator(Service):
                     backoff.reset()
                 alarm.check(rotator.last_decisions)
                 if rotator.last_decisions and not backoff.failures:
-                    # A version drains: its last holder's letting go is seen within drain_poll.
-                    delay = min(delay, self.config.report.drain_poll)
+                    # A version drains: its last holder's letting go is seen within drain_poll, but
+                    # never pausing less than the pass took (a Vault status path's full collect of a
+                    # large fleet takes seconds: the store is not read back to back).
+                    took = time.monotonic() - began
+                    delay = min(delay, max(self.config.report.drain_poll, took))
             # A promotion supersedes a version: looked at at once, not half a heartbeat later.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rotator.promoted_event.wait(), delay)
