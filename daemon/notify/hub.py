@@ -98,8 +98,8 @@ class Notifier:
 
     @classmethod
     def from_config(cls, config: Config, *, role: str) -> Notifier:
-        """The notifier of ``config.notify``; a sink that cannot be built is a ``ConfigError``-worthy
-        ``PluginError`` or ``ConfigError`` raised here, at start, never later."""
+        """The notifier of ``config.notify``. A sink that cannot be built fails the start, never
+        later: ``PluginError`` (the extra is not installed), ``ConfigError`` (its key file)."""
         try:
             return cls(open_sinks(config.notify), node=config.node_id, role=role)
         except PluginError as e:
