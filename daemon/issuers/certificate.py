@@ -56,6 +56,8 @@ KEEP_RETIRED = 8
 # Never wait less than this between two attempts, whatever the time left.
 MIN_RETRY = 0.2
 STATE_FORMAT = 1
+# Longest wait between two attempts to revoke a let-go certificate (the CA down or refusing).
+REVOKE_RETRY_MAX = 60.0
 
 _TEXT_FIELDS = ("serial", "subject", "certificate", "private_key", "ca_chain", "issuing_ca")
 _TIME_FIELDS = ("not_before", "not_after", "issued_at", "renew_at")
@@ -287,6 +289,8 @@ class CertificateIssuer(Issuer):
         self.last_error: str | None = None
         self.failures = 0
         self.next_attempt: float | None = None
+        # Versions whose revocation failed: (next attempt, last delay), doubling up to REVOKE_RETRY_MAX.
+        self._revoke_retry: dict[VersionId, tuple[float, float]] = {}
         # Set to ask the watch for a new certificate now (tests, `baton` operators later).
         self.renew_now = asyncio.Event()
 
@@ -549,6 +553,8 @@ class CertificateIssuer(Issuer):
                     continue
                 if held.get(v.id):
                     continue
+                if v.revoke_pending and self.clock() < self._revoke_retry.get(v.id, (0.0, 0.0))[0]:
+                    continue  # the CA refused or was down: wait out the backoff
                 new = await self._let_go(v)
                 if new != v:
                     self._versions[self._versions.index(v)] = new
@@ -568,11 +574,14 @@ class CertificateIssuer(Issuer):
                 revoked = await self.ca.revoke(v.serial)
             except StoreError as e:
                 pending = True
+                delay = min(REVOKE_RETRY_MAX, max(1.0, 2 * self._revoke_retry.get(v.id, (0.0, 0.0))[1]))
+                self._revoke_retry[v.id] = (self.clock() + delay, delay)
                 metrics.certificate_revocations_total.labels(self.name, "failed").inc()
                 event(
                     log, "certificate_revoke_failed", logging.WARNING, credential=self.name, version=v.id, error=str(e)
                 )
             else:
+                self._revoke_retry.pop(v.id, None)
                 metrics.certificate_revocations_total.labels(self.name, "ok" if revoked else "not_revoked").inc()
                 if revoked:
                     event(log, "certificate_revoked", credential=self.name, version=v.id, serial=v.serial)

@@ -21,7 +21,7 @@ import pytest
 
 from daemon.clients.vault import VaultClient
 from daemon.config import CertificateConfig, VaultAuthConfig
-from daemon.errors import CertificateError
+from daemon.errors import CertificateError, StoreUnavailable
 from daemon.issuers.certificate import CertificateIssuer, Issued, LocalCertificateAuthority, VaultCA, open_ca
 from daemon.kit import metrics, x509
 from daemon.model import VersionInfo
@@ -413,4 +413,54 @@ async def test_a_damaged_local_ca_file_is_retried_not_a_crash(local_ca: LocalCa,
         pending.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pending
+        await it.aclose()
+
+
+class _FlakyRevoke(_Hostile):
+    """A CA whose revocations fail ``failures`` times first."""
+
+    def __init__(self, ca: LocalCa, failures: int) -> None:
+        super().__init__(ca, [])
+        self.failures, self.revokes = failures, 0
+
+    async def revoke(self, serial: str) -> bool:
+        self.revokes += 1
+        if self.revokes <= self.failures:
+            raise StoreUnavailable("vault pki revoke: cannot connect")
+        return True
+
+
+async def test_a_failed_revocation_is_retried_with_backoff_not_at_every_scan(local_ca: LocalCa, tmp_path: Path) -> None:
+    spec = _spec(
+        {"kind": "local-ca", "cert_file": str(local_ca.cert_file), "key_file": str(local_ca.key_file)},
+        ttl="60s",
+        revoke_retired=True,
+    )
+    ca = _FlakyRevoke(local_ca, failures=2)
+    now = [time.time()]
+    issuer = CertificateIssuer(
+        name="flaky", spec=spec, ca=ca, state_file=tmp_path / "s" / "f.json", clock=lambda: now[0]
+    )
+    it = issuer.watch("flaky")
+    try:
+        v1 = await _next(it)
+        issuer.renew_now.set()
+        v2 = await _next(it)
+        await issuer.observe(v2.id, {})
+        assert ca.revokes == 1 and next(v for v in await issuer.versions("flaky") if v.id == v1.id).retired
+        for _ in range(5):  # scans in quick succession: the backoff holds
+            await issuer.observe(v2.id, {})
+        assert ca.revokes == 1
+        now[0] += 1.5
+        await issuer.observe(v2.id, {})
+        assert ca.revokes == 2  # failed again: the next wait is longer
+        now[0] += 1.5
+        await issuer.observe(v2.id, {})
+        assert ca.revokes == 2
+        now[0] += 1.0
+        await issuer.observe(v2.id, {})
+        assert ca.revokes == 3 and issuer.status()["versions"][v1.id]["revoked"]
+        await issuer.observe(v2.id, {})
+        assert ca.revokes == 3
+    finally:
         await it.aclose()
