@@ -250,9 +250,12 @@ async def run_phase(
         done_at: float | None = None
         slowed_at: int | None = None
         last_line = ""
+        progress_at, last_rotated = time.monotonic(), -1
         while True:
             versions = await asyncio.to_thread(_versions, root / "store.db")
             rotated = max(0, sum(1 for v in versions if not v[2]) - 1)
+            if rotated != last_rotated:
+                progress_at, last_rotated = time.monotonic(), rotated
             retired = sum(1 for v in versions if v[1])
             failures = sum(s.get("failures", 0) for _, s in consumers.stats())
             line = f"[{phase}] rotations {rotated}/{rotations} retired {retired} failed requests {failures}"
@@ -265,9 +268,10 @@ async def run_phase(
                     r.rotation = r.rotation.model_copy(update={"every": 3600.0})
                     if hasattr(r, "timing"):  # the rotator times from its Schedule (daemon/schedule.py)
                         r.timing = r.rotation.timing(r.cred.name)
-            stalled = {e["event"] for e in events.events[slowed_at or len(events.events) :]}
-            if slowed_at is not None and rotated < rotations and stalled & {"rotation_postponed", "rotation_failed"}:
-                rotator.rotate_now.set()  # the last rotation was put off and would now wait an hour
+            if slowed_at is not None and rotated < rotations and time.monotonic() - progress_at > every + 1.0:
+                # The last rotation was put off (postponed, failed) and would now wait an hour: ask for it.
+                rotator.rotate_now.set()
+                progress_at = time.monotonic()
             if rotated >= rotations and done_at is None:
                 done_at = time.monotonic()
                 rotator.rotate_now.clear()  # a request made while the last one was put off: not one more
