@@ -66,13 +66,20 @@ def rootfs() -> Path:
     return done
 
 
+# Dependencies the container's Python needs that the host's does not (see wheels()).
+CONTAINER_ONLY = ("async-timeout>=4.0.3",)
+
+
 def wheels(dest: Path) -> Path:
     """Wheels of Baton (the working tree) with every extra (docs/install.md installs ``.[all]``)
-    and of its dependencies, built with the host's Python."""
+    and of its dependencies, built with the host's Python.
+
+    Markers are resolved for the host's Python, not the container's: Debian bookworm's is
+    3.11.2, and redis-py needs async-timeout below 3.11.3, so it is built here as well."""
     dest.mkdir(parents=True, exist_ok=True)
     pip = [str(ROOT / ".venv/bin/python"), "-m", "pip"]
     proc = subprocess.run(
-        [*pip, "wheel", "--quiet", "--wheel-dir", str(dest), f"{ROOT}[all]"],
+        [*pip, "wheel", "--quiet", "--wheel-dir", str(dest), f"{ROOT}[all]", *CONTAINER_ONLY],
         capture_output=True,
         text=True,
         timeout=600,
