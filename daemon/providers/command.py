@@ -210,7 +210,7 @@ class CommandProvider(Provider):
         if text:
             try:
                 answer = json.loads(text)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
                 answer = None
                 if code == 0:
                     raise ProviderError(f"command step {step}: printed something that is not JSON") from None

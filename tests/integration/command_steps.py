@@ -7,7 +7,8 @@ the FIFO PAUSE_FIFO and waits until the test writes a line back into it);
 ``hang`` (starts a grandchild in its process group, writes its pid to
 GRANDCHILD_FILE, then sleeps); ``exit3`` (fails with an ``error`` quoting
 every secret it was given); ``nonjson`` (prints the secret it was given, raw);
-``flood`` (prints 1 MiB); ``stderr`` (prints the secret on stderr, then works). With
+``flood`` (prints 1 MiB); ``deep`` (JSON nested deeper than the parser's stack);
+``stderr`` (prints the secret on stderr, then works). With
 FAIL_TEST_FROM=N, ``ok`` fails ``test`` of pw-N and later, quoting the secret.
 """
 
@@ -75,6 +76,9 @@ def main() -> int:
         return 0
     if mode == "flood":
         sys.stdout.write("x" * (1 << 20))
+        return 0
+    if mode == "deep":
+        sys.stdout.write("[" * 50_000)
         return 0
     fail_from = os.environ.get("FAIL_TEST_FROM")
     if mode == "ok" and step == "test" and fail_from and int(msg["new"]["id"].split("-")[1]) >= int(fail_from):

@@ -144,6 +144,7 @@ BAD = [
     Bad("exit3", r"^command step create: failed \(exit 3\): refused: pw-0 \*\*\*$", {}),
     Bad("nonjson", r"^command step create: printed something that is not JSON$", {}),
     Bad("flood", r"^command step create: printed more than 65536 bytes \(killed\)$", {}),
+    Bad("deep", r"^command step create: printed something that is not JSON$", {}),
     Bad("hang", r"^command step create: timed out after 1s \(killed with its process group\)$", {"timeout": 1}),
 ]
 
