@@ -392,7 +392,9 @@ class RestartConfig(Model):
 
 
 class RolloutConfig(Model):
-    kind: Literal["Deployment", "StatefulSet", "DaemonSet"] = Field("Deployment", description="Workload kind.")
+    kind: Literal["Deployment", "StatefulSet", "DaemonSet", "Rollout"] = Field(
+        "Deployment", description="Workload kind (Rollout: an Argo Rollout, restarted through spec.restartAt)."
+    )
     name: NonEmpty = Field(description="Workload name.")
     namespace: NonEmpty | None = Field(None, description="Namespace; default: the pod's own.")
     timeout: Duration = Field(600.0, description="How long to wait for the rollout to become available.")

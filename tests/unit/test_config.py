@@ -461,3 +461,13 @@ def test_check_config_reports_host_and_template_problems_together(
         "credentials.0.output.files.password: template syntax error on line 1: unexpected end of template, "
         "expected 'end of print statement'.",
     ]
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet", "Rollout"])
+def test_a_rollout_reload_names_any_workload_kind_the_rollout_action_restarts(kind: str) -> None:
+    from daemon.config import RolloutConfig
+    from sidecar.rollout import KINDS
+
+    assert RolloutConfig.model_validate({"kind": kind, "name": "web"}).kind in KINDS
+    with pytest.raises(ValueError, match="kind"):
+        RolloutConfig.model_validate({"kind": "CronJob", "name": "web"})
