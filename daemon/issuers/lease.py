@@ -135,7 +135,13 @@ class Lease:
             v = raw.get(name)
             if v is None and optional:
                 return None
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise StateFileError(f"lease entry: {name} is not a time")
+            try:
+                finite = math.isfinite(v)
+            except OverflowError:  # an integer beyond any float
+                finite = False
+            if not finite or v < 0:
                 raise StateFileError(f"lease entry: {name} is not a time")
             return float(v)
 
