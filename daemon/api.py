@@ -384,7 +384,7 @@ class ApiServer:
                 body = await request.json() if request.can_read_body else {}
         except TimeoutError:
             return web.json_response({"error": "the body took too long"}, status=408)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
             return web.json_response({"error": "body is not JSON"}, status=400)
         body = body if isinstance(body, dict) else {}
         # Who asks, as the kernel says (a uid on a unix socket, an address over TCP); a peer in the body is replaced.

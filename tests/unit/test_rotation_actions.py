@@ -131,6 +131,9 @@ async def test_the_endpoint_replaces_a_peer_the_body_claims_and_answers_a_refusa
                 f"{server.address}/v1/actions/echo", json={}, headers={"Authorization": "Bearer x"}
             ) as r:
                 assert r.status == 401
+            # Nested deeper than the parser's stack: a 400 like any other non-JSON body, not a 500.
+            async with http.post(f"{server.address}/v1/actions/echo", data="[" * 50_000, headers=auth) as r:
+                assert r.status == 400 and await r.json() == {"error": "body is not JSON"}
     finally:
         await server.stop()
     assert len(seen) == 1
