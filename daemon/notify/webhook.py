@@ -56,7 +56,10 @@ def read_key(spec: WebhookNotifyConfig, where: str = "notify") -> bytes | None:
 
 def body_of(notice: Notice, fmt: str) -> bytes:
     if fmt == "slack":
-        data: object = {"text": notice.text()}
+        # Slack reads <!channel>, <@user> and <url|text> in text: a node name, an exe path or a
+        # caller's reason must not ping a channel or plant a link. Slack's own escapes, only these three.
+        text = notice.text().replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        data: object = {"text": text}
     else:
         data = notice.as_dict()
     return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()

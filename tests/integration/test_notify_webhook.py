@@ -27,7 +27,8 @@ from daemon.config import WebhookNotifyConfig, parse_config
 from daemon.errors import ConfigError
 from daemon.kit import metrics
 from daemon.kit.logs import event
-from daemon.notify import hub
+from daemon.notify import hub, webhook
+from daemon.notify.base import Notice
 from daemon.notify.hub import Notifier
 from daemon.notify.webhook import SIGNATURE_HEADER, WebhookSink
 
@@ -179,3 +180,13 @@ def test_a_webhook_url_with_a_password_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"credentials": [], "notify": [{"kind": "webhook", "url": "https://h.example/", "events": ["x"]}]})
     assert "notify.0.webhook.events: unknown event(s) 'x'" in str(e.value)
+
+
+def test_a_slack_body_escapes_what_slack_reads_as_mentions_and_links() -> None:
+    # A caller's --reason user, an exe path or a command's error may carry <!channel> or <http://x|y>.
+    notice = Notice(
+        event="force_retired", node="n1", role="rotator", credential="db", fields={"user": "<!channel> & <http://x|y>"}
+    )
+    text = json.loads(webhook.body_of(notice, "slack"))["text"]
+    assert "<" not in text and ">" not in text
+    assert "&lt;!channel&gt; &amp; &lt;http://x|y&gt;" in text
