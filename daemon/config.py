@@ -1127,6 +1127,10 @@ class WebhookNotifyConfig(Model):
             raise ValueError("expected an http:// or https:// URL with a host")
         if parts.username is not None or parts.password is not None:
             raise ValueError("no user:password@ in the URL (it would be a secret in the config); sign with secret_file")
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number from 0 to 65535)
+        except ValueError:
+            raise ValueError("the port is a number from 0 to 65535") from None
         if any(c.isspace() or ord(c) < 32 for c in v):
             raise ValueError("no spaces or control characters in the URL")
         return v

@@ -180,6 +180,13 @@ def test_a_webhook_url_with_a_password_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config({"credentials": [], "notify": [{"kind": "webhook", "url": "https://h.example/", "events": ["x"]}]})
     assert "notify.0.webhook.events: unknown event(s) 'x'" in str(e.value)
+    for port in ("99999", "abc"):  # urlsplit's .port raises on these: once in WebhookSink, a crash at start
+        with pytest.raises(ConfigError) as e:
+            parse_config(
+                {"credentials": [], "notify": [{"kind": "webhook", "url": f"https://h.example:{port}/hook-pw"}]}
+            )
+        assert "notify.0.webhook.url: the port is a number from 0 to 65535" in str(e.value)
+        assert "hook-pw" not in str(e.value)
 
 
 def test_a_slack_body_escapes_what_slack_reads_as_mentions_and_links() -> None:
