@@ -84,7 +84,8 @@ class WebhookSink:
             headers[SIGNATURE_HEADER] = sign(self.key, body)
         try:
             response = await self._client.post(self.spec.url, content=body, headers=headers)
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
+            # ValueError: a host httpx cannot encode (IDNA) fails each attempt; it must not end the lane.
             raise NotifyError(f"{self.name}: {type(e).__name__}") from None
         if not 200 <= response.status_code < 300:
             raise NotifyError(f"{self.name}: HTTP {response.status_code}")

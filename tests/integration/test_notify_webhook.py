@@ -24,7 +24,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from daemon.config import WebhookNotifyConfig, parse_config
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, NotifyError
 from daemon.kit import metrics
 from daemon.kit.logs import event
 from daemon.notify import hub, webhook
@@ -197,3 +197,26 @@ def test_a_slack_body_escapes_what_slack_reads_as_mentions_and_links() -> None:
     text = json.loads(webhook.body_of(notice, "slack"))["text"]
     assert "<" not in text and ">" not in text
     assert "&lt;!channel&gt; &amp; &lt;http://x|y&gt;" in text
+
+
+async def test_a_host_httpx_cannot_encode_is_a_failed_attempt_not_the_end_of_the_sinks_lane(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "xn--zz" passes the config's URL check; httpx's IDNA step raises a bare ValueError at each POST,
+    # which ended the lane's task: that sink delivered nothing more, and nothing said so.
+    monkeypatch.setattr(hub, "RETRY_MIN", 0.01)
+    s = WebhookNotifyConfig(kind="webhook", url="https://xn--zz/hook-pw", retries=1)
+    sink = WebhookSink(s)
+    with pytest.raises(NotifyError) as e:
+        await sink.send(Notice(event="rotated", node="n1", role="rotator"))
+    assert "hook-pw" not in str(e.value)
+    before = counted(sink.name, "dropped")
+    notifier = Notifier([(sink, s)], node="n1", role="rotator")
+    notifier.start()
+    try:
+        event(log, "rotated", credential="db", version="2")
+        await until(lambda: counted(sink.name, "dropped") > before)
+        lane = notifier.lanes[0]
+        assert lane.task is not None and not lane.task.done()
+    finally:
+        await notifier.aclose()
