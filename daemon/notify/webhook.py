@@ -14,6 +14,7 @@ read into an error. Redirects are not followed (a 3xx is a failed attempt).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -83,7 +84,11 @@ class WebhookSink:
         if self.key is not None:
             headers[SIGNATURE_HEADER] = sign(self.key, body)
         try:
-            response = await self._client.post(self.spec.url, content=body, headers=headers)
+            # httpx's timeout bounds each read, not the attempt: a hook trickling its answer would hold it.
+            async with asyncio.timeout(self.spec.timeout):
+                response = await self._client.post(self.spec.url, content=body, headers=headers)
+        except TimeoutError:
+            raise NotifyError(f"{self.name}: timed out after {self.spec.timeout:g}s") from None
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
             # ValueError: a host httpx cannot encode (IDNA) fails each attempt; it must not end the lane.
             raise NotifyError(f"{self.name}: {type(e).__name__}") from None

@@ -9,6 +9,7 @@ searched for every payload the store holds and for the signing key.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -45,11 +46,20 @@ class Hook:
     fail_first: int = 0
     hang: asyncio.Event | None = None  # while set-able and not set, requests are held
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    dribble: asyncio.Event | None = None  # while not set, the answer's body trickles out a byte at a time
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.read())
         self.headers.append(dict(request.headers))
         self.arrived.set()
+        if self.dribble is not None:
+            response = web.StreamResponse()
+            await response.prepare(request)
+            while not self.dribble.is_set():
+                await response.write(b".")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.dribble.wait(), 0.2)
+            return response
         if self.hang is not None:
             await self.hang.wait()
         if self.fail_first > 0:
@@ -75,8 +85,9 @@ async def hook() -> AsyncIterator[Hook]:
     try:
         yield h
     finally:
-        if h.hang is not None:
-            h.hang.set()
+        for held in (h.hang, h.dribble):
+            if held is not None:
+                held.set()
         await runner.cleanup()
 
 
@@ -220,3 +231,17 @@ async def test_a_host_httpx_cannot_encode_is_a_failed_attempt_not_the_end_of_the
         assert lane.task is not None and not lane.task.done()
     finally:
         await notifier.aclose()
+
+
+async def test_an_attempt_ends_at_timeout_even_when_the_hook_keeps_trickling_its_answer(
+    hook: Hook, tmp_path: Path
+) -> None:
+    # httpx's timeout is per read: a hook sending a byte every 0.2 s held one attempt (and the lane) forever.
+    hook.dribble = asyncio.Event()
+    sink = WebhookSink(spec(hook, tmp_path, timeout=1))
+    try:
+        with pytest.raises(NotifyError, match=r"^webhook:127\.0\.0\.1:\d+: timed out after 1s$"):
+            await asyncio.wait_for(sink.send(Notice(event="rotated", node="n1", role="rotator")), 30)
+    finally:
+        hook.dribble.set()
+        await sink.aclose()
