@@ -47,8 +47,11 @@ def load_checked(path: str | os.PathLike[str]) -> Config:
 
 def reload_config(path: str | os.PathLike[str], current: Config) -> Config:
     """SIGHUP: the config at ``path`` again, checked as at start. Raises ``ConfigError``,
-    also for a change of the store, which needs a restart."""
+    also for a change of the store or of the notification sinks, which need a restart
+    (neither role rebuilds its ``Notifier`` on a reload)."""
     new = load_checked(path)
     if new.store != current.store:
         raise ConfigError(["store: changing the store needs a restart"])
+    if new.notify != current.notify:
+        raise ConfigError(["notify: changing the notification sinks needs a restart"])
     return new
