@@ -34,6 +34,12 @@ REQUEST_TIMEOUT = 10.0
 MAX_SHOWN = 3  # holders named on a progress line
 
 
+def shown(value: object) -> str:
+    """A string from the status (a node report's node, exe, consumer, a gate reason) fit for a terminal:
+    a hostile node's control characters (an escape sequence that rewrites the screen) become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in str(value))
+
+
 def _user() -> str:
     """Who asks, as this process can tell (recorded with a forced retirement; the rotator adds what it saw)."""
     try:
@@ -225,11 +231,11 @@ def _progress(name: str, *, old: str, new: str, c: Mapping[str, Any]) -> tuple[s
     if decision is None:
         return f"{head}: waiting for the retirement gate", f"version {old} of {name} was not retired yet"
     holders = [
-        f"{node} pid {h.get('pid')} {h.get('exe') or '?'}" + (f" ({h['consumer']})" if h.get("consumer") else "")
+        shown(f"{node} pid {h.get('pid')} {h.get('exe') or '?'}" + (f" ({h['consumer']})" if h.get("consumer") else ""))
         for node, hs in (decision.get("holders") or {}).items()
         for h in hs
     ]
-    reasons = [str(r) for r in decision.get("reasons") or []]
+    reasons = [shown(r) for r in decision.get("reasons") or []]
     if decision.get("retire"):
         return f"{head}: retiring", f"version {old} of {name} was being retired"
     if holders:
@@ -296,6 +302,6 @@ def _list_holders(name: str, version: str, c: Mapping[str, Any], out: TextIO) ->
     print(f"{name} version {version}: {len(holders)} holder(s) will lose it:", file=out)
     for node, h in holders:
         who = h.get("consumer") or "unmanaged"
-        print(f"  {node}: pid {h.get('pid')} {h.get('exe')} ({who}, via {h.get('how')})", file=out)
+        print(shown(f"  {node}: pid {h.get('pid')} {h.get('exe')} ({who}, via {h.get('how')})"), file=out)
     for r in decision.get("reasons") or []:
-        print(f"  - {r}", file=out)
+        print(f"  - {shown(r)}", file=out)

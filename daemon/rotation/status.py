@@ -23,6 +23,7 @@ from daemon.providers import open_provider
 from daemon.report import open_reporter
 from daemon.report.base import Reporter
 from daemon.report.holders import HolderSource, open_holders
+from daemon.rotation.control import shown
 from daemon.rotation.reader import GateReader
 from daemon.schedule import span
 from daemon.stores import open_store
@@ -77,17 +78,18 @@ def _print_pending(data: dict[str, Any]) -> None:
         for d in decisions:
             verdict = "ready to retire" if d["retire"] else "waiting"
             print(f"{cred} version {d['version']}: {verdict}")
+            # Node reports may come from hostile nodes: their strings are made fit for a terminal.
             for reason in d["reasons"]:
-                print(f"  - {reason}")
+                print(f"  - {shown(reason)}")
             for node, holders in d["holders"].items():
                 for h in holders:
                     if not h["pid"]:  # no process: a pod or workload (report/holders.py), its exe says what
-                        print(f"    {node} {h['exe']}")
+                        print(shown(f"    {node} {h['exe']}"))
                         continue
                     who = h["consumer"] or "unmanaged"
-                    print(f"    {node}: pid {h['pid']} {h['exe']} ({who}, via {h['how']})")
+                    print(shown(f"    {node}: pid {h['pid']} {h['exe']} ({who}, via {h['how']})"))
             for s in d["sessions"]:
-                print(f"    provider: {s['principal']} from {s['client']} x{s['count']}")
+                print(shown(f"    provider: {s['principal']} from {s['client']} x{s['count']}"))
 
 
 async def print_status(config: Config, *, pending: bool, as_json: bool, url: str | None) -> int:
