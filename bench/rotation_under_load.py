@@ -382,7 +382,7 @@ async def run_phase(
                 # as one completes): from now on it must time none, so exactly R rotations happen.
                 slowed_at = len(events.events)
                 for r in rotator.rotators.values():
-                    r.rotation = r.rotation.model_copy(update={"every": 3600.0})
+                    r.reschedule(3600.0)
             if slowed_at is not None and rotated < rotations:
                 since = {e["event"] for e in events.events[slowed_at:]}
                 if since & {"rotation_postponed", "rotation_failed"}:

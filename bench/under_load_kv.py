@@ -265,9 +265,7 @@ async def run_phase(
             if rotated >= rotations - 1 and slowed_at is None:
                 slowed_at = len(events.events)  # the schedule timed the last rotation: it must time no more
                 for r in rotator.rotators.values():
-                    r.rotation = r.rotation.model_copy(update={"every": 3600.0})
-                    if hasattr(r, "timing"):  # the rotator times from its Schedule (daemon/schedule.py)
-                        r.timing = r.rotation.timing(r.cred.name)
+                    r.reschedule(3600.0)
             if slowed_at is not None and rotated < rotations and time.monotonic() - progress_at > every + 1.0:
                 # The last rotation was put off (postponed, failed) and would now wait an hour: ask for it.
                 rotator.rotate_now.set()

@@ -162,7 +162,7 @@ async def demo(rotations: int, *, progress: TextIO, root: Path) -> dict[str, Any
             if len(versions) - 1 >= rotations:
                 # Enough rotations: stop the rotator from starting more, let retirement finish.
                 for r in rotator.rotators.values():
-                    r.rotation = r.rotation.model_copy(update={"every": 3600.0})
+                    r.reschedule(3600.0)
             await asyncio.sleep(0.25)
     finally:
         rotator.should_exit.set()

@@ -217,6 +217,14 @@ class CredentialRotator:
     def key(self) -> str:
         return self.cred.key
 
+    def reschedule(self, every: float) -> None:
+        """Rotate every ``every`` seconds from now on (the demo and the benchmarks slow a schedule down).
+
+        The schedule is timed from ``self.timing``, so replacing ``rotation`` alone changes nothing.
+        """
+        self.rotation = self.rotation.model_copy(update={"every": every, "cron": None})
+        self.timing = self.rotation.timing(self.cred.name)
+
     @property
     def max_draining(self) -> int:
         """Superseded versions allowed to wait at once; a provider's slots bound it."""

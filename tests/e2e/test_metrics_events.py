@@ -164,7 +164,7 @@ async def test_two_rotations_expose_agent_and_rotator_metrics_and_json_events_wi
             versions, retired = await asyncio.to_thread(_counts, db)
             if versions - 1 >= ROTATIONS:
                 for r in rotator.rotators.values():  # enough: no further rotation
-                    r.rotation = r.rotation.model_copy(update={"every": 3600.0})
+                    r.reschedule(3600.0)
             if retired >= ROTATIONS:
                 break
             assert not agent_task.done(), "the agent stopped"

@@ -319,7 +319,7 @@ async def rotate_exactly(running: Running, captured: Captured, n: int, *, timeou
         if done >= n - 1 and not slowed:
             slowed = True
             for r in running.rotator.rotators.values():
-                r.rotation = r.rotation.model_copy(update={"every": 3600.0})
+                r.reschedule(3600.0)
             # The schedule may already have timed the n-th rotation with the hour:
             # ask for it now (once; a schedule that timed it short just runs it now).
             running.rotator.rotate_now.set()
