@@ -70,12 +70,14 @@ class _Lane:
             for attempt in range(self.retries + 1):
                 try:
                     await self.sink.send(notice)
-                except BatonError as e:
+                except Exception as e:  # a sink's surprise must not end its lane: nothing more would go
                     last = attempt == self.retries
                     metrics.notify_deliveries_total.labels(self.sink.name, "dropped" if last else "retry").inc()
+                    # Only Baton's own errors are quoted: another's text could hold a hook URL's path.
+                    error = str(e) if isinstance(e, BatonError) else type(e).__name__
                     log.warning(
                         "notification not delivered",
-                        extra={"sink": self.sink.name, "notice": notice.event, "error": str(e), "attempt": attempt + 1},
+                        extra={"sink": self.sink.name, "notice": notice.event, "error": error, "attempt": attempt + 1},
                     )
                     if not last:
                         await asyncio.sleep(backoff.next())

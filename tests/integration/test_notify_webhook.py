@@ -245,3 +245,34 @@ async def test_an_attempt_ends_at_timeout_even_when_the_hook_keeps_trickling_its
     finally:
         hook.dribble.set()
         await sink.aclose()
+
+
+async def test_a_sink_failing_with_an_unexpected_error_keeps_its_lane_and_its_text_out_of_the_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(hub, "RETRY_MIN", 0.01)
+
+    class Surprising:
+        name = "surprising"
+        sent: list[str] = []
+
+        async def send(self, notice: Notice) -> None:
+            if not self.sent:
+                self.sent.append("failed")
+                raise RuntimeError("https://hooks.example/T0/hook-pw")
+            self.sent.append(notice.event)
+
+        async def aclose(self) -> None:
+            return None
+
+    sink = Surprising()
+    s = WebhookNotifyConfig(kind="webhook", url="https://hooks.example/x", retries=3)
+    notifier = Notifier([(sink, s)], node="n1", role="rotator")
+    notifier.start()
+    try:
+        event(log, "rotated", credential="db", version="2")
+        await until(lambda: "rotated" in sink.sent)  # retried after the surprise, not the end of the lane
+    finally:
+        await notifier.aclose()
+    said = [str(vars(r)) for r in caplog.records if r.name == "daemon.notify.hub"]
+    assert said and all("hook-pw" not in x for x in said) and "'error': 'RuntimeError'" in said[0]
