@@ -17,6 +17,17 @@ Layout of a key ``db`` in the namespace:
 A version id is the first 16 hex digits of the SHA-256 of the canonical
 payload: a Secret with the single key ``value`` gives that string, any other
 Secret the compact, key-sorted JSON object of its decoded keys.
+
+Secret type (automatic, no setting): the main Secret, when Baton creates it, is
+``kubernetes.io/tls`` if the payload has both ``tls.crt`` and ``tls.key`` keys
+(the certificate generator's payload; what Ingress controllers, charts and a
+cert-manager user expect), else ``Opaque``. The API makes ``type`` immutable
+and requires those two keys in a TLS Secret, so: an existing Secret keeps the
+type it has (one created ``Opaque`` stays so; delete it once to have it created
+as TLS); a new version without both keys is refused for a TLS Secret at
+``create``, before anything is written; and the staging companions are always
+``Opaque``, as their data is cleared at retire and they hold whatever version
+comes (pods mount only the main Secret).
 """
 
 from __future__ import annotations
@@ -76,6 +87,9 @@ RETIRED = "baton.io/retired-version"
 COMPANION_OF = "baton.io/companion-of"
 LEASE_SUFFIX = "-baton-lease"
 LEASE_RECORD = "baton.io/lease"
+OPAQUE = "Opaque"
+TLS_TYPE = "kubernetes.io/tls"
+TLS_KEYS = frozenset({"tls.crt", "tls.key"})
 
 
 # ---------------------------------------------------------------- payloads
@@ -118,6 +132,11 @@ def data_for(payload: str) -> dict[str, str]:
     return {"value": payload}
 
 
+def secret_type(fields: Mapping[str, str]) -> str:
+    """The type of a main Secret Baton creates for these keys (see the module docstring)."""
+    return TLS_TYPE if set(fields) >= TLS_KEYS else OPAQUE
+
+
 def _encode(fields: Mapping[str, str]) -> dict[str, str]:
     return {k: base64.b64encode(v.encode()).decode() for k, v in fields.items()}
 
@@ -152,6 +171,12 @@ def _info(obj: Obj, stage: str | None) -> VersionInfo | None:
         created=_created(obj),
         digest=hashlib.sha256(payload.encode()).hexdigest(),
     )
+
+
+def _check_type(key: str, main: Obj | None, fields: Mapping[str, str]) -> None:
+    """Refuse a version the API would refuse in the main Secret: a TLS Secret needs both keys."""
+    if main is not None and main.get("type") == TLS_TYPE and not set(fields) >= TLS_KEYS:
+        raise PayloadError(f"kubernetes secret {key} is of type {TLS_TYPE}: a new version needs tls.crt and tls.key")
 
 
 # ---------------------------------------------------------------- the store
@@ -203,12 +228,14 @@ class KubernetesStore(SecretStore):
         except StoreNotFound:
             return None
 
-    async def _create_secret(self, name: str, fields: Mapping[str, str], annotations: Mapping[str, str]) -> Obj:
+    async def _create_secret(
+        self, name: str, fields: Mapping[str, str], annotations: Mapping[str, str], *, kind: str = OPAQUE
+    ) -> Obj:
         core = await self._core()
         body = {
             "apiVersion": "v1",
             "kind": "Secret",
-            "type": "Opaque",
+            "type": kind,
             "metadata": {"name": name, "namespace": self.namespace, "annotations": dict(annotations)},
             "data": _encode(fields),
         }
@@ -410,6 +437,7 @@ class KubernetesStore(SecretStore):
         text = canonical(fields)
         vid = version_of(text)
         main = await self._get(key)
+        _check_type(key, main, fields)
         current = _info(main, CURRENT) if main is not None else None
         if current is not None and current.id == vid:
             return current
@@ -444,8 +472,10 @@ class KubernetesStore(SecretStore):
             raise StoreNotFound(f"kubernetes secret {key}: no pending or previous version {version}")
         new_data = dict(source["data"])
         new_created = (source["metadata"].get("annotations") or {}).get(CREATED, repr(time.time()))
+        new_fields = _decode(new_data)
+        _check_type(key, main, new_fields)
         if main is None:
-            await self._create_secret(key, _decode(new_data), {CREATED: new_created})
+            await self._create_secret(key, new_fields, {CREATED: new_created}, kind=secret_type(new_fields))
         else:
             if current is not None:
                 # Keep the old value before it is replaced, so it is never lost.

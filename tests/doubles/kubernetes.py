@@ -26,7 +26,10 @@ Semantics kept (from the API conventions document):
   ``name``; every other list is replaced; ``$patch`` directives are not
   supported). JSON patch and apply patch answer ``415``.
 - Secrets: ``stringData`` is folded into base64 ``data`` on write, ``type``
-  defaults to ``Opaque``. Annotation names are checked (name part at most 63).
+  defaults to ``Opaque`` and is immutable (an update changing it: ``422``); a
+  ``kubernetes.io/tls`` Secret must have the ``tls.crt`` and ``tls.key`` data
+  keys (empty values pass, as in ValidateSecret). Annotation names are checked
+  (name part at most 63).
 - Watch (``?watch=true``): a stream of JSON lines ``{"type", "object"}``.
   Without ``resourceVersion`` (or ``"0"``) it starts with synthetic ``ADDED``
   events of the current objects; with one it replays every change after it. A
@@ -101,6 +104,7 @@ def _daemonset_required(n: int) -> dict[str, int]:
 _CUSTOM = {"rollouts"}
 
 _ANNOTATION_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+TLS_SECRET = "kubernetes.io/tls"
 _MERGE_BY_NAME = {"containers", "initContainers", "volumes", "env"}
 
 
@@ -592,6 +596,11 @@ class KubeDouble:
                 base64.b64decode(v, validate=True)
             except ValueError:
                 return f"data[{k!r}]: Invalid value: not base64"
+        if obj.get("kind") == "Secret" and obj.get("type") == TLS_SECRET:
+            # ValidateSecret: the keys must exist; their values may be empty (no PEM check).
+            for k in ("tls.crt", "tls.key"):
+                if k not in (obj.get("data") or {}):
+                    return f"data[{k}]: Required value"
         return None
 
     def _store(self, plural: str, key: tuple[str, str, str], obj: Obj, kind: str) -> Obj:
@@ -759,6 +768,9 @@ class KubeDouble:
         new.setdefault("metadata", {})
         new["metadata"]["name"], new["metadata"]["namespace"] = name, ns
         obj = self._normalize(plural, new, old)
+        if plural == "secrets" and obj.get("type") != old.get("type"):
+            # ValidateSecretUpdate: type is immutable (a PUT without it defaults to Opaque first).
+            return _error(422, "Invalid", f"type: Invalid value: {obj.get('type')!r}: field is immutable")
         if (problem := self._invalid(obj)) is not None:
             return _error(422, "Invalid", problem)
         return web.json_response(self._store(plural, (plural, ns, name), obj, "MODIFIED"))
