@@ -8,11 +8,16 @@ rotation); providers with slots (alternating users) use it to pick the other one
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from daemon.errors import PayloadError, ProviderError
 from daemon.model import Secret
+from daemon.payload import payload_object
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,3 +78,45 @@ class Provider(Protocol):
         return []
 
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Login:
+    """A username and password: the payload the database and ACL providers mint. ``repr`` hides the password."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def parse_login(payload: Secret, *, system: str, account: str, owns: Callable[[str], bool], naming: str) -> Login:
+    """The payload's ``username``/``password``, checked as the agent checks a payload (a lone
+    surrogate or deep nesting is a ``ProviderError`` here, not a driver's surprise later), and
+    refused unless ``owns`` says the name is one of this provider's ``account``s (``naming``:
+    its strategy and base name, for the message)."""
+    try:
+        data = payload_object(payload)
+    except PayloadError:
+        data = None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("username"), str)
+        or not isinstance(data.get("password"), str)
+    ):
+        raise ProviderError(f"payload is not a {system} credential (JSON with username and password)")
+    username, password = data["username"], data["password"]
+    if not owns(username):
+        raise ProviderError(
+            f"payload names {account} {username!r}, which is not one of this provider's {account}s ({naming})"
+        )
+    return Login(username=username, password=password)
+
+
+def login_name(current: Secret | None, parse: Callable[[Secret], Login]) -> str | None:
+    """The current payload's username, or None (the first rotation, or a value this provider did not mint)."""
+    if current is None:
+        return None
+    try:
+        return parse(current).username
+    except ProviderError:
+        log.warning("the current payload is not a credential of this provider; starting afresh")
+        return None

@@ -60,10 +60,9 @@ from urllib.parse import unquote, urlsplit
 import pymysql
 
 from daemon.config import MysqlProviderConfig
-from daemon.errors import PayloadError, ProviderBlocked, ProviderError
+from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.payload import payload_object
-from daemon.providers.base import Provider, Session
+from daemon.providers.base import Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +80,6 @@ if TYPE_CHECKING:  # generic only in the stubs
     Conn = pymysql.connections.Connection[pymysql.cursors.Cursor]
 else:
     Conn = pymysql.connections.Connection
-
-
-@dataclass(frozen=True)
-class _Credential:
-    username: str
-    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -297,33 +290,17 @@ class MysqlProvider(Provider):
             return username in self._slot_names()
         return username == self._base
 
-    def _parse(self, payload: Secret) -> _Credential:
-        try:
-            data = payload_object(payload)
-        except PayloadError:
-            data = None
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("username"), str)
-            or not isinstance(data.get("password"), str)
-        ):
-            raise ProviderError("payload is not a mysql credential (JSON with username and password)")
-        username, password = data["username"], data["password"]
-        if not self._owns_name(username):
-            raise ProviderError(
-                f"payload names account {username!r}, which is not one of this provider's accounts "
-                f"(strategy {self.config.strategy}, username {self._base})"
-            )
-        return _Credential(username=username, password=password)
+    def _parse(self, payload: Secret) -> Login:
+        return parse_login(
+            payload,
+            system="mysql",
+            account="account",
+            owns=self._owns_name,
+            naming=f"strategy {self.config.strategy}, username {self._base}",
+        )
 
     def _parse_lenient(self, current: Secret | None) -> str | None:
-        if current is None:
-            return None
-        try:
-            return self._parse(current).username
-        except ProviderError:
-            log.warning("the current payload is not a credential of this provider; starting afresh")
-            return None
+        return login_name(current, self._parse)
 
     # ------------------------------------------------------------ connections
 
@@ -466,7 +443,7 @@ class MysqlProvider(Provider):
             # A role is only in effect once it is the account's default (or SET ROLE).
             cur.execute(f"SET DEFAULT ROLE `{role}` {'FOR' if mariadb else 'TO'} %s@%s", (name, host))
 
-    def _apply(self, conn: Conn, cred: _Credential) -> None:
+    def _apply(self, conn: Conn, cred: Login) -> None:
         name, host = cred.username, self.config.account_host
         hashed = native_hash(cred.password)
         dual = self.config.strategy == "dual-password"
@@ -498,7 +475,7 @@ class MysqlProvider(Provider):
                 cur.execute("ALTER USER %s@%s ACCOUNT UNLOCK", (name, host))
         self._grant_role(conn, name)
 
-    def _lock(self, conn: Conn, cred: _Credential) -> None:
+    def _lock(self, conn: Conn, cred: Login) -> None:
         name = cred.username
         info = self._account(conn, name)
         if info is None:
@@ -518,7 +495,7 @@ class MysqlProvider(Provider):
             cur.execute("ALTER USER %s@%s ACCOUNT LOCK", (name, self.config.account_host))
         log.info("account %s locked", name, extra={"account": name})
 
-    def _discard_old(self, conn: Conn, cred: _Credential) -> None:
+    def _discard_old(self, conn: Conn, cred: Login) -> None:
         name = cred.username
         info = self._account(conn, name)
         if info is None:

@@ -61,7 +61,7 @@ import string
 import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
 from daemon.config import ProviderConfig
-from daemon.errors import PayloadError, ProviderBlocked, ProviderError
+from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.payload import payload_object
-from daemon.providers.base import Provider, Session
+from daemon.providers.base import Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,6 @@ _ALPHABET = string.ascii_letters + string.digits
 _DSN_CHECK_INTERVAL = 3600.0
 
 Conn = psycopg.AsyncConnection[TupleRow]
-
-
-@dataclass(frozen=True)
-class _Credential:
-    username: str
-    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -339,36 +332,17 @@ class PostgresProvider(Provider):
         }[self.config.strategy]
         return re.fullmatch(pattern, username) is not None
 
-    def _parse(self, payload: Secret) -> _Credential:
-        try:
-            # Checked as the agent checks it: a lone surrogate would fail later in
-            # psycopg's encoder, deep nesting in json.loads, neither as a ProviderError.
-            data = payload_object(payload)
-        except PayloadError:
-            data = None
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("username"), str)
-            or not isinstance(data.get("password"), str)
-        ):
-            raise ProviderError("payload is not a postgres credential (JSON with username and password)")
-        username, password = data["username"], data["password"]
-        if not self._owns_name(username):
-            raise ProviderError(
-                f"payload names role {username!r}, which is not one of this provider's roles "
-                f"(strategy {self.config.strategy}, username {self._base})"
-            )
-        return _Credential(username=username, password=password)
+    def _parse(self, payload: Secret) -> Login:
+        return parse_login(
+            payload,
+            system="postgres",
+            account="role",
+            owns=self._owns_name,
+            naming=f"strategy {self.config.strategy}, username {self._base}",
+        )
 
     def _parse_lenient(self, current: Secret | None) -> str | None:
-        """The current payload's username, or None (first rotation, or a seed value)."""
-        if current is None:
-            return None
-        try:
-            return self._parse(current).username
-        except ProviderError:
-            log.warning("the current payload is not a credential of this provider; starting afresh")
-            return None
+        return login_name(current, self._parse)
 
     # ------------------------------------------------------------ connections
 
@@ -440,7 +414,7 @@ class PostgresProvider(Provider):
             row = await cur.fetchone()
         return bool(row and row[0])
 
-    def _verifier(self, conn: Conn, cred: _Credential) -> sql.Literal:
+    def _verifier(self, conn: Conn, cred: Login) -> sql.Literal:
         # Runs on the loop: 4096 PBKDF2 rounds take about a millisecond, less than a thread hop.
         try:
             hashed = conn.pgconn.encrypt_password(cred.password.encode(), cred.username.encode(), b"scram-sha-256")
@@ -448,7 +422,7 @@ class PostgresProvider(Provider):
             raise ProviderError(f"cannot hash the password of role {cred.username}") from None
         return sql.Literal(hashed.decode())
 
-    async def _create_role(self, conn: Conn, cred: _Credential) -> None:
+    async def _create_role(self, conn: Conn, cred: Login) -> None:
         role = sql.Identifier(cred.username)
         grant = self.config.grant_role
         with _step(f"creating role {cred.username}", carries_secret=True):
@@ -462,7 +436,7 @@ class PostgresProvider(Provider):
                 if grant:
                     await conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(grant), role))
 
-    async def _set_password(self, conn: Conn, cred: _Credential) -> None:
+    async def _set_password(self, conn: Conn, cred: Login) -> None:
         role = sql.Identifier(cred.username)
         grant = self.config.grant_role
         needs_grant = bool(grant) and not await self._is_member(conn, cred.username, grant or "")
@@ -474,7 +448,7 @@ class PostgresProvider(Provider):
                 if needs_grant:
                     await conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(grant or ""), role))
 
-    async def _still_has_password(self, conn: Conn, cred: _Credential) -> bool:
+    async def _still_has_password(self, conn: Conn, cred: Login) -> bool:
         """Whether the role's password is still ``cred``'s; True when we cannot tell."""
         try:
             cur = await conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (cred.username,))
@@ -489,7 +463,7 @@ class PostgresProvider(Provider):
         matches = _password_matches(row[0], password=cred.password, username=cred.username)
         return matches is None or matches
 
-    async def _lock_slot(self, conn: Conn, cred: _Credential, info: _RoleInfo) -> None:
+    async def _lock_slot(self, conn: Conn, cred: Login, info: _RoleInfo) -> None:
         if not info.can_login:
             log.info("role %s is already NOLOGIN", cred.username, extra={"role": cred.username})
             return
@@ -506,7 +480,7 @@ class PostgresProvider(Provider):
             await conn.execute(sql.SQL("ALTER ROLE {} WITH NOLOGIN").format(sql.Identifier(cred.username)))
         log.info("role %s set NOLOGIN", cred.username, extra={"role": cred.username})
 
-    async def _drop_version_role(self, conn: Conn, cred: _Credential, info: _RoleInfo) -> None:
+    async def _drop_version_role(self, conn: Conn, cred: Login, info: _RoleInfo) -> None:
         role = sql.Identifier(cred.username)
         if info.can_login:
             # Lock first, so no session can start between the check below and the drop.

@@ -61,10 +61,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from daemon.config import RedisProviderConfig
-from daemon.errors import PayloadError, ProviderBlocked, ProviderError
+from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.payload import payload_object
-from daemon.providers.base import Provider, Session
+from daemon.providers.base import Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +76,6 @@ _URL_CHECK_INTERVAL = 3600.0
 _ERROR_CODE = re.compile(r"^[A-Z]{2,16}\b")
 
 Client = aioredis.Redis
-
-
-@dataclass(frozen=True)
-class _Credential:
-    username: str
-    password: str = field(repr=False)
-
-    @property
-    def hashed(self) -> str:
-        return hashlib.sha256(self.password.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -180,12 +169,12 @@ class RedisProvider(Provider):
             rules = list(self.config.acl_rules)
             if self.config.strategy == "dual-password" and info is not None:
                 # Keep the passwords it has (the current one among them); restate the rest.
-                spec = ["on", f"#{cred.hashed}", "resetkeys", "resetchannels", "-@all", "clearselectors"]
+                spec = ["on", f"#{_hashed(cred)}", "resetkeys", "resetchannels", "-@all", "clearselectors"]
             else:
-                spec = ["reset", "on", f"#{cred.hashed}"]
+                spec = ["reset", "on", f"#{_hashed(cred)}"]
             await self._setuser(r, name, [*spec, *rules, MARK_SELECTOR], what=f"setting the password of user {name}")
             # An id taken after the change (safe: more clients count as old ones in sessions()).
-            self._applied[cred.hashed] = await self._client_id(r)
+            self._applied[_hashed(cred)] = await self._client_id(r)
             await self._save(r)
         log.info("set a new password on user %s", name, extra={"user": name})
 
@@ -218,13 +207,13 @@ class RedisProvider(Provider):
                 return
             if not info.ours:
                 raise self._not_ours(name)
-            if cred.hashed not in info.hashes:
+            if _hashed(cred) not in info.hashes:
                 # Removed already, or (alternating) the slot was re-passworded since: nothing of old is left.
                 log.info("user %s no longer holds the old password", name, extra={"user": name})
                 return
             if dual:
                 # One user for every version: only old's password goes, never the user.
-                await self._setuser(r, name, [f"!{cred.hashed}"], what=f"removing the old password of user {name}")
+                await self._setuser(r, name, [f"!{_hashed(cred)}"], what=f"removing the old password of user {name}")
             elif info.on:
                 await self._setuser(r, name, ["off"], what=f"turning user {name} off")
             else:
@@ -247,11 +236,11 @@ class RedisProvider(Provider):
         return [Session(principal=cred.username, client=c, count=n) for c, n in sorted(counts.items())]
 
     def _older_than_newer_passwords(
-        self, clients: list[dict[str, Any]], info: _User, cred: _Credential
+        self, clients: list[dict[str, Any]], info: _User, cred: Login
     ) -> list[dict[str, Any]]:
         """dual-password: the clients that connected before any password other than ``cred``'s was
         applied (so with ``cred``'s or an even older one); every client when ``cred``'s is the only one."""
-        others = [h for h in info.hashes if h != cred.hashed]
+        others = [h for h in info.hashes if h != _hashed(cred)]
         if not others:
             return clients
         line = min(self._applied.get(h, self._first_id or 0) for h in others)
@@ -288,33 +277,17 @@ class RedisProvider(Provider):
             return username in self._slot_names()
         return username == self._base
 
-    def _parse(self, payload: Secret) -> _Credential:
-        try:
-            data = payload_object(payload)
-        except PayloadError:
-            data = None
-        if (
-            not isinstance(data, dict)
-            or not isinstance(data.get("username"), str)
-            or not isinstance(data.get("password"), str)
-        ):
-            raise ProviderError("payload is not a redis credential (JSON with username and password)")
-        username, password = data["username"], data["password"]
-        if not self._owns_name(username):
-            raise ProviderError(
-                f"payload names user {username!r}, which is not one of this provider's users "
-                f"(strategy {self.config.strategy}, username {self._base})"
-            )
-        return _Credential(username=username, password=password)
+    def _parse(self, payload: Secret) -> Login:
+        return parse_login(
+            payload,
+            system="redis",
+            account="user",
+            owns=self._owns_name,
+            naming=f"strategy {self.config.strategy}, username {self._base}",
+        )
 
     def _parse_lenient(self, current: Secret | None) -> str | None:
-        if current is None:
-            return None
-        try:
-            return self._parse(current).username
-        except ProviderError:
-            log.warning("the current payload is not a credential of this provider; starting afresh")
-            return None
+        return login_name(current, self._parse)
 
     # ------------------------------------------------------------ connections
 
@@ -468,6 +441,11 @@ def _pairs(raw: Any) -> dict[str, Any]:
         return {str(k): v for k, v in raw.items()}
     items = list(raw)
     return {str(items[i]): items[i + 1] for i in range(0, len(items) - 1, 2)}
+
+
+def _hashed(cred: Login) -> str:
+    """The password as Redis ACLs hold it (``#<sha256>``): the only form sent to the server."""
+    return hashlib.sha256(cred.password.encode()).hexdigest()
 
 
 def _parse_url(text: str, *, path: Path) -> _Server:
