@@ -8,9 +8,13 @@ rotation); providers with slots (alternating users) use it to pick the other one
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from daemon.errors import PayloadError, ProviderError
@@ -120,3 +124,34 @@ def login_name(current: Secret | None, parse: Callable[[Secret], Login]) -> str 
     except ProviderError:
         log.warning("the current payload is not a credential of this provider; starting afresh")
         return None
+
+
+class AdminFile:
+    """A provider's admin credential file (a DSN or URL holding a password), read at each use.
+
+    Its text is never logged. One readable by group or others still works, and is warned
+    about at most once per ``WARN_EVERY`` seconds.
+    """
+
+    WARN_EVERY = 3600.0
+
+    def __init__(self, path: Path, field: str) -> None:
+        self.path = path
+        self.field = field  # the config field that names it, for messages
+        self._warned = 0.0
+
+    async def read(self) -> str:
+        """The file's text, stripped; ``ProviderError`` naming the field if it cannot be read."""
+        try:
+            text, mode = await asyncio.to_thread(_read_with_mode, self.path)
+        except OSError as e:
+            raise ProviderError(f"cannot read {self.field} {self.path}: {e.strerror}") from None
+        if mode & 0o077 and time.monotonic() - self._warned > self.WARN_EVERY:
+            self._warned = time.monotonic()
+            log.warning("%s %s is readable by group or others (mode %o)", self.field, self.path, mode & 0o777)
+        return text.strip()
+
+
+def _read_with_mode(path: Path) -> tuple[str, int]:
+    with path.open() as f:
+        return f.read(), os.fstat(f.fileno()).st_mode

@@ -45,11 +45,9 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import string
-import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,7 +60,7 @@ import pymysql
 from daemon.config import MysqlProviderConfig
 from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.providers.base import Login, Provider, Session, login_name, parse_login
+from daemon.providers.base import AdminFile, Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +69,6 @@ CONNECT_TIMEOUT = 10
 IO_TIMEOUT = 30
 PASSWORD_LENGTH = 40
 _ALPHABET = string.ascii_letters + string.digits
-_DSN_CHECK_INTERVAL = 3600.0
 _MARK_GRANT = re.compile(rf"^GRANT `{MARK_ROLE}`(@`%`)? TO ")
 _NATIVE_HASH = re.compile(r"IDENTIFIED (?:BY PASSWORD|WITH '?mysql_native_password'? AS) '(\*[0-9A-F]{40})'")
 
@@ -185,7 +182,7 @@ class MysqlProvider(Provider):
         # Either way the rotator never starts a rotation that would overwrite one still draining.
         self.slots: int | None = 2
         self._base = config.username
-        self._dsn_checked = 0.0
+        self._admin_file = AdminFile(config.admin_dsn_file, "admin_dsn_file")
 
     # ------------------------------------------------------------ Provider protocol
 
@@ -306,13 +303,7 @@ class MysqlProvider(Provider):
 
     async def _admin_server(self) -> _Server:
         path = self.config.admin_dsn_file
-        try:
-            text, mode = await asyncio.to_thread(_read_private, path)
-        except OSError as e:
-            raise ProviderError(f"cannot read admin_dsn_file {path}: {e.strerror}") from None
-        if mode & 0o077 and time.monotonic() - self._dsn_checked > _DSN_CHECK_INTERVAL:
-            self._dsn_checked = time.monotonic()
-            log.warning("admin_dsn_file %s is readable by group or others (mode %o)", path, mode & 0o777)
+        text = await self._admin_file.read()
         return _parse_dsn(text.strip(), path=path)
 
     def _connect(self, server: _Server, *, user: str, password: str, who: str, database: bool = False) -> Conn:
@@ -543,8 +534,3 @@ def _parse_dsn(text: str, *, path: Path) -> _Server:
         user=unquote(parts.username),
         password=unquote(parts.password or ""),
     )
-
-
-def _read_private(path: Path) -> tuple[str, int]:
-    with path.open() as f:
-        return f.read(), os.fstat(f.fileno()).st_mode

@@ -48,21 +48,17 @@ with the same arguments and the database converges to the same state.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 import string
-import time
 from collections.abc import AsyncIterator, Collection, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -73,7 +69,7 @@ from psycopg.rows import TupleRow
 from daemon.config import ProviderConfig
 from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.providers.base import Login, Provider, Session, login_name, parse_login
+from daemon.providers.base import AdminFile, Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +77,6 @@ MARK = "managed by baton"
 CONNECT_TIMEOUT = 10
 PASSWORD_LENGTH = 40
 _ALPHABET = string.ascii_letters + string.digits
-_DSN_CHECK_INTERVAL = 3600.0
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
@@ -190,7 +185,7 @@ class PostgresProvider(Provider):
         # that would reuse the role of a version still draining.
         self.slots: int | None = 2 if config.strategy == "alternating-users" else None
         self._base = config.username
-        self._dsn_checked = 0.0
+        self._admin_file = AdminFile(config.admin_dsn_file, "admin_dsn_file")
         if config.strategy == "role-per-version" and not config.grant_role:
             raise ProviderError("strategy role-per-version needs grant_role")
         if config.strategy == "single-user":
@@ -348,13 +343,7 @@ class PostgresProvider(Provider):
 
     async def _admin_params(self) -> dict[str, Any]:
         path = self.config.admin_dsn_file
-        try:
-            text, mode = await asyncio.to_thread(_read_private, path)
-        except OSError as e:
-            raise ProviderError(f"cannot read admin_dsn_file {path}: {e.strerror}") from None
-        if mode & 0o077 and time.monotonic() - self._dsn_checked > _DSN_CHECK_INTERVAL:
-            self._dsn_checked = time.monotonic()
-            log.warning("admin_dsn_file %s is readable by group or others (mode %o)", path, mode & 0o777)
+        text = await self._admin_file.read()
         text = text.strip()
         if not text:
             raise ProviderError(f"admin_dsn_file {path} is empty")
@@ -582,8 +571,3 @@ class PostgresProvider(Provider):
         return ProviderError(
             f"role {name} exists but is not managed by Baton (no comment {MARK!r}); refusing to change it"
         )
-
-
-def _read_private(path: Path) -> tuple[str, int]:
-    with path.open() as f:
-        return f.read(), os.fstat(f.fileno()).st_mode

@@ -39,15 +39,12 @@ across a restart); a server without an ACL file is warned about once.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
 import string
-import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -63,7 +60,7 @@ from redis.backoff import NoBackoff
 from daemon.config import RedisProviderConfig
 from daemon.errors import ProviderBlocked, ProviderError
 from daemon.model import Secret
-from daemon.providers.base import Login, Provider, Session, login_name, parse_login
+from daemon.providers.base import AdminFile, Login, Provider, Session, login_name, parse_login
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +69,6 @@ MARK_SELECTOR = f"({MARK_KEYS} -@all)"
 TIMEOUT = 10.0
 PASSWORD_LENGTH = 40
 _ALPHABET = string.ascii_letters + string.digits
-_URL_CHECK_INTERVAL = 3600.0
 _ERROR_CODE = re.compile(r"^[A-Z]{2,16}\b")
 
 Client = aioredis.Redis
@@ -133,7 +129,7 @@ class RedisProvider(Provider):
         # alternating-users: two users; dual-password: Redis keeps any number of passwords.
         self.slots: int | None = 2 if config.strategy == "alternating-users" else None
         self._base = config.username
-        self._url_checked = 0.0
+        self._admin_file = AdminFile(config.admin_url_file, "admin_url_file")
         self._warned_no_aclfile = False
         # dual-password: the server's client id just after each password hash was applied, and
         # of this provider's first admin connection (see sessions()).
@@ -293,13 +289,7 @@ class RedisProvider(Provider):
 
     async def _admin_server(self) -> _Server:
         path = self.config.admin_url_file
-        try:
-            text, mode = await asyncio.to_thread(_read_private, path)
-        except OSError as e:
-            raise ProviderError(f"cannot read admin_url_file {path}: {e.strerror}") from None
-        if mode & 0o077 and time.monotonic() - self._url_checked > _URL_CHECK_INTERVAL:
-            self._url_checked = time.monotonic()
-            log.warning("admin_url_file %s is readable by group or others (mode %o)", path, mode & 0o777)
+        text = await self._admin_file.read()
         return _parse_url(text.strip(), path=path)
 
     @staticmethod
@@ -467,8 +457,3 @@ def _parse_url(text: str, *, path: Path) -> _Server:
         user=unquote(parts.username or "default"),
         password=unquote(parts.password),
     )
-
-
-def _read_private(path: Path) -> tuple[str, int]:
-    with path.open() as f:
-        return f.read(), os.fstat(f.fileno()).st_mode
