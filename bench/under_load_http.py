@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -38,11 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from bench._phase import store_versions, summarize  # noqa: E402
 from daemon.agent.service import Agent  # noqa: E402
 from daemon.config import parse_config  # noqa: E402
-from daemon.model import PENDING  # noqa: E402
 from daemon.rotation.service import Rotator  # noqa: E402
-from daemon.stores.local import LocalStore  # noqa: E402
 from tests.fixtures.moto import AWS_ENV, MotoServer, _free_port  # noqa: E402
 
 PHASES = ("aws-iam", "aws-iam-in-place", "command-http-token", "command-http-token-in-place")
@@ -306,14 +304,6 @@ class Consumers:
         return out
 
 
-def _versions(path: Path) -> list[tuple[int, bool, bool]]:
-    store = LocalStore(path, watch_files=False)
-    try:
-        return [(int(v.id), v.retired, PENDING in v.stages) for v in store.versions_sync(KEY)]
-    finally:
-        store.close()
-
-
 async def run_phase(
     phase: str, *, target: Target, rotations: int, every: float, load: Any, root: Path, events: Any, progress: TextIO
 ) -> dict[str, Any]:
@@ -340,7 +330,7 @@ async def run_phase(
         next_at = time.monotonic() + every
         last_line = ""
         while True:
-            versions = await asyncio.to_thread(_versions, root / "store.db")
+            versions = await asyncio.to_thread(store_versions, root / "store.db", KEY)
             rotated = max(0, sum(1 for v in versions if not v[2]) - 1)
             retired = sum(1 for v in versions if v[1])
             failures = sum(s.get("failures", 0) for _, s in consumers.stats())
@@ -381,98 +371,16 @@ async def run_phase(
         agent.should_exit.set()
         await asyncio.gather(*tasks, return_exceptions=True)
     return summarize(
-        phase,
-        root=root,
+        versions=await asyncio.to_thread(store_versions, root / "store.db", KEY),
         consumers=consumers,
         phase_events=events.events[first_event:],
         t0=t0,
         t_end=time.time(),
         timed_out=timed_out,
         load=load,
-        principals=await asyncio.to_thread(target.principals),
+        zero_downtime=ZERO_DOWNTIME.get(phase, False),
+        at_end=("principals_at_end", len(await asyncio.to_thread(target.principals))),
     )
-
-
-def summarize(
-    phase: str,
-    *,
-    root: Path,
-    consumers: Consumers,
-    phase_events: list[dict[str, Any]],
-    t0: float,
-    t_end: float,
-    timed_out: bool,
-    load: Any,
-    principals: list[str],
-) -> dict[str, Any]:
-    """The same fields as the PostgreSQL rows (and ``principals_at_end`` instead of ``roles_at_end``)."""
-
-    def times(name: str) -> dict[str, float]:
-        return {str(e["version"]): e["at"] for e in phase_events if e["event"] == name and e["version"] is not None}
-
-    versions = _versions(root / "store.db")
-    promoted, retired_at = times("rotated"), times("retired")
-    ids = sorted(v[0] for v in versions)
-    drains = []
-    for vid in ids:
-        successor = next((n for n in ids if n > vid and str(n) in promoted), None)
-        if str(vid) in retired_at and successor is not None:
-            drains.append(retired_at[str(vid)] - promoted[str(successor)])
-    duration = t_end - t0
-    variants: dict[str, dict[str, Any]] = {}
-    timeline: dict[str, dict[int, list[int]]] = {}
-    uses_after_retirement = 0
-    for variant, s in consumers.stats():
-        v = variants.setdefault(variant, {"processes": 0, "requests": 0, "failed": 0, "reloads": 0, "reasons": {}})
-        v["processes"] += 1
-        v["requests"] += s.get("requests", 0)
-        v["failed"] += s.get("failures", 0)
-        v["reloads"] += s.get("reloads", 0)
-        for reason, n in s.get("reasons", {}).items():
-            v["reasons"][reason] = v["reasons"].get(reason, 0) + n
-        series = timeline.setdefault(variant, {})
-        for sec, (req, fail) in s.get("buckets", {}).items():
-            cur = series.setdefault(int(sec), [0, 0])
-            cur[0] += req
-            cur[1] += fail
-        for version, last in s.get("last_use", {}).items():
-            if version in retired_at and last > retired_at[version]:
-                uses_after_retirement += 1
-    for v in variants.values():
-        v["rps"] = round(v["requests"] / duration, 1) if duration > 0 else 0.0
-    total_requests = sum(v["requests"] for v in variants.values())
-    total_failed = sum(v["failed"] for v in variants.values())
-    rotated = max(0, sum(1 for v in versions if not v[2]) - 1)
-    retired = sum(1 for v in versions if v[1])
-    zero_downtime = ZERO_DOWNTIME.get(phase, False)
-    met = (total_failed == 0 and uses_after_retirement == 0) if zero_downtime else total_failed > 0
-    rounded = [round(d, 3) for d in sorted(drains)]
-    return {
-        "duration_s": round(duration, 1),
-        "rotations": rotated,
-        "retirements": retired,
-        "rotation_failures": sum(1 for e in phase_events if e["event"] == "rotation_failed"),
-        "retirement_failures": sum(1 for e in phase_events if e["event"] == "retirement_failed"),
-        "promote_to_retire_s": {
-            "n": len(drains),
-            "max": rounded[-1] if rounded else None,
-            "p99": rounded[min(len(rounded) - 1, int(0.99 * len(rounded)))] if rounded else None,
-            "median": round(statistics.median(drains), 3) if drains else None,
-        },
-        "requests": total_requests,
-        "failed": total_failed,
-        "rps": round(total_requests / duration, 1) if duration > 0 else 0.0,
-        "target_rps": load.total_rate,
-        "consumers": variants,
-        "uses_after_retirement": uses_after_retirement,
-        "principals_at_end": len(principals),
-        "timed_out": timed_out,
-        "target": "0 failed requests" if zero_downtime else "> 0 failed requests (naive rotation breaks clients)",
-        "met": met and not timed_out and retired >= rotated,
-        "_timeline": {k: dict(sorted(series.items())) for k, series in timeline.items()},
-        "_t0": t0,
-        "_promotes": sorted(round(t - t0, 2) for t in promoted.values()),
-    }
 
 
 async def run_phases(
